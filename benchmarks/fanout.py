@@ -1,0 +1,159 @@
+"""Fan-out blast: a few senders write as fast as they can to a room of receivers.
+
+200 receivers and 4 senders join (and every one of them has its welcome line)
+before the first line is sent; then each sender writes 5,000 lines of 60 bytes
+as fast as its socket takes them. Every line must reach the other 203 clients:
+4 x 5,000 x 203 = 4,060,000 deliveries. The same load runs against chatcluster
+(`--workers 2`) and against the asyncio baseline, one after the other, each on a
+fresh server, and the script prints both and the ratio of delivered lines/s.
+
+    python benchmarks/fanout.py                      # both servers, full size
+    python benchmarks/fanout.py --quick              # smoke run: 50 receivers, 500 lines each
+    python benchmarks/fanout.py --server baseline    # one server only
+
+Targets: 0 lost, chatcluster >= 20x the baseline's lines/s.
+Writes benchmarks/results/fanout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Any
+
+import _common
+import loadgen
+from _common import Server, fmt, print_table
+
+TARGET_RATIO = 20.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Fan-out blast: chatcluster against the asyncio baseline.")
+    parser.add_argument("--server", choices=["both", *_common.SERVER_KINDS], default="both")
+    parser.add_argument("--workers", type=int, default=2, help="chatcluster workers")
+    parser.add_argument("--receivers", type=int, default=200)
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--lines", type=int, default=5000, help="lines per sender")
+    parser.add_argument("--line-bytes", type=int, default=60, help="bytes per line, newline included")
+    parser.add_argument("--processes", type=int, default=2, help="client processes")
+    parser.add_argument("--sample-every", type=int, default=0, help="stamp every Nth line (0 = about 100 per sender)")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed for one server's run")
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--json", default="fanout", help="results file name")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.receivers = min(args.receivers, 50)
+        args.lines = min(args.lines, 500)
+        args.timeout = min(args.timeout, 60.0)
+    if args.line_bytes < 48:
+        parser.error("--line-bytes must be at least 48: a line carries a timestamp and a sequence number")
+    return args
+
+
+def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    server = Server(kind, workers=args.workers, log_name="fanout").start()
+    try:
+        sample_every = args.sample_every or max(1, args.lines // 100)
+        plans = loadgen.plan_clients(
+            server.host,
+            server.port,
+            receivers=args.receivers,
+            senders=args.senders,
+            lines_per_sender=args.lines,
+            processes=args.processes,
+            line_bytes=args.line_bytes,
+            sample_every=sample_every,
+            connect_rate=2000.0,
+            deadline_s=args.timeout + 90,
+        )
+        print(f"{kind}: {args.receivers} receivers, {args.senders} senders x {args.lines:,} lines ...", flush=True)
+        out = loadgen.run_load(
+            plans, server=server, connect_timeout=60.0, run_timeout=args.timeout, label=kind, verbose=True
+        )
+        out["sample_every"] = sample_every
+        return out
+    finally:
+        code = server.stop()
+        if code not in (0, None, -15):
+            print(f"  {kind} exited with code {code}; see {server.log_path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _common.exit_cleanly_on_sigterm()
+    _common.raise_open_file_limit()
+    kinds = list(_common.SERVER_KINDS) if args.server == "both" else [args.server]
+    results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for kind in kinds:
+        try:
+            results[kind] = run_one(kind, args)
+        except RuntimeError as exc:
+            failures[kind] = str(exc)
+            print(f"{kind} could not be measured: {exc}", file=sys.stderr)
+
+    rows = []
+    for kind, r in results.items():
+        lat = r["latency"]
+        rows.append(
+            (
+                kind,
+                [
+                    r["clients_held"],
+                    r["expected"],
+                    r["received"],
+                    r["lost"],
+                    r["seconds"],
+                    r["lines_per_s"],
+                    lat["p50_ms"],
+                    lat["p99_ms"],
+                    lat["max_ms"],
+                    r["server_cpu_s"],
+                    r["server_cpu_pct"],
+                    r["server_cpu_us_per_line"],
+                    r["server_peak_rss"] / 2**20,
+                ],
+            )
+        )
+    print_table(
+        f"Fan-out: {args.senders} senders x {args.lines:,} lines of {args.line_bytes} B to {args.receivers} receivers",
+        rows,
+        ["server", "clients", "expected", "received", "lost", "seconds", "lines/s", "p50 ms", "p99 ms",
+         "max ms", "cpu s", "cpu %", "cpu us/line", "rss MiB"],
+    )
+    ratio = math.nan
+    if "chatcluster" in results and "baseline" in results:
+        base = results["baseline"]["lines_per_s"]
+        ratio = results["chatcluster"]["lines_per_s"] / base if base else math.nan
+        print(f"\nchatcluster / baseline delivered lines/s: {fmt(ratio)}x (target >= {TARGET_RATIO:.0f}x)")
+    for kind, r in results.items():
+        if r["lost"]:
+            print(f"{kind}: {r['lost']:,} lines lost (target 0)")
+        if r["connect_failed"] or r["bad_welcome"] or r["closed_by_server"]:
+            print(
+                f"{kind}: {r['connect_failed']} failed connects {r['connect_errors']}, "
+                f"{r['bad_welcome']} unexpected first lines, {r['closed_by_server']} closed by the server"
+            )
+    path = _common.write_json(
+        args.json,
+        {
+            "benchmark": "fanout",
+            "args": vars(args),
+            "machine": _common.machine_info(),
+            "results": results,
+            "ratio_lines_per_s": ratio,
+            "target_ratio": TARGET_RATIO,
+            "failures": failures,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
+    print(f"\nwrote {path}")
+    ok = not failures and all(r["lost"] == 0 for r in results.values())
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

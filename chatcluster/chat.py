@@ -1,0 +1,365 @@
+"""The chat rules of one worker: commands, nicknames, notices and who receives what.
+
+`ChatCore` is pure. The worker feeds it what happened (a client connected, sent
+a line, went away; a batch arrived from the bus) and gets back effects: events
+to publish on the bus, bytes for one client, bytes for everyone in the room,
+a client entering the room, a connection to close. Everything a client sees
+of other clients comes from the bus order, including its own worker's clients,
+so every client on every worker sees one order. The randomness for nicknames
+is injected, the clock is passed in; no sockets here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import roster as R
+from .protocol import encode_line
+
+EMPTY: frozenset[int] = frozenset()
+CRLF = b"\r\n"
+NICK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+HELP = (
+    "*** Commands:",
+    "*** /nick NAME - change your nickname (1-24 characters from A-Z a-z 0-9 _ -)",
+    "*** /me ACTION - tell others what you do; they see * NICK ACTION",
+    "*** /who - list everyone online",
+    "*** /whois NICK - show where NICK is connected and since when",
+    "*** /quit [REASON] - leave the chat",
+    "*** /help - show this list",
+    "*** A line starting with // is sent as text with one / removed",
+)
+LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
+
+
+# Effects -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    event: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    conn: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """`data` goes to every client in the room except those in `exclude`."""
+
+    data: bytes
+    exclude: frozenset[int] = EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class Enter:
+    """The client has its welcome line and from now on receives the room's traffic."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection once what was queued for it has been sent."""
+
+    conn: int
+
+
+Effect = Publish | Send | Broadcast | Enter | Close
+
+PENDING, ACTIVE, REJOINING = "pending", "active", "rejoining"
+
+
+@dataclass(slots=True)
+class LocalUser:
+    conn: int
+    ip: str
+    since: float
+    nick: str
+    state: str = PENDING
+    backlog: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChatSettings:
+    welcome: str = "*** Welcome to chatcluster! Your nickname is {nick}. Type /help for commands."
+    announce_joins: bool = True
+    max_clients: int = 0
+    max_clients_per_ip: int = 0
+
+
+class ChatCore:
+    """One worker's view of the chat: its own clients plus a replica of the cluster roster."""
+
+    def __init__(self, worker_id: str, settings: ChatSettings | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.worker_id = worker_id
+        self.settings = settings or ChatSettings()
+        self.rng = rng or random.Random()
+        self.roster = R.Roster()
+        self.local: dict[int, LocalUser] = {}
+        self.ready = False  # True once a roster snapshot has been loaded
+        self.nonce = 0
+        self.syncing = False  # waiting for a snapshot after a broker restart
+
+    # -- boot and bus recovery ---------------------------------------------------------------
+
+    def hello(self) -> Publish:
+        """Ask the broker for a roster snapshot; repeated until it arrives (slow joiner)."""
+        if not self.nonce:
+            self.nonce = self.rng.randrange(1, 1 << 62)
+        return Publish((R.HELLO, self.nonce))
+
+    @property
+    def waiting_for_snapshot(self) -> bool:
+        return not self.ready or self.syncing
+
+    def bus_restarted(self) -> list[Effect]:
+        """The broker came back with an empty roster: re-announce our clients and resync."""
+        self.roster.load([])
+        members = [(self.worker_id, u.conn, u.nick, u.since, u.ip)
+                   for u in self.local.values() if u.state == ACTIVE]
+        self.syncing = True
+        self.nonce = 0
+        return [Publish((R.RESYNC, members)), self.hello()]
+
+    def messages_lost(self) -> list[Effect]:
+        return [Broadcast(LOST_NOTICE)]
+
+    # -- client side -------------------------------------------------------------------------
+
+    def connect(self, conn: int, ip: str, now: float) -> list[Effect]:
+        s = self.settings
+        pending = [u for u in self.local.values() if u.state == PENDING]
+        if s.max_clients and len(self.roster) + len(pending) >= s.max_clients:
+            return [Send(conn, encode_line("*** Error: server full")), Close(conn)]
+        if s.max_clients_per_ip:
+            same_ip = self.roster.per_ip.get(ip, 0) + sum(1 for u in pending if u.ip == ip)
+            if same_ip >= s.max_clients_per_ip:
+                return [Send(conn, encode_line("*** Error: too many connections from your address")),
+                        Close(conn)]
+        user = LocalUser(conn, ip, now, self._free_nick())
+        self.local[conn] = user
+        return [Publish((R.JOIN, conn, user.nick, now, ip))]
+
+    def disconnect(self, conn: int, reason: str = "") -> list[Effect]:
+        user = self.local.pop(conn, None)
+        if user is None:
+            return []
+        # Published even for a pending client: LEAVE follows its JOIN in bus order, so every
+        # replica removes it again whether or not the claim was accepted.
+        return [Publish((R.LEAVE, conn, reason))]
+
+    def line_too_long(self, conn: int, limit: int) -> list[Effect]:
+        return [Send(conn, encode_line(f"*** Error: line too long (max {limit} bytes)"))]
+
+    def line(self, conn: int, text: str, now: float = 0.0) -> list[Effect]:
+        user = self.local.get(conn)
+        if user is None:
+            return []
+        if user.state == PENDING:
+            user.backlog.append(text)
+            return []
+        if not text.strip():
+            return []
+        if text.startswith("//"):
+            return [Publish((R.CHAT, conn, text[1:].encode()))]
+        if text.startswith("/"):
+            return self._command(user, text, now)
+        return [Publish((R.CHAT, conn, text.encode()))]
+
+    def _command(self, user: LocalUser, text: str, now: float) -> list[Effect]:
+        word, _, rest = text[1:].partition(" ")
+        cmd = word.lower()
+        arg = rest.strip()
+        conn = user.conn
+        if cmd == "nick":
+            return self._nick(user, arg)
+        if cmd == "me":
+            if not arg:
+                return [self._error(conn, "usage: /me ACTION")]
+            return [Publish((R.ME, conn, rest.lstrip().encode()))]
+        if cmd == "who":
+            nicks = sorted((m.nick for m in self.roster.by_key.values()), key=lambda n: (n.lower(), n))
+            word_users = "user" if len(nicks) == 1 else "users"
+            return [Send(conn, encode_line(f"*** {len(nicks)} {word_users} online: {', '.join(nicks)}"))]
+        if cmd == "whois":
+            return [Send(conn, self._whois(arg, now))]
+        if cmd == "help":
+            return [Send(conn, b"".join(encode_line(h) for h in HELP))]
+        if cmd == "quit":
+            self.local.pop(conn, None)
+            return [Send(conn, encode_line("*** Goodbye")), Close(conn), Publish((R.LEAVE, conn, arg))]
+        return [self._error(conn, f"unknown command /{word}. Type /help for commands.")]
+
+    def _nick(self, user: LocalUser, new: str) -> list[Effect]:
+        conn = user.conn
+        if not new:
+            return [self._error(conn, "usage: /nick NAME")]
+        problem = R.nick_problem(new)
+        if problem:
+            return [self._error(conn, problem)]
+        if new == user.nick:
+            return [Send(conn, encode_line(f"*** You are already known as {new}"))]
+        if not self.roster.is_free_for(new, self.worker_id, conn):
+            return [self._error(conn, f"nickname {new} is already taken")]
+        # The claim is decided in bus order: another worker may claim the same name first.
+        return [Publish((R.NICK, conn, new))]
+
+    def _whois(self, nick: str, now: float) -> bytes:
+        if not nick:
+            return encode_line("*** Error: usage: /whois NICK")
+        m = self.roster.holder(nick)
+        if m is None:
+            return encode_line(f"*** Error: no such nickname {nick}")
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.since))
+        return encode_line(f"*** {m.nick} is on worker {m.worker}, connected since {since} "
+                           f"({_duration(now - m.since)} ago)")
+
+    def _error(self, conn: int, reason: str) -> Send:
+        return Send(conn, encode_line(f"*** Error: {reason}"))
+
+    def _free_nick(self) -> str:
+        taken = {u.nick.lower() for u in self.local.values() if u.state != ACTIVE}
+        while True:
+            nick = "".join(self.rng.choice(NICK_ALPHABET) for _ in range(4))
+            if nick.lower() not in taken and self.roster.holder(nick) is None:
+                return nick
+
+    # -- bus side ----------------------------------------------------------------------------
+
+    def on_bus(self, publisher: str, events: list[tuple[Any, ...]]) -> list[Effect]:
+        """Apply one bus batch, in order, and say what each local client receives."""
+        out: list[Effect] = []
+        if self.waiting_for_snapshot:
+            # Before our snapshot the roster is unknown: everything up to it is already part
+            # of the snapshot, so only the snapshot itself matters.
+            for ev in events:
+                if ev[0] == R.SNAPSHOT and ev[1] == self.worker_id and ev[2] == self.nonce:
+                    out.extend(self._load_snapshot(ev[3]))
+                elif self.ready and ev[0] in R.ROSTER_KINDS:
+                    self.roster.apply(publisher, ev)
+            return out
+        mine = publisher == self.worker_id
+        run: list[tuple[int, bytes]] = []
+        by_key = self.roster.by_key
+        for ev in events:
+            kind = ev[0]
+            if kind == R.CHAT or kind == R.ME:
+                m = by_key.get((publisher, ev[1]))
+                if m is None:
+                    continue
+                if kind == R.CHAT:
+                    line = m.prefix + ev[2] + CRLF
+                else:
+                    line = b"* " + m.prefix[:-2] + b" " + ev[2] + CRLF
+                run.append((ev[1] if mine else -1, line))
+            else:
+                if run:
+                    self._flush_run(run, out)
+                    run = []
+                self._roster_event(publisher, mine, ev, out)
+        if run:
+            self._flush_run(run, out)
+        return out
+
+    def _flush_run(self, run: list[tuple[int, bytes]], out: list[Effect]) -> None:
+        senders = {c for c, _ in run if c >= 0 and c in self.local}
+        everything = b"".join(line for _, line in run)
+        out.append(Broadcast(everything, frozenset(senders) if senders else EMPTY))
+        for s in senders:
+            # A sender never sees its own lines, but does see the others' in the same order.
+            rest = b"".join(line for c, line in run if c != s)
+            if rest:
+                out.append(Send(s, rest))
+
+    def _roster_event(self, publisher: str, mine: bool, ev: tuple[Any, ...], out: list[Effect]) -> None:
+        kind = ev[0]
+        if kind not in R.ROSTER_KINDS and kind != R.SNAPSHOT:
+            return
+        if kind == R.SNAPSHOT:
+            if ev[1] == self.worker_id and ev[2] == self.nonce:
+                out.extend(self._load_snapshot(ev[3]))
+            return
+        outcome = self.roster.apply(publisher, ev)
+        announce = self.settings.announce_joins
+        if kind == R.JOIN:
+            user = self.local.get(ev[1]) if mine else None
+            if outcome.accepted and outcome.member is not None:
+                nick = outcome.member.nick
+                if user is not None:
+                    out.extend(self._entered(user, nick))
+                if announce:
+                    out.append(Broadcast(encode_line(f"*** {nick} joined"),
+                                         frozenset((ev[1],)) if mine else EMPTY))
+            elif user is not None:
+                user.nick = self._free_nick()
+                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip)))
+        elif kind == R.NICK:
+            user = self.local.get(ev[1]) if mine else None
+            m = outcome.member
+            if outcome.accepted and m is not None:
+                if user is not None:
+                    user.nick = m.nick
+                    out.append(Send(user.conn, encode_line(f"*** You are now known as {m.nick}")))
+                out.append(Broadcast(encode_line(f"*** {outcome.old_nick} is now known as {m.nick}"),
+                                     frozenset((ev[1],)) if mine else EMPTY))
+            elif user is not None:
+                out.append(self._error(user.conn, f"nickname {ev[2]} is already taken"))
+        elif kind == R.LEAVE:
+            if outcome.accepted and outcome.member is not None and announce:
+                reason = f" ({ev[2]})" if ev[2] else ""
+                out.append(Broadcast(encode_line(f"*** {outcome.member.nick} left{reason}")))
+        elif kind == R.GONE:
+            if outcome.gone and announce:
+                out.append(Broadcast(b"".join(encode_line(f"*** {m.nick} left (connection lost)")
+                                              for m in outcome.gone)))
+        elif kind == R.ADOPT:
+            user = self.local.get(ev[3]) if mine else None
+            if user is not None and outcome.accepted:
+                user.state = ACTIVE
+
+    def _entered(self, user: LocalUser, nick: str) -> list[Effect]:
+        """The client's claim won: it gets its welcome (or rename notice) and joins the room."""
+        effects: list[Effect]
+        if user.state == REJOINING:
+            effects = [Send(user.conn, encode_line(
+                f"*** Notice: your nickname was taken while the server recovered; you are now known as {nick}"))]
+        else:
+            effects = [Send(user.conn, encode_line(self.settings.welcome.format(nick=nick))), Enter(user.conn)]
+        user.state = ACTIVE
+        user.nick = nick
+        backlog, user.backlog = user.backlog, []
+        for text in backlog:
+            effects.extend(self.line(user.conn, text, user.since))
+        return effects
+
+    def _load_snapshot(self, members: list[Any]) -> list[Effect]:
+        self.roster.load(members)
+        self.ready = True
+        self.syncing = False
+        out: list[Effect] = []
+        for user in self.local.values():
+            # After a broker restart a client whose name went to someone else while the bus was
+            # down claims a fresh one; everyone else is in the snapshot already.
+            if user.state == ACTIVE and self.roster.get(self.worker_id, user.conn) is None:
+                user.state = REJOINING
+                user.nick = self._free_nick()
+                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip)))
+        return out
+
+
+def _duration(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60}s"
+    return f"{s // 3600}h {s % 3600 // 60}m"

@@ -1,0 +1,464 @@
+"""The wire protocol between chatcluster and its telnet and nc clients.
+
+This module owns everything between raw socket bytes and chat text: it strips
+telnet IAC command sequences, splits the stream into lines on any of the
+terminators telnet and nc clients send, enforces the line length limit,
+decodes UTF-8 without ever failing, removes every character that could control
+another client's terminal, encodes server lines with CRLF, and provides the
+token bucket used for flood control. It is pure: no sockets, no clock (callers
+pass the time in), no mutable globals, and it never writes anything back to a
+client, so it must not grow telnet option negotiation or any other I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+__all__ = [
+    "CRLF",
+    "DEFAULT_MAX_LINE_BYTES",
+    "Event",
+    "Line",
+    "LineReader",
+    "LineTooLong",
+    "TokenBucket",
+    "encode_line",
+    "sanitize",
+]
+
+CRLF = b"\r\n"
+
+DEFAULT_MAX_LINE_BYTES = 512
+
+_Kind = TypeVar("_Kind")
+
+
+# ---------------------------------------------------------------------------
+# Events
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One complete client line, decoded and sanitised (terminator removed)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class LineTooLong:
+    """The client sent a line longer than `limit` bytes; the rest of it is discarded."""
+
+    limit: int
+
+
+Event = Line | LineTooLong
+
+
+# ---------------------------------------------------------------------------
+# Sanitising
+
+# The fast path: text with none of these characters is returned as it is.
+# U+2028..U+202E covers the line/paragraph separators and the bidi
+# embeddings/overrides in one range.
+_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]")
+
+# Order matters: the escape sequences that introduce strings or parameters
+# must be tried before the generic "ESC + final byte" form, and every escape
+# form before the single-character class. An unterminated sequence is removed
+# up to the end of the text rather than left half in place.
+_STRIP = re.compile(
+    # CSI, 7-bit and 8-bit: parameters, intermediates, final byte.
+    "(?:\x1b\\[|\x9b)[\x30-\x3f]*[\x20-\x2f]*[\x40-\x7e]?"
+    # OSC: up to BEL or ST (ESC \ or its 8-bit form).
+    "|\x1b\\][^\x07\x1b\x9c]*(?:\x07|\x1b\\\\|\x9c)?"
+    # DCS, SOS, PM, APC: up to ST.
+    "|\x1b[PX^_][^\x1b\x9c]*(?:\x1b\\\\|\x9c)?"
+    # Every other escape: intermediates then one final byte (ESC c, ESC ( B).
+    "|\x1b[\x20-\x2f]*[\x30-\x7e]?"
+    # Single characters: C0 except TAB, DEL, C1, separators, bidi controls.
+    "|[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028-\u202e\u2066-\u2069]"
+)
+
+
+def sanitize(text: str) -> str:
+    """Remove everything in `text` that could control a terminal.
+
+    Removed: escape sequences together with everything they introduce, C0
+    controls except TAB, DEL, C1 controls (an 8-bit CSI with its parameters),
+    U+2028/U+2029, and the bidirectional embeddings, overrides and isolates.
+    Every other character is kept.
+    """
+    if _UNSAFE.search(text) is None:
+        return text
+    return _STRIP.sub("", text)
+
+
+def encode_line(text: str) -> bytes:
+    """Encode one server line for the wire; `text` is trusted and not sanitised."""
+    return text.encode("utf-8") + CRLF
+
+
+# ---------------------------------------------------------------------------
+# Reading lines
+
+_CR = 0x0D
+_LF = 0x0A
+_NUL = 0x00
+_IAC = 0xFF
+_SB = 0xFA
+_SE = 0xF0
+_WILL, _WONT, _DO, _DONT = 0xFB, 0xFC, 0xFD, 0xFE
+
+# The telnet parser's states. Kept as small ints on the hot path and written
+# out by name in state(), so a snapshot stays readable and stable.
+_T_DATA = 0  # ordinary data
+_T_IAC = 1  # saw IAC, the command byte comes next
+_T_OPTION = 2  # saw IAC DO/DONT/WILL/WONT, the option byte comes next
+_T_SUBNEG = 3  # inside IAC SB ..., dropping everything
+_T_SUBNEG_IAC = 4  # inside a subnegotiation, saw IAC: SE ends it
+_TELNET_STATE_NAMES = ("data", "iac", "option", "subneg", "subneg_iac")
+
+_SPECIAL = re.compile(b"[\r\n\xff]")
+
+_STATE_FORMAT = 1
+
+
+class LineReader:
+    """Turn the byte stream of one client into `Line` and `LineTooLong` events.
+
+    Feed it whatever recv() returned; it keeps the unfinished line, and the
+    telnet parser's position, between calls, so events never depend on how
+    the stream was split into reads.
+
+    Telnet commands are a layer below the lines: they are removed before the
+    stream is split and measured, so an IAC sequence between a CR and its LF
+    does not stop the LF from being swallowed, and does not count towards the
+    line length.
+    """
+
+    __slots__ = ("_max", "_buf", "_telnet", "_discard", "_after_cr", "_overflowed")
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+        self._max = _check_limit(max_line_bytes)
+        self._buf = bytearray()
+        self._telnet = _T_DATA
+        # True from the moment a line crosses the limit until its terminator.
+        self._discard = False
+        # True right after a CR ended a line: one LF or NUL that follows is
+        # part of that terminator, even if it arrives in the next read.
+        self._after_cr = False
+        # Set when the limit was lowered below the unfinished line; the
+        # LineTooLong is reported by the next feed(), since a setter cannot
+        # return events.
+        self._overflowed = False
+
+    @property
+    def max_line_bytes(self) -> int:
+        return self._max
+
+    @max_line_bytes.setter
+    def max_line_bytes(self, value: int) -> None:
+        self._max = _check_limit(value)
+        if len(self._buf) > self._max:
+            self._buf.clear()
+            self._discard = True
+            self._overflowed = True
+
+    def buffered(self) -> int:
+        """Bytes held for the unfinished line; never more than max_line_bytes."""
+        return len(self._buf)
+
+    def pending_bytes(self) -> bytes:
+        """The unfinished line's bytes, telnet commands already removed."""
+        return bytes(self._buf)
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume `data` and return the events it completes, in order."""
+        out: list[Event] = []
+        if self._overflowed:
+            self._overflowed = False
+            out.append(LineTooLong(self._max))
+        if not data:
+            return out
+        if self._telnet == _T_DATA and b"\r" not in data and b"\xff" not in data:
+            self._feed_plain(data, out)
+        else:
+            self._feed_telnet(data, out)
+        return out
+
+    def _feed_plain(self, data: bytes, out: list[Event]) -> None:
+        # Most reads are whole LF-terminated lines with no telnet commands and
+        # no CR; they are split with bytes.find and never looked at per byte.
+        start = 0
+        if self._after_cr:
+            self._after_cr = False
+            if data[0] == _LF or data[0] == _NUL:
+                start = 1
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._take(data, start, len(data), out)
+                return
+            self._finish(data, start, end, out)
+            start = end + 1
+
+    def _feed_telnet(self, data: bytes, out: list[Event]) -> None:
+        n = len(data)
+        pos = 0
+        while pos < n:
+            state = self._telnet
+            if state == _T_DATA:
+                if self._after_cr:
+                    first = data[pos]
+                    if first == _LF or first == _NUL:
+                        self._after_cr = False
+                        pos += 1
+                        continue
+                    # An IAC may be a command, which is invisible to the line
+                    # layer; only a data byte settles the pending CR.
+                    if first != _IAC:
+                        self._after_cr = False
+                match = _SPECIAL.search(data, pos)
+                if match is None:
+                    self._take(data, pos, n, out)
+                    return
+                end = match.start()
+                byte = data[end]
+                if byte == _IAC:
+                    self._take(data, pos, end, out)
+                    self._telnet = _T_IAC
+                else:
+                    self._finish(data, pos, end, out)
+                    self._after_cr = byte == _CR
+                pos = end + 1
+            elif state == _T_IAC:
+                byte = data[pos]
+                pos += 1
+                if byte == _IAC:
+                    self._telnet = _T_DATA
+                    self._after_cr = False
+                    self._take(b"\xff", 0, 1, out)
+                elif _WILL <= byte <= _DONT:
+                    self._telnet = _T_OPTION
+                elif byte == _SB:
+                    self._telnet = _T_SUBNEG
+                else:
+                    # NOP, GA, AYT, IP, a stray SE...: two bytes, no effect.
+                    self._telnet = _T_DATA
+            elif state == _T_OPTION:
+                pos += 1
+                self._telnet = _T_DATA
+            elif state == _T_SUBNEG:
+                end = data.find(b"\xff", pos)
+                if end < 0:
+                    return
+                pos = end + 1
+                self._telnet = _T_SUBNEG_IAC
+            else:  # _T_SUBNEG_IAC
+                # Only IAC SE ends a subnegotiation; IAC IAC is an escaped
+                # data byte inside it and anything else is malformed, and both
+                # are dropped with the rest of the payload.
+                byte = data[pos]
+                pos += 1
+                self._telnet = _T_DATA if byte == _SE else _T_SUBNEG
+
+    def _take(self, data: bytes, start: int, end: int, out: list[Event]) -> None:
+        # Part of a line whose terminator has not arrived yet. Bounds are
+        # passed rather than a slice so a huge read is never copied only to
+        # be thrown away.
+        if self._discard or start >= end:
+            return
+        if end - start > self._max - len(self._buf):
+            self._buf.clear()
+            self._discard = True
+            out.append(LineTooLong(self._max))
+            return
+        self._buf += data[start:end]
+
+    def _finish(self, data: bytes, start: int, end: int, out: list[Event]) -> None:
+        # data[start:end] is the last piece of a line and a terminator follows.
+        if self._discard:
+            self._discard = False
+            return
+        if end - start > self._max - len(self._buf):
+            self._buf.clear()
+            out.append(LineTooLong(self._max))
+            return
+        if self._buf:
+            self._buf += data[start:end]
+            text = self._buf.decode("utf-8", "replace")
+            self._buf.clear()
+        else:
+            text = data[start:end].decode("utf-8", "replace")
+        out.append(Line(sanitize(text)))
+
+    def state(self) -> dict[str, object]:
+        """A JSON-serialisable snapshot of everything this reader holds.
+
+        from_state() on it gives a reader that continues the stream exactly
+        as this one would, so a connection can move to another process in the
+        middle of a line or of a telnet command.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "max_line_bytes": self._max,
+            "partial": base64.b64encode(self._buf).decode("ascii"),
+            "telnet": _TELNET_STATE_NAMES[self._telnet],
+            "discard": self._discard,
+            "after_cr": self._after_cr,
+            "overflowed": self._overflowed,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, object]) -> LineReader:
+        """Rebuild a reader from a state() snapshot; ValueError if it is not one."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"line reader state has format {state.get('format')!r}, expected {_STATE_FORMAT}; "
+                "it was written by an incompatible chatcluster version"
+            )
+        reader = cls(_field(state, "max_line_bytes", int))
+        try:
+            partial = base64.b64decode(_field(state, "partial", str), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"line reader state: 'partial' is not valid base64 ({exc})") from None
+        if len(partial) > reader._max:
+            raise ValueError(
+                f"line reader state: partial line of {len(partial)} bytes exceeds "
+                f"max_line_bytes={reader._max}"
+            )
+        telnet = _field(state, "telnet", str)
+        if telnet not in _TELNET_STATE_NAMES:
+            raise ValueError(f"line reader state: unknown telnet state {telnet!r}")
+        reader._buf = bytearray(partial)
+        reader._telnet = _TELNET_STATE_NAMES.index(telnet)
+        reader._discard = _field(state, "discard", bool)
+        reader._after_cr = _field(state, "after_cr", bool)
+        reader._overflowed = _field(state, "overflowed", bool)
+        return reader
+
+    def __repr__(self) -> str:
+        return (
+            f"LineReader(max_line_bytes={self._max}, buffered={len(self._buf)}, "
+            f"telnet={_TELNET_STATE_NAMES[self._telnet]}, discard={self._discard}, "
+            f"after_cr={self._after_cr})"
+        )
+
+
+def _check_limit(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_line_bytes must be a positive integer, got {value!r}")
+    return value
+
+
+def _field(state: Mapping[str, object], key: str, kind: type[_Kind]) -> _Kind:
+    value = state.get(key)
+    # bool is an int subclass: a flag must not pass for a number.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"state field {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _number(state: Mapping[str, object], key: str) -> float:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"state field {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------
+# Flood control
+
+# Float rounding can leave a bucket a hair short of a token at the exact
+# moment wait() promised one; a millionth of a message is not worth a retry.
+_EPSILON = 1e-6
+
+
+class TokenBucket:
+    """IRC-style flood control: `burst` messages at once, then `rate` per second.
+
+    The caller passes a monotonic `now` to every call, so the bucket is pure
+    and its tests need no clock. A rate of zero or less means unlimited.
+    """
+
+    __slots__ = ("_rate", "_burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = float(rate)
+        self._burst = _check_burst(burst)
+        self._tokens = float(self._burst)
+        self._stamp = now
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def burst(self) -> int:
+        return self._burst
+
+    def _refill(self, now: float) -> None:
+        # A clock that appears to run backwards (it should not, but `now`
+        # comes from the caller) adds nothing and does not move the stamp,
+        # or the same interval would be credited twice.
+        if now > self._stamp:
+            if self._rate > 0:
+                self._tokens = min(float(self._burst), self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one; False means the message must wait."""
+        self._refill(now)
+        if self._rate <= 0:
+            return True
+        if self._tokens + _EPSILON >= 1.0:
+            self._tokens = max(0.0, self._tokens - 1.0)
+            return True
+        return False
+
+    def wait(self, now: float) -> float:
+        """Seconds from `now` until take() will succeed; 0.0 if it would now."""
+        self._refill(now)
+        if self._rate <= 0 or self._tokens + _EPSILON >= 1.0:
+            return 0.0
+        return (1.0 - self._tokens) / self._rate
+
+    def configure(self, rate: float, burst: int) -> None:
+        """Apply new settings, keeping the tokens the client has (up to the new burst).
+
+        Time since the last call is credited at the new rate, since there is
+        no `now` here to settle it at the old one.
+        """
+        self._burst = _check_burst(burst)
+        if rate <= 0:
+            # While unlimited the bucket stays full, so a later limit starts
+            # the client with a full burst instead of an empty bucket.
+            self._tokens = float(self._burst)
+        self._rate = float(rate)
+        self._tokens = min(self._tokens, float(self._burst))
+
+    def state(self, now: float) -> dict[str, object]:
+        """A JSON-serialisable snapshot; it holds no timestamp, so clocks need not agree."""
+        self._refill(now)
+        return {"rate": self._rate, "burst": self._burst, "tokens": self._tokens}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, object], now: float) -> TokenBucket:
+        """Rebuild a bucket from a state() snapshot; `now` may come from another clock."""
+        bucket = cls(_number(state, "rate"), _field(state, "burst", int), now)
+        bucket._tokens = min(float(bucket._burst), max(0.0, _number(state, "tokens")))
+        return bucket
+
+    def __repr__(self) -> str:
+        return f"TokenBucket(rate={self._rate}, burst={self._burst}, tokens={self._tokens:.3f})"
+
+
+def _check_burst(burst: int) -> int:
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ValueError(f"burst must be an integer of at least 1, got {burst!r}")
+    return burst

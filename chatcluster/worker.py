@@ -1,0 +1,563 @@
+"""The event loop of one worker process: sockets in, sockets out, nothing else.
+
+One `select.epoll` watches the worker's own SO_REUSEPORT listening socket
+(level-triggered, so a pending connection is never forgotten), its clients
+(edge-triggered for reading and writing, registered once), and the bus
+socket's FD. Each pass of the loop reads every readable client until EAGAIN,
+hands the lines to `ChatCore`, publishes what the clients said as one bus
+batch, drains the bus, and finally gives every client with pending output a
+single `send()` of everything queued for it. Chat rules live in `chat`; this
+module only moves bytes and enforces the per-connection limits.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from . import chat as C
+from . import stats as S
+from .bus import GAP, RESTARTED, BusClient, Endpoints
+from .config import Config
+from .protocol import Line, LineReader, TokenBucket, encode_line
+
+log = logging.getLogger("chatcluster.worker")
+
+RECV_SIZE = 65536
+ACCEPTS_PER_WAKE = 256
+BUS_BATCHES_PER_PASS = 512
+HEARTBEAT_EVERY = 0.25
+PING_EVERY = 0.5
+EXIT_BOOT_FAILED = 3
+
+EPOLLIN, EPOLLOUT, EPOLLET = select.EPOLLIN, select.EPOLLOUT, select.EPOLLET
+EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
+CLIENT_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
+
+SHUTDOWN_LINE = encode_line("*** Server is shutting down")
+SLOW_READER_LINE = b"\r\n" + encode_line("*** Error: disconnected: you are not reading fast enough")
+IDLE_LINE = encode_line("*** Error: disconnected: idle for too long")
+
+
+class Client:
+    """One connection. `out` is None while nothing is queued, to keep idle clients small."""
+
+    __slots__ = ("sock", "fd", "conn", "ip", "reader", "bucket", "out", "outlen", "pending",
+                 "throttled", "eof", "closing", "last_rx")
+
+    def __init__(self, sock: socket.socket, conn: int, ip: str, reader: LineReader,
+                 bucket: TokenBucket, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conn = conn
+        self.ip = ip
+        self.reader = reader
+        self.bucket = bucket
+        self.out: list[bytes] | None = None
+        self.outlen = 0
+        self.pending: list[Any] | None = None  # parsed lines waiting for flood-control tokens
+        self.throttled = False
+        self.eof = False
+        self.closing = False
+        self.last_rx = now
+
+
+class Worker:
+    def __init__(self, cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int,
+                 runtime_dir: str, stats: S.StatsFile) -> None:
+        self.cfg = cfg
+        self.worker_no = worker_no
+        self.worker_id = worker_id
+        self.slot = slot
+        self.generation = generation
+        self.runtime_dir = runtime_dir
+        self.stats = stats
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.bus = BusClient(self.ctx, Endpoints.in_dir(runtime_dir), worker_id)
+        self.core = C.ChatCore(worker_id, self._chat_settings(cfg))
+        self.ep = select.epoll()
+        self.listener: socket.socket | None = None
+        self.clients: dict[int, Client] = {}  # by fd
+        self.by_conn: dict[int, Client] = {}
+        self.room: dict[int, Client] = {}  # clients that have their welcome line, by conn
+        self.dirty: list[Client] = []
+        self.outgoing: list[tuple[Any, ...]] = []
+        self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
+        self.next_conn = 1
+        self.started = time.time()
+        self.last_publish = 0.0
+        self.last_beat = 0.0
+        self.last_hello = 0.0
+        self.last_emfile_log = 0.0
+        self.stopping: float | None = None  # deadline of a graceful stop
+        self.stop_signal = 0
+        self.reload_pending = False
+        self.lines_in = 0
+        self.lines_out = 0
+        self.bytes_out = 0
+        self.dropped = 0
+        # One descriptor held in reserve: when accept() fails with EMFILE, closing it lets us
+        # accept and immediately close the waiting connection instead of spinning on it.
+        self.spare_fd: int | None = os.open(os.devnull, os.O_RDONLY)
+
+    @staticmethod
+    def _chat_settings(cfg: Config) -> C.ChatSettings:
+        return C.ChatSettings(welcome=cfg.welcome, announce_joins=cfg.announce_joins,
+                              max_clients=cfg.max_clients, max_clients_per_ip=cfg.max_clients_per_ip)
+
+    # -- boot ---------------------------------------------------------------------------------
+
+    def boot(self, timeout: float = 15.0) -> None:
+        """Prove the bus path end to end and learn the roster, then open the listening socket."""
+        self.beat(S.BOOTING)
+        deadline = time.monotonic() + timeout
+        while not self.core.ready:
+            now = time.monotonic()
+            if now > deadline:
+                raise SystemExit(f"worker {self.worker_no}: the bus broker did not answer within "
+                                 f"{timeout:.0f} s; check that the broker process is running")
+            if now - self.last_hello > 0.2:
+                self.bus.publish([self.core.hello().event])
+                self.last_hello = now
+            if self.bus.sub.poll(50, zmq.POLLIN):
+                self.handle_bus()
+        self.listener = self.open_listener()
+        self.ep.register(self.listener.fileno(), EPOLLIN)
+        self.ep.register(self.bus.fd, EPOLLIN | EPOLLET)
+        self.beat(S.READY)
+        log.info("worker %d (%s) ready on %s:%d, %d users in the roster", self.worker_no,
+                 self.worker_id, self.cfg.host, self.cfg.port, len(self.core.roster))
+
+    def open_listener(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((self.cfg.host, self.cfg.port))
+        except OSError as exc:
+            sock.close()
+            log.error("worker %d cannot listen on %s:%d: %s", self.worker_no, self.cfg.host,
+                      self.cfg.port, exc.strerror)
+            raise SystemExit(EXIT_BOOT_FAILED) from None
+        sock.listen(self.cfg.backlog)
+        sock.setblocking(False)
+        return sock
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGQUIT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
+        self.boot()
+        poll = self.ep.poll
+        clients = self.clients
+        listen_fd = self.listener.fileno() if self.listener else -1
+        while True:
+            timeout = self._poll_timeout()
+            try:
+                events = poll(timeout)
+            except InterruptedError:
+                events = []
+            for fd, ev in events:
+                c = clients.get(fd)
+                if c is None:
+                    if fd == listen_fd:
+                        self.accept()
+                    continue
+                if ev & READ_EVENTS and not c.throttled:
+                    self.read(c)
+                if ev & EPOLLOUT and c.out is not None and c.fd in clients:
+                    self.flush(c)
+            if self.outgoing:
+                self.publish()
+            if self.bus.readable():
+                self.handle_bus()
+            if self.outgoing:
+                self.publish()
+            if self.dirty:
+                self.flush_dirty()
+            now = time.monotonic()
+            if self.timers and self.timers[0][0] <= now:
+                self.run_timers(now)
+            self.housekeeping(now)
+            if self.stop_signal:
+                self.begin_stop(now)
+            if self.stopping is not None and (not self.clients or now >= self.stopping):
+                break
+        self.finish()
+
+    def _poll_timeout(self) -> float:
+        timeout = HEARTBEAT_EVERY
+        if self.timers:
+            timeout = min(timeout, max(0.0, self.timers[0][0] - time.monotonic()))
+        if self.dirty or self.outgoing:
+            timeout = 0.0
+        return timeout
+
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum
+
+    def _on_reload_signal(self, _signum: int, _frame: Any) -> None:
+        self.reload_pending = True
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def accept(self) -> None:
+        assert self.listener is not None
+        cfg = self.cfg
+        for _ in range(ACCEPTS_PER_WAKE):
+            try:
+                sock, addr = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.shed_connection(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if cfg.tcp_keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
+            now = time.monotonic()
+            conn = self.next_conn
+            self.next_conn += 1
+            c = Client(sock, conn, addr[0], LineReader(cfg.max_line_bytes),
+                       TokenBucket(cfg.flood_rate, cfg.flood_burst, now), now)
+            self.clients[c.fd] = c
+            self.by_conn[conn] = c
+            self.ep.register(c.fd, CLIENT_EVENTS)
+            if self.stopping is not None:
+                self.queue(c, SHUTDOWN_LINE)
+                c.closing = True
+                continue
+            self.apply(self.core.connect(conn, c.ip, time.time()))
+
+    def shed_connection(self, exc: OSError) -> None:
+        """Out of descriptors: refuse one waiting connection cleanly and keep serving."""
+        now = time.monotonic()
+        if now - self.last_emfile_log >= 1.0:
+            log.warning("worker %d: accept failed (%s); shedding new connections until "
+                        "descriptors free up", self.worker_no, exc.strerror)
+            self.last_emfile_log = now
+        if self.spare_fd is None:
+            return
+        os.close(self.spare_fd)
+        self.spare_fd = None
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+        except OSError:
+            pass
+        try:
+            self.spare_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self.spare_fd = None
+        self.dropped += 1
+
+    def read(self, c: Client) -> None:
+        if c.closing or c.pending:
+            return
+        recv = c.sock.recv
+        while True:
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.close(c, "connection lost")
+                return
+            if not data:
+                c.eof = True
+                break
+            c.last_rx = time.monotonic()
+            events = c.reader.feed(data)
+            if events:
+                self.process(c, events)
+                if c.fd not in self.clients or c.closing:
+                    return
+                if c.pending:
+                    return  # flood control: stop reading, TCP pushes back on the sender
+        if c.eof and not c.pending:
+            self.close(c, "")
+
+    def process(self, c: Client, events: list[Any]) -> None:
+        """Hand parsed lines to the chat core, as fast as the client's flood budget allows."""
+        bucket = self.cfg.flood_rate > 0
+        core = self.core
+        conn = c.conn
+        for i, ev in enumerate(events):
+            if type(ev) is Line:
+                if not ev.text.strip():
+                    continue
+                now = time.monotonic()
+                if bucket and not c.bucket.take(now):
+                    c.pending = events[i:]
+                    c.throttled = True
+                    heapq.heappush(self.timers, (now + c.bucket.wait(now), conn))
+                    return
+                self.lines_in += 1
+                self.apply(core.line(conn, ev.text, time.time()))
+            else:
+                self.apply(core.line_too_long(conn, ev.limit))
+            if c.closing or c.fd not in self.clients:
+                return
+        c.pending = None
+
+    def run_timers(self, now: float) -> None:
+        while self.timers and self.timers[0][0] <= now:
+            _, conn = heapq.heappop(self.timers)
+            c = self.by_conn.get(conn)
+            if c is None or not c.throttled:
+                continue
+            pending = c.pending or []
+            c.pending = None
+            c.throttled = False
+            self.process(c, pending)
+            if c.fd in self.clients and not c.pending and not c.closing:
+                # The edge that said "readable" was consumed while throttled: read now.
+                self.read(c)
+
+    def queue(self, c: Client, data: bytes) -> None:
+        if c.out is None:
+            c.out = [data]
+            self.dirty.append(c)
+        else:
+            c.out.append(data)
+        c.outlen += len(data)
+
+    def apply(self, effects: list[C.Effect]) -> None:
+        for e in effects:
+            t = type(e)
+            if t is C.Broadcast:
+                data = e.data  # type: ignore[union-attr]
+                exclude = e.exclude  # type: ignore[union-attr]
+                dirty = self.dirty
+                n = len(data)
+                count = 0
+                for conn, c in self.room.items():
+                    if exclude and conn in exclude:
+                        continue
+                    if c.out is None:
+                        c.out = [data]
+                        dirty.append(c)
+                    else:
+                        c.out.append(data)
+                    c.outlen += n
+                    count += 1
+                self.lines_out += count
+            elif t is C.Publish:
+                self.outgoing.append(e.event)  # type: ignore[union-attr]
+            elif t is C.Send:
+                c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
+                if c is not None:
+                    self.queue(c, e.data)  # type: ignore[union-attr]
+            elif t is C.Enter:
+                c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
+                if c is not None:
+                    self.room[c.conn] = c
+            elif t is C.Close:
+                c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
+                if c is not None:
+                    c.closing = True
+                    self.room.pop(c.conn, None)
+                    if c.out is None:
+                        self.close(c, "")
+
+    def flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for c in dirty:
+            if c.out is not None and c.fd in self.clients:
+                self.flush(c)
+
+    def flush(self, c: Client) -> None:
+        out = c.out
+        assert out is not None
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = c.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close(c, "connection lost")
+            return
+        self.bytes_out += sent
+        if sent == len(data):
+            c.out = None
+            c.outlen = 0
+            if c.closing:
+                self.close(c, "")
+            return
+        # The kernel buffer is full: keep the rest; EPOLLOUT (edge) says when to go on.
+        c.out = [data[sent:]]
+        c.outlen = len(data) - sent
+        if c.outlen > self.cfg.max_sendq_bytes and not c.closing:
+            self.kick_slow_reader(c)
+
+    def kick_slow_reader(self, c: Client) -> None:
+        log.warning("worker %d: disconnecting %s (conn %d): %d bytes unsent, over max_sendq_bytes=%d",
+                    self.worker_no, c.ip, c.conn, c.outlen, self.cfg.max_sendq_bytes)
+        self.dropped += 1
+        try:
+            c.sock.send(SLOW_READER_LINE)
+        except OSError:
+            pass
+        self.close(c, "not reading fast enough")
+
+    def close(self, c: Client, reason: str) -> None:
+        if self.clients.pop(c.fd, None) is None:
+            return
+        # Unregister before close: epoll tracks the open file, not the number, so an fd closed
+        # while registered could keep reporting events under a number the kernel reuses.
+        try:
+            self.ep.unregister(c.fd)
+        except OSError:
+            pass
+        c.sock.close()
+        c.out = None
+        self.by_conn.pop(c.conn, None)
+        self.room.pop(c.conn, None)
+        self.apply(self.core.disconnect(c.conn, reason))
+
+    # -- bus ----------------------------------------------------------------------------------
+
+    def publish(self) -> None:
+        events, self.outgoing = self.outgoing, []
+        self.bus.publish(events)
+        self.last_publish = time.monotonic()
+
+    def handle_bus(self) -> None:
+        lost = False
+        for _ in range(8):
+            items = self.bus.drain(BUS_BATCHES_PER_PASS)
+            if not items:
+                break
+            for publisher, payload in items:
+                if publisher == RESTARTED:
+                    resent = self.bus.resend_unacked()
+                    log.warning("worker %d: bus broker restarted; resent %d batches, resyncing the roster",
+                                self.worker_no, resent)
+                    self.apply(self.core.bus_restarted())
+                    self.last_hello = time.monotonic()
+                elif publisher == GAP:
+                    log.warning("worker %d: bus gap detected: %s", self.worker_no, payload)
+                    lost = lost or self.core.ready
+                else:
+                    self.apply(self.core.on_bus(publisher, payload))
+        if lost:
+            self.apply(self.core.messages_lost())
+
+    # -- housekeeping, reload, stop -----------------------------------------------------------
+
+    def housekeeping(self, now: float) -> None:
+        if now - self.last_beat >= HEARTBEAT_EVERY:
+            self.beat(S.STOPPING if self.stopping is not None else S.READY)
+            if self.cfg.idle_timeout > 0:
+                self.reap_idle(now)
+        if self.core.syncing and now - self.last_hello > 0.5:
+            self.outgoing.append(self.core.hello().event)
+            self.last_hello = now
+        if now - self.last_publish >= PING_EVERY and self.stopping is None:
+            self.outgoing.append((9,))
+        if self.outgoing:
+            self.publish()
+        if self.reload_pending:
+            self.reload_pending = False
+            self.reload()
+
+    def reap_idle(self, now: float) -> None:
+        limit = self.cfg.idle_timeout
+        for c in [c for c in self.clients.values() if now - c.last_rx > limit and not c.closing]:
+            log.info("worker %d: disconnecting %s (conn %d): idle for %.0f s", self.worker_no, c.ip,
+                     c.conn, now - c.last_rx)
+            self.queue(c, IDLE_LINE)
+            c.closing = True
+            self.room.pop(c.conn, None)
+            self.apply(self.core.disconnect(c.conn, "idle"))
+
+    def beat(self, state: int) -> None:
+        self.last_beat = time.monotonic()
+        self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
+                         self.last_beat, len(self.room), self.lines_in, self.lines_out, self.bytes_out,
+                         self.bus.gaps, self.dropped)
+
+    def reload(self) -> None:
+        """Apply live settings written by the supervisor to RUNTIME_DIR/config.json."""
+        path = os.path.join(self.runtime_dir, "config.json")
+        try:
+            with open(path) as fh:
+                values = json.load(fh)
+        except (OSError, ValueError) as exc:
+            log.error("worker %d: cannot read %s for reload: %s", self.worker_no, path, exc)
+            return
+        new = Config(values={**self.cfg.values, **values}, source=path)
+        live, _restart = self.cfg.live_changes(new)
+        self.cfg = Config(values={**self.cfg.values, **live}, source=path)
+        self.core.settings = self._chat_settings(self.cfg)
+        for c in self.clients.values():
+            c.reader.max_line_bytes = self.cfg.max_line_bytes
+            c.bucket.configure(self.cfg.flood_rate, self.cfg.flood_burst)
+        logging.getLogger("chatcluster").setLevel(self.cfg.log_level.upper())
+        log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
+
+    def begin_stop(self, now: float) -> None:
+        signum, self.stop_signal = self.stop_signal, 0
+        if self.stopping is not None:
+            if signum == signal.SIGQUIT:
+                self.stopping = min(self.stopping, now + 1.0)
+            return
+        grace = self.cfg.graceful_timeout if signum == signal.SIGTERM else 1.0
+        self.stopping = now + grace
+        log.info("worker %d stopping (%s), %d clients, %.1f s to drain", self.worker_no,
+                 signal.Signals(signum).name, len(self.clients), grace)
+        if self.listener is not None:
+            self.ep.unregister(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for c in list(self.clients.values()):
+            self.room.pop(c.conn, None)
+            self.apply(self.core.disconnect(c.conn, "server shutting down"))
+            if not c.closing:
+                self.queue(c, SHUTDOWN_LINE)
+                c.closing = True
+        if self.outgoing:
+            self.publish()
+        self.flush_dirty()
+        self.beat(S.STOPPING)
+
+    def finish(self) -> None:
+        for c in list(self.clients.values()):
+            self.close(c, "server shutting down")
+        if self.outgoing:
+            self.publish()
+        self.stats.clear(self.slot)
+        self.bus.close()
+        self.ctx.term()
+        log.info("worker %d exits", self.worker_no)
+
+
+def main(cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int, runtime_dir: str,
+         stats: S.StatsFile) -> int:
+    worker = Worker(cfg, worker_no, worker_id, slot, generation, runtime_dir, stats)
+    worker.run()
+    return 0
