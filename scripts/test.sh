@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install chatcluster with its test dependencies and run the whole test suite.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k nick -x`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
+
+# Some tests drive real `telnet` and `nc` clients and check the systemd unit with
+# `systemd-analyze`; install them from Debian packages when we can (root + apt).
+missing=()
+command -v telnet >/dev/null || missing+=(telnet)
+command -v nc >/dev/null || missing+=(netcat-openbsd)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing ${missing[*]} for the tests" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "note: ${missing[*]} not installed; the tests that need them will be skipped" >&2
+    fi
+fi
+
+exec python3 -m pytest "$@"
