@@ -30,6 +30,7 @@ from . import stats as S
 from .bus import GAP, RESTARTED, BusClient, Endpoints
 from .config import Config
 from .protocol import Line, LineReader, TokenBucket, encode_line
+from .roster import PING
 
 log = logging.getLogger("chatcluster.worker")
 
@@ -478,7 +479,7 @@ class Worker:
             self.outgoing.append(self.core.hello().event)
             self.last_hello = now
         if now - self.last_publish >= PING_EVERY and self.stopping is None:
-            self.outgoing.append((9,))
+            self.outgoing.append((PING,))
         if self.outgoing:
             self.publish()
         if self.reload_pending:
