@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -127,6 +128,9 @@ _SPECIAL = re.compile(b"[\r\n\xff]")
 
 _STATE_FORMAT = 1
 
+# feed() is feed_some() without a limit.
+_UNLIMITED = sys.maxsize
+
 
 class LineReader:
     """Turn the byte stream of one client into `Line` and `LineTooLong` events.
@@ -179,19 +183,33 @@ class LineReader:
 
     def feed(self, data: bytes) -> list[Event]:
         """Consume `data` and return the events it completes, in order."""
+        return self.feed_some(data, _UNLIMITED)[0]
+
+    def feed_some(self, data: bytes, max_events: int) -> tuple[list[Event], int]:
+        """Like feed(), but stop as soon as `max_events` events are out.
+
+        Returns the events and how many bytes of `data` were consumed; the
+        caller keeps the rest and feeds it later. Flood control uses this to
+        parse no more lines than a client has tokens for, so what it holds
+        for a throttled client is the unread bytes of one recv(), never a
+        list of parsed lines. Stopping early is the same as splitting the
+        stream there, so the events are those feed() would give.
+        """
+        if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
+            raise ValueError(f"max_events must be a positive integer, got {max_events!r}")
         out: list[Event] = []
         if self._overflowed:
             self._overflowed = False
             out.append(LineTooLong(self._max))
+            if max_events == 1:
+                return out, 0
         if not data:
-            return out
+            return out, 0
         if self._telnet == _T_DATA and b"\r" not in data and b"\xff" not in data:
-            self._feed_plain(data, out)
-        else:
-            self._feed_telnet(data, out)
-        return out
+            return out, self._feed_plain(data, out, max_events)
+        return out, self._feed_telnet(data, out, max_events)
 
-    def _feed_plain(self, data: bytes, out: list[Event]) -> None:
+    def _feed_plain(self, data: bytes, out: list[Event], limit: int) -> int:
         # Most reads are whole LF-terminated lines with no telnet commands and
         # no CR; they are split with bytes.find and never looked at per byte.
         start = 0
@@ -203,14 +221,19 @@ class LineReader:
             end = data.find(b"\n", start)
             if end < 0:
                 self._take(data, start, len(data), out)
-                return
+                return len(data)
             self._finish(data, start, end, out)
             start = end + 1
+            if len(out) >= limit:
+                return start
 
-    def _feed_telnet(self, data: bytes, out: list[Event]) -> None:
+    def _feed_telnet(self, data: bytes, out: list[Event], limit: int) -> int:
         n = len(data)
         pos = 0
         while pos < n:
+            # Every step below adds at most one event, so checking here is exact.
+            if len(out) >= limit:
+                return pos
             state = self._telnet
             if state == _T_DATA:
                 if self._after_cr:
@@ -226,7 +249,7 @@ class LineReader:
                 match = _SPECIAL.search(data, pos)
                 if match is None:
                     self._take(data, pos, n, out)
-                    return
+                    return n
                 end = match.start()
                 byte = data[end]
                 if byte == _IAC:
@@ -256,7 +279,7 @@ class LineReader:
             elif state == _T_SUBNEG:
                 end = data.find(b"\xff", pos)
                 if end < 0:
-                    return
+                    return n
                 pos = end + 1
                 self._telnet = _T_SUBNEG_IAC
             else:  # _T_SUBNEG_IAC
@@ -266,6 +289,7 @@ class LineReader:
                 byte = data[pos]
                 pos += 1
                 self._telnet = _T_DATA if byte == _SE else _T_SUBNEG
+        return n
 
     def _take(self, data: bytes, start: int, end: int, out: list[Event]) -> None:
         # Part of a line whose terminator has not arrived yet. Bounds are
@@ -420,6 +444,13 @@ class TokenBucket:
             self._tokens = max(0.0, self._tokens - 1.0)
             return True
         return False
+
+    def available(self, now: float) -> int:
+        """How many take() calls would succeed from `now` on; sys.maxsize when unlimited."""
+        self._refill(now)
+        if self._rate <= 0:
+            return _UNLIMITED
+        return int(self._tokens + _EPSILON)
 
     def wait(self, now: float) -> float:
         """Seconds from `now` until take() will succeed; 0.0 if it would now."""

@@ -8,12 +8,16 @@ be identical each way.
 from __future__ import annotations
 
 import json
+import random
+import sys
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chatcluster import chat as C
+from chatcluster import roster as R
 from chatcluster.protocol import (
     CRLF,
     Event,
@@ -62,6 +66,21 @@ def two_chunk_splits(data: bytes) -> Iterator[list[bytes]]:
 
 def one_byte_at_a_time(data: bytes) -> list[bytes]:
     return [data[i : i + 1] for i in range(len(data))]
+
+
+def feed_with_budgets(data: bytes, budgets: list[int], limit: int) -> list[Event]:
+    """Feed `data` through feed_some() as a throttled client would: parse at most
+    the budget, keep the unconsumed rest, feed it again with the next budget."""
+    reader = LineReader(limit)
+    events: list[Event] = []
+    rest = data
+    for budget in budgets:
+        got, used = reader.feed_some(rest, budget)
+        assert len(got) <= budget
+        assert 0 <= used <= len(rest)
+        events += got
+        rest = rest[used:]
+    return events + reader.feed(rest)
 
 
 def events_with_handover(data: bytes, k: int, limit: int = 512) -> list[Event]:
@@ -711,3 +730,163 @@ def test_malformed_bucket_state_is_refused(state: dict[str, object]) -> None:
 def test_burst_must_be_a_positive_integer(bad: object) -> None:
     with pytest.raises(ValueError, match="burst"):
         TokenBucket(rate=1.0, burst=bad, now=0.0)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# Parsing no more than a budget (flood control)
+
+
+def test_feed_some_stops_after_the_budget_and_says_how_much_it_used() -> None:
+    reader = LineReader()
+    events, used = reader.feed_some(b"one\ntwo\nthree\n", 2)
+    assert events == [Line("one"), Line("two")]
+    assert used == len(b"one\ntwo\n")
+    assert reader.feed(b"three\n") == [Line("three")]
+
+
+def test_feed_some_consumes_everything_when_the_budget_is_not_reached() -> None:
+    reader = LineReader()
+    assert reader.feed_some(b"one\ntw", 5) == ([Line("one")], 6)
+    assert reader.feed(b"o\n") == [Line("two")]
+
+
+def test_feed_some_stops_inside_telnet_input_and_resumes_there() -> None:
+    data = b"a" + IAC + DO + b"\x01\r\nb" + IAC + SB + b"\x18\nx" + IAC + SE + b"\r\0c\n"
+    reader = LineReader()
+    events, used = reader.feed_some(data, 1)
+    assert events == [Line("a")]
+    assert reader.feed(data[used:]) == [Line("b"), Line("c")]
+
+
+def test_feed_some_counts_a_too_long_line_as_one_event() -> None:
+    reader = LineReader(4)
+    events, used = reader.feed_some(b"123456789\nok\n", 1)
+    assert events == [LineTooLong(4)]
+    assert reader.feed(b"123456789\nok\n"[used:]) == [Line("ok")]
+
+
+def test_feed_some_with_a_budget_of_one_reports_a_lowered_limit_first() -> None:
+    reader = LineReader(100)
+    reader.feed(b"x" * 50)
+    reader.max_line_bytes = 10
+    assert reader.feed_some(b"\nok\n", 1) == ([LineTooLong(10)], 0)
+    assert reader.feed(b"\nok\n") == [Line("ok")]
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_feed_some_budget_must_be_a_positive_integer(bad: object) -> None:
+    with pytest.raises(ValueError, match="max_events"):
+        LineReader().feed_some(b"x\n", bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("data", "limit", "expected"), CASES)
+def test_one_event_at_a_time_gives_the_expected_events(data: bytes, limit: int, expected: list[Event]) -> None:
+    assert feed_with_budgets(data, [1] * (len(data) + 2), limit) == expected
+
+
+@PROPERTY
+@given(chunked(), st.lists(st.integers(1, 4), max_size=30))
+def test_budgets_never_change_the_events(case: tuple[bytes, list[bytes], int], budgets: list[int]) -> None:
+    data, _, limit = case
+    assert feed_with_budgets(data, budgets, limit) == feed_all([data], limit)
+
+
+def test_available_counts_whole_tokens() -> None:
+    bucket = TokenBucket(rate=2.0, burst=5, now=0.0)
+    assert bucket.available(0.0) == 5
+    for _ in range(5):
+        bucket.take(0.0)
+    assert bucket.available(0.0) == 0
+    assert bucket.available(0.74) == 1
+    assert bucket.available(1.0) == 2
+
+
+def test_available_is_unlimited_without_a_rate() -> None:
+    assert TokenBucket(rate=0.0, burst=1, now=0.0).available(0.0) == sys.maxsize
+
+
+@PROPERTY
+@given(st.floats(0.01, 1000.0), st.integers(1, 10), st.lists(st.floats(0.0, 2.0), max_size=20))
+def test_available_is_exactly_what_take_allows(rate: float, burst: int, gaps: list[float]) -> None:
+    bucket = TokenBucket(rate, burst, 0.0)
+    now = 0.0
+    for gap in gaps:
+        now += gap
+        n = bucket.available(now)
+        assert all(bucket.take(now) for _ in range(n))
+        assert not bucket.take(now)
+
+
+# ---------------------------------------------------------------------------
+# What other clients receive, through the chat rules
+
+
+class OneWorker:
+    """A ChatCore whose publications come straight back as its bus, with a record
+    of the bytes each client receives; nothing but the pure modules."""
+
+    def __init__(self) -> None:
+        self.core = C.ChatCore("w1", rng=random.Random(7))
+        self.room: set[int] = set()
+        self.received: dict[int, bytearray] = {}
+        self.run([self.core.hello()])
+        self.run_bus([(R.SNAPSHOT, "w1", self.core.nonce, [])])
+
+    def run(self, effects: list[C.Effect]) -> None:
+        published: list[tuple[object, ...]] = []
+        for e in effects:
+            if isinstance(e, C.Publish):
+                if e.event[0] != R.HELLO:
+                    published.append(e.event)
+            elif isinstance(e, C.Send):
+                self.received.setdefault(e.conn, bytearray()).extend(e.data)
+            elif isinstance(e, C.Broadcast):
+                for conn in self.room - e.exclude:
+                    self.received.setdefault(conn, bytearray()).extend(e.data)
+            elif isinstance(e, C.Enter):
+                self.room.add(e.conn)
+            elif isinstance(e, C.Close):
+                self.room.discard(e.conn)
+        if published:
+            self.run_bus(published)
+
+    def run_bus(self, events: list[tuple[object, ...]]) -> None:
+        self.run(self.core.on_bus("w1", events))
+
+    def nick(self, conn: int) -> str:
+        m = self.core.roster.get("w1", conn)
+        return m.nick if m else ""
+
+
+client_line = st.one_of(
+    client_bytes,
+    st.tuples(
+        st.sampled_from([b"/me ", b"/nick ", b"//", b"/quit ", b"*** ", b"/", b"/ME\t", b"\x1b[2K\r*** "]),
+        client_bytes,
+    ).map(b"".join),
+)
+
+
+@PROPERTY
+@given(st.lists(client_line, min_size=1, max_size=6))
+def test_what_others_receive_starts_with_the_senders_nick_and_cannot_control_a_terminal(
+    inputs: list[bytes],
+) -> None:
+    world = OneWorker()
+    sender, other = 1, 2
+    world.run(world.core.connect(sender, "127.0.0.1", 0.0))
+    world.run(world.core.connect(other, "127.0.0.2", 0.0))
+    reader = LineReader()
+    for data in inputs:
+        for event in reader.feed(data + b"\n"):
+            if not isinstance(event, Line):
+                continue
+            before = world.nick(sender)
+            world.received[other] = bytearray()
+            world.run(world.core.line(sender, event.text))
+            names = {before, world.nick(sender)} - {""}
+            got = bytes(world.received[other])
+            assert got == b"" or got.endswith(CRLF)
+            for line in got.decode("utf-8").split("\r\n")[:-1]:
+                assert not FORBIDDEN.intersection(line), line
+                assert any(line.startswith((f"{n}: ", f"* {n} ", f"*** {n} ")) for n in names), (line, names)
