@@ -26,6 +26,9 @@ RESYNC = 7  # (RESYNC, members): a worker re-announces its clients after the bro
 GONE = 8  # (GONE, worker_id): a worker process died; its clients are gone
 PING = 9  # (PING,): keeps the bus path checked while a worker is idle
 ADOPT = 10  # (ADOPT, old_worker, old_conn, conn): a client moved here from another worker
+# (HANDOFF, new_worker, token): where in the order a worker hands its clients to new_worker
+# (see handoff.py); no replica's state changes
+HANDOFF = 11
 
 ROSTER_KINDS = frozenset({JOIN, NICK, LEAVE, HELLO, RESYNC, GONE, ADOPT})
 
