@@ -34,6 +34,8 @@ HELP = (
     "*** A line starting with // is sent as text with one / removed",
 )
 LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
+# Bus events a client would see something of.
+VISIBLE_KINDS = frozenset({R.CHAT, R.ME, R.JOIN, R.NICK, R.LEAVE, R.GONE})
 
 
 # Effects -------------------------------------------------------------------------------------
@@ -84,7 +86,13 @@ class LocalUser:
     since: float
     nick: str
     state: str = PENDING
-    backlog: list[str] = field(default_factory=list)
+    backlog: list[str | int] = field(default_factory=list)  # lines, or limits of too long ones
+    claiming: bool = False  # a /nick claim is on the bus; what the client says next waits for it
+
+    @property
+    def waiting(self) -> bool:
+        """Lines wait until the bus has decided on the client's name, so replies keep their order."""
+        return self.state != ACTIVE or self.claiming
 
 
 @dataclass(slots=True)
@@ -108,29 +116,42 @@ class ChatCore:
         self.ready = False  # True once a roster snapshot has been loaded
         self.nonce = 0
         self.syncing = False  # waiting for a snapshot after a broker restart
+        self.lost_told = False  # the clients heard "messages may have been lost" in this epoch
+        self.undelivered = 0  # events for clients that arrived while resyncing, so never shown
+        self.missed = False  # some of them arrived during the current resync
+        self.clock = 0.0  # the latest time a caller passed in, for lines answered later
 
     # -- boot and bus recovery ---------------------------------------------------------------
 
-    def hello(self) -> Publish:
-        """Ask the broker for a roster snapshot; repeated until it arrives (slow joiner)."""
+    def hello(self) -> tuple[Any, ...]:
+        """The HELLO event asking the broker for a roster snapshot (sent as a control batch)."""
         if not self.nonce:
             self.nonce = self.rng.randrange(1, 1 << 62)
-        return Publish((R.HELLO, self.nonce))
+        return (R.HELLO, self.nonce)
 
     @property
     def waiting_for_snapshot(self) -> bool:
         return not self.ready or self.syncing
 
-    def bus_restarted(self) -> list[Effect]:
-        """The broker came back with an empty roster: re-announce our clients and resync."""
-        self.roster.load([])
+    def bus_restarted(self) -> list[tuple[Any, ...]]:
+        """A new broker: the control batch that re-announces our clients and asks for a snapshot.
+
+        The roster is kept as it was until the snapshot replaces it, so /who stays whole while
+        the cluster resyncs. Clients still pending keep their JOIN in flight: it is among the
+        batches sent again after this one, so it is decided after our RESYNC.
+        """
         members = [(self.worker_id, u.conn, u.nick, u.since, u.ip)
                    for u in self.local.values() if u.state == ACTIVE]
         self.syncing = True
+        self.lost_told = False
         self.nonce = 0
-        return [Publish((R.RESYNC, members)), self.hello()]
+        return [(R.RESYNC, members), self.hello()]
 
     def messages_lost(self) -> list[Effect]:
+        """Tell the room that bus traffic was lost; once per broker epoch is enough."""
+        if self.lost_told:
+            return []
+        self.lost_told = True
         return [Broadcast(LOST_NOTICE)]
 
     # -- client side -------------------------------------------------------------------------
@@ -158,13 +179,19 @@ class ChatCore:
         return [Publish((R.LEAVE, conn, reason))]
 
     def line_too_long(self, conn: int, limit: int) -> list[Effect]:
+        user = self.local.get(conn)
+        if user is not None and user.waiting:
+            user.backlog.append(limit)  # answered in the order sent, after the pending reply
+            return []
         return [Send(conn, encode_line(f"*** Error: line too long (max {limit} bytes)"))]
 
     def line(self, conn: int, text: str, now: float = 0.0) -> list[Effect]:
+        if now:
+            self.clock = now
         user = self.local.get(conn)
         if user is None:
             return []
-        if user.state == PENDING:
+        if user.waiting:
             user.backlog.append(text)
             return []
         if not text.strip():
@@ -211,6 +238,7 @@ class ChatCore:
         if not self.roster.is_free_for(new, self.worker_id, conn):
             return [self._error(conn, f"nickname {new} is already taken")]
         # The claim is decided in bus order: another worker may claim the same name first.
+        user.claiming = True
         return [Publish((R.NICK, conn, new))]
 
     def _whois(self, nick: str, now: float) -> bytes:
@@ -235,16 +263,30 @@ class ChatCore:
 
     # -- bus side ----------------------------------------------------------------------------
 
-    def on_bus(self, publisher: str, events: list[tuple[Any, ...]]) -> list[Effect]:
-        """Apply one bus batch, in order, and say what each local client receives."""
+    def on_bus(self, publisher: str, events: list[tuple[Any, ...]], replay: bool = False) -> list[Effect]:
+        """Apply one bus batch, in order, and say what each local client receives.
+
+        `replay` marks a batch this worker saw before a broker restart and now sees again:
+        its roster events still count (the new broker's roster was rebuilt without them, and
+        ours must stay equal to it), but the clients were told about it the first time.
+        """
         out: list[Effect] = []
         if self.waiting_for_snapshot:
             # Before our snapshot the roster is unknown: everything up to it is already part
-            # of the snapshot, so only the snapshot itself matters.
-            for ev in events:
+            # of the snapshot, so only the snapshot itself matters. What the clients would have
+            # seen is lost to them, and they are told so once the snapshot is in.
+            for i, ev in enumerate(events):
                 if ev[0] == R.SNAPSHOT and ev[1] == self.worker_id and ev[2] == self.nonce:
                     out.extend(self._load_snapshot(ev[3]))
-                elif self.ready and ev[0] in R.ROSTER_KINDS:
+                    out.extend(self.on_bus(publisher, events[i + 1:], replay))
+                    return out
+                if self.ready and not replay and ev[0] in VISIBLE_KINDS:
+                    self.undelivered += 1
+                    self.missed = True
+            return out
+        if replay:
+            for ev in events:
+                if ev[0] in R.ROSTER_KINDS:
                     self.roster.apply(publisher, ev)
             return out
         mine = publisher == self.worker_id
@@ -294,14 +336,20 @@ class ChatCore:
             user = self.local.get(ev[1]) if mine else None
             if outcome.accepted and outcome.member is not None:
                 nick = outcome.member.nick
-                if user is not None:
+                if user is not None and user.state != ACTIVE:
                     out.extend(self._entered(user, nick))
-                if announce:
+                # A client that lost its name in a broker restart rejoins under a new one:
+                # for everyone else that is a rename.
+                if len(ev) > 5:
+                    out.append(Broadcast(encode_line(f"*** {ev[5]} is now known as {nick}"),
+                                         frozenset((ev[1],)) if mine else EMPTY))
+                elif announce:
                     out.append(Broadcast(encode_line(f"*** {nick} joined"),
                                          frozenset((ev[1],)) if mine else EMPTY))
-            elif user is not None:
+            elif user is not None and user.state != ACTIVE and self.roster.get(self.worker_id, user.conn) is None:
+                # Someone claimed the random name first: draw another one and claim again.
                 user.nick = self._free_nick()
-                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip)))
+                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip, *ev[5:])))
         elif kind == R.NICK:
             user = self.local.get(ev[1]) if mine else None
             m = outcome.member
@@ -311,8 +359,12 @@ class ChatCore:
                     out.append(Send(user.conn, encode_line(f"*** You are now known as {m.nick}")))
                 out.append(Broadcast(encode_line(f"*** {outcome.old_nick} is now known as {m.nick}"),
                                      frozenset((ev[1],)) if mine else EMPTY))
-            elif user is not None:
+            elif user is not None and m is not None:
                 out.append(self._error(user.conn, f"nickname {ev[2]} is already taken"))
+            # (m is None: the client lost its name in a broker restart and is told so on rejoining.)
+            if user is not None and user.claiming:
+                user.claiming = False
+                out.extend(self._run_backlog(user))
         elif kind == R.LEAVE:
             if outcome.accepted and outcome.member is not None and announce:
                 reason = f" ({ev[2]})" if ev[2] else ""
@@ -336,23 +388,41 @@ class ChatCore:
             effects = [Send(user.conn, encode_line(self.settings.welcome.format(nick=nick))), Enter(user.conn)]
         user.state = ACTIVE
         user.nick = nick
-        backlog, user.backlog = user.backlog, []
-        for text in backlog:
-            effects.extend(self.line(user.conn, text, user.since))
+        effects.extend(self._run_backlog(user))
+        return effects
+
+    def _run_backlog(self, user: LocalUser) -> list[Effect]:
+        """Process what the client sent while waiting, until it has to wait again."""
+        effects: list[Effect] = []
+        while user.backlog and not user.waiting and user.conn in self.local:
+            item = user.backlog.pop(0)
+            if isinstance(item, int):
+                effects.extend(self.line_too_long(user.conn, item))
+            else:
+                effects.extend(self.line(user.conn, item, self.clock))
         return effects
 
     def _load_snapshot(self, members: list[Any]) -> list[Effect]:
         self.roster.load(members)
         self.ready = True
         self.syncing = False
+        self.nonce = 0  # later copies of this snapshot (answers to repeated HELLOs) are stale
         out: list[Effect] = []
         for user in self.local.values():
-            # After a broker restart a client whose name went to someone else while the bus was
-            # down claims a fresh one; everyone else is in the snapshot already.
-            if user.state == ACTIVE and self.roster.get(self.worker_id, user.conn) is None:
+            if user.state != ACTIVE:
+                continue  # its JOIN is sent after our HELLO, so it is decided after this point
+            m = self.roster.get(self.worker_id, user.conn)
+            if m is None:
+                # After a broker restart a client whose name went to someone else while the bus
+                # was down claims a fresh one; everyone else is in the snapshot already.
                 user.state = REJOINING
-                user.nick = self._free_nick()
-                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip)))
+                old, user.nick = user.nick, self._free_nick()
+                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip, old)))
+            else:
+                user.nick = m.nick
+        if self.missed:
+            self.missed = False
+            out.extend(self.messages_lost())
         return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 # Bus events are tuples whose first item is one of these kinds.
 CHAT = 0  # (CHAT, conn, text_bytes)
 ME = 1  # (ME, conn, text_bytes)
-JOIN = 2  # (JOIN, conn, nick, since_unix, ip): claim a nickname for a new client
+JOIN = 2  # (JOIN, conn, nick, since_unix, ip[, old_nick]): claim a name for a new (or renamed) client
 NICK = 3  # (NICK, conn, new_nick): claim a new nickname
 LEAVE = 4  # (LEAVE, conn, reason)
 HELLO = 5  # (HELLO, nonce): a booting worker asks for a snapshot; also proves its bus path
@@ -126,60 +126,65 @@ class Roster:
         for t in members:
             self._add(Member(str(t[0]), int(t[1]), str(t[2]), float(t[3]), str(t[4])))
 
-    def drop_others(self, worker: str) -> None:
-        """Forget every member not on `worker` (after a broker restart, before resyncs arrive)."""
-        for m in [m for m in self.by_key.values() if m.worker != worker]:
-            self._remove(m)
-
     def apply(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
         """Apply one roster event published by `publisher`, identically on every replica."""
-        kind = ev[0]
-        if kind == JOIN:
-            _, conn, nick, since, ip = ev
-            if (publisher, conn) in self.by_key or nick_problem(nick) or nick.lower() in self.by_fold:
-                return Outcome(accepted=False)
-            m = Member(publisher, conn, nick, since, ip)
-            self._add(m)
-            return Outcome(member=m)
-        if kind == NICK:
-            _, conn, new = ev
-            m = self.by_key.get((publisher, conn))
-            if m is None or nick_problem(new) or not self.is_free_for(new, publisher, conn):
-                return Outcome(accepted=False, member=m)
-            old = m.nick
+        handler = _APPLY.get(ev[0])
+        return handler(self, publisher, ev) if handler else Outcome(accepted=False)
+
+    def _join(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+        conn, nick, since, ip = ev[1:5]
+        if (publisher, conn) in self.by_key or nick_problem(nick) or nick.lower() in self.by_fold:
+            return Outcome(accepted=False)
+        m = Member(publisher, conn, nick, since, ip)
+        self._add(m)
+        return Outcome(member=m)
+
+    def _nick(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+        _, conn, new = ev
+        m = self.by_key.get((publisher, conn))
+        if m is None or nick_problem(new) or not self.is_free_for(new, publisher, conn):
+            return Outcome(accepted=False, member=m)
+        self._remove(m)
+        renamed = Member(publisher, conn, new, m.since, m.ip)
+        self._add(renamed)
+        return Outcome(member=renamed, old_nick=m.nick)
+
+    def _leave(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+        m = self.by_key.get((publisher, ev[1]))
+        if m is None:
+            return Outcome(accepted=False)
+        self._remove(m)
+        return Outcome(member=m)
+
+    def _gone(self, _publisher: str, ev: tuple[Any, ...]) -> Outcome:
+        gone = tuple(self.members_of(ev[1]))
+        for m in gone:
             self._remove(m)
-            renamed = Member(publisher, conn, new, m.since, m.ip)
-            self._add(renamed)
-            return Outcome(member=renamed, old_nick=old)
-        if kind == LEAVE:
-            m = self.by_key.get((publisher, ev[1]))
-            if m is None:
-                return Outcome(accepted=False)
+        return Outcome(gone=gone)
+
+    def _resync(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+        """The publisher's members are exactly these now; a name taken meanwhile is refused."""
+        for m in self.members_of(publisher):
             self._remove(m)
-            return Outcome(member=m)
-        if kind == GONE:
-            gone = tuple(self.members_of(ev[1]))
-            for m in gone:
-                self._remove(m)
-            return Outcome(gone=gone)
-        if kind == RESYNC:
-            old = self.members_of(publisher)
-            for m in old:
-                self._remove(m)
-            rejected = []
-            for t in ev[1]:
-                if t[2].lower() in self.by_fold:
-                    rejected.append(tuple(t))
-                else:
-                    self._add(Member(publisher, int(t[1]), str(t[2]), float(t[3]), str(t[4])))
-            return Outcome(rejected=tuple(rejected))  # type: ignore[arg-type]
-        if kind == ADOPT:
-            _, old_worker, old_conn, conn = ev
-            m = self.by_key.get((old_worker, old_conn))
-            if m is None or (publisher, conn) in self.by_key:
-                return Outcome(accepted=False)
-            self._remove(m)
-            moved = Member(publisher, conn, m.nick, m.since, m.ip)
-            self._add(moved)
-            return Outcome(member=moved)
-        return Outcome(accepted=False)
+        rejected: list[MemberTuple] = []
+        for t in ev[1]:
+            entry = (publisher, int(t[1]), str(t[2]), float(t[3]), str(t[4]))
+            if entry[2].lower() in self.by_fold:
+                rejected.append(entry)
+            else:
+                self._add(Member(*entry))
+        return Outcome(rejected=tuple(rejected))
+
+    def _adopt(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+        _, old_worker, old_conn, conn = ev
+        m = self.by_key.get((old_worker, old_conn))
+        if m is None or (publisher, conn) in self.by_key:
+            return Outcome(accepted=False)
+        self._remove(m)
+        moved = Member(publisher, conn, m.nick, m.since, m.ip)
+        self._add(moved)
+        return Outcome(member=moved)
+
+
+_APPLY = {JOIN: Roster._join, NICK: Roster._nick, LEAVE: Roster._leave, GONE: Roster._gone,
+          RESYNC: Roster._resync, ADOPT: Roster._adopt}

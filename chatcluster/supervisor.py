@@ -154,8 +154,9 @@ class Supervisor:
             os.close(self.broker_control)
         r, w = os.pipe()
         self.broker_control = w
-        expected = len(self.workers)
-        self.broker_pid = self._fork("broker", lambda: run_broker(self.runtime_dir, r, expected), keep=(r,))
+        # A broker replacing a dead one rebuilds the roster from these workers.
+        live = [f"w{w.no}" for w in self.workers.values()]
+        self.broker_pid = self._fork("broker", lambda: run_broker(self.runtime_dir, r, live), keep=(r,))
         os.close(r)
         self.broker_started = time.monotonic()
         log.info("broker started, pid %d", self.broker_pid)

@@ -27,7 +27,7 @@ import zmq
 
 from . import chat as C
 from . import stats as S
-from .bus import GAP, RESTARTED, BusClient, Endpoints
+from .bus import GAP, REPLAY, RESTARTED, BusClient, Endpoints
 from .config import Config
 from .protocol import Line, LineReader, TokenBucket, encode_line
 from .roster import PING
@@ -129,7 +129,7 @@ class Worker:
                 raise SystemExit(f"worker {self.worker_no}: the bus broker did not answer within "
                                  f"{timeout:.0f} s; check that the broker process is running")
             if now - self.last_hello > 0.2:
-                self.bus.publish([self.core.hello().event])
+                self.bus.send_control([self.core.hello()])
                 self.last_hello = now
             if self.bus.sub.poll(50, zmq.POLLIN):
                 self.handle_bus()
@@ -448,25 +448,29 @@ class Worker:
         self.last_publish = time.monotonic()
 
     def handle_bus(self) -> None:
-        lost = False
         for _ in range(8):
             items = self.bus.drain(BUS_BATCHES_PER_PASS)
             if not items:
                 break
+            undelivered = self.core.undelivered
             for publisher, payload in items:
                 if publisher == RESTARTED:
-                    resent = self.bus.resend_unacked()
-                    log.warning("worker %d: bus broker restarted; resent %d batches, resyncing the roster",
+                    resent = self.bus.restarted(self.core.bus_restarted())
+                    log.warning("worker %d: bus broker restarted; resyncing the roster, resent %d batches",
                                 self.worker_no, resent)
-                    self.apply(self.core.bus_restarted())
                     self.last_hello = time.monotonic()
                 elif publisher == GAP:
                     log.warning("worker %d: bus gap detected: %s", self.worker_no, payload)
-                    lost = lost or self.core.ready
+                    if self.core.ready:
+                        # Told before the lines that follow the gap, once per broker epoch.
+                        self.apply(self.core.messages_lost())
+                elif publisher == REPLAY:
+                    self.apply(self.core.on_bus(payload[0], payload[1], replay=True))
                 else:
                     self.apply(self.core.on_bus(publisher, payload))
-        if lost:
-            self.apply(self.core.messages_lost())
+            if self.core.undelivered > undelivered:
+                log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
+                            "and were not delivered", self.worker_no, self.core.undelivered - undelivered)
 
     # -- housekeeping, reload, stop -----------------------------------------------------------
 
@@ -475,8 +479,8 @@ class Worker:
             self.beat(S.STOPPING if self.stopping is not None else S.READY)
             if self.cfg.idle_timeout > 0:
                 self.reap_idle(now)
-        if self.core.syncing and now - self.last_hello > 0.5:
-            self.outgoing.append(self.core.hello().event)
+        if self.core.syncing and now - self.last_hello > 1.0:
+            self.bus.send_control([self.core.hello()])
             self.last_hello = now
         if now - self.last_publish >= PING_EVERY and self.stopping is None:
             self.outgoing.append((PING,))
@@ -500,7 +504,7 @@ class Worker:
         self.last_beat = time.monotonic()
         self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
                          self.last_beat, len(self.room), self.lines_in, self.lines_out, self.bytes_out,
-                         self.bus.gaps, self.dropped)
+                         self.bus.gaps + self.core.undelivered, self.dropped)
 
     def reload(self) -> None:
         """Apply live settings written by the supervisor to RUNTIME_DIR/config.json."""
