@@ -1,11 +1,12 @@
 """The `chatcluster` command: start a cluster, or act on a running one.
 
 `start` runs the supervisor in the foreground. The other subcommands find a
-running cluster through its pid file (in the runtime directory, which is
-derived from the same --config/--port/--runtime-dir/--pid-file as `start`)
-and act on it with signals; `status` reads the shared stats file and psutil.
-Every failure is one line on stderr naming the problem and the fix, and a
-non-zero exit.
+running cluster through the pid file in its runtime directory (derived from
+the same --config/--port/--runtime-dir as `start`; --pid-file points at the
+pid file directly) and act on it with signals, then watch the runtime
+directory to report what happened; `status` reads the shared stats file and
+psutil. Every failure is one line on stderr naming the problem and the fix,
+and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__
 from . import config as cfgmod
 from . import stats as S
 from .supervisor import (
+    MAX_WORKERS,
     StartupError,
     Supervisor,
     check_port_free,
@@ -30,6 +33,9 @@ from .supervisor import (
     running_pid,
     setup_logging,
 )
+
+RELOAD_WAIT = 10.0  # seconds `reload` waits for the supervisor's answer
+SCALE_WAIT = 30.0  # seconds `scale` waits for new workers to boot, on top of the retired ones' drain
 
 
 class CliError(Exception):
@@ -54,40 +60,51 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the processes of a running cluster")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     locating(status)
-    for name, text in (("stop", "stop a running cluster gracefully"),
-                       ("reload", "reload the config file of a running cluster"),
-                       ("upgrade", "replace every process with the installed code, keeping connections")):
-        locating(sub.add_parser(name, help=text))
+    stop = sub.add_parser("stop", help="stop a running cluster gracefully (TERM)")
+    stop.add_argument("--fast", action="store_true", help="stop fast (QUIT): at most 1 s to flush output")
+    locating(stop)
+    locating(sub.add_parser("reload", help="reload the config file of a running cluster (HUP)"))
+    locating(sub.add_parser("upgrade", help="replace every process with the installed code, keeping connections"))
     scale = sub.add_parser("scale", help="set the number of workers of a running cluster")
-    scale.add_argument("count", type=int, help="number of workers wanted (at least 1)")
+    scale.add_argument("count", type=int, help=f"number of workers wanted (1 to {MAX_WORKERS})")
     locating(scale)
     return parser
 
 
-def load_config(args: argparse.Namespace) -> cfgmod.Config:
-    overrides = cfgmod.overrides_from(args)
-    return cfgmod.load(getattr(args, "config", None), overrides)
+# -- start --------------------------------------------------------------------------------------
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
+    overrides = cfgmod.overrides_from(args)
+    cfg = cfgmod.load(args.config, overrides)
     setup_logging(cfg.log_level)
     runtime_dir = resolve_runtime_dir(cfg)
-    prepare_runtime_dir(runtime_dir)
-    pid_file = cfg.pid_file or os.path.join(runtime_dir, "chatcluster.pid")
-    other = running_pid(pid_file)
-    if other is not None and other != os.getpid():
-        raise StartupError(f"a cluster is already running with pid {other} (pid file {pid_file}); "
-                           f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
-    check_port_free(cfg.host, cfg.port)
-    overrides = {k: v for k, v in cfgmod.overrides_from(args).items() if v is not None}
-    sup = Supervisor(cfg=cfg, config_path=args.config, overrides=overrides, runtime_dir=runtime_dir,
-                     pid_file=pid_file)
+    created = prepare_runtime_dir(runtime_dir)
+    try:
+        pid_file = os.path.abspath(cfg.pid_file) if cfg.pid_file else os.path.join(runtime_dir, "chatcluster.pid")
+        if not os.path.isdir(os.path.dirname(pid_file)):
+            raise StartupError(f"cannot write the pid file {pid_file}: {os.path.dirname(pid_file)} does not "
+                               f"exist; create it or choose another path with --pid-file")
+        for path in dict.fromkeys((pid_file, os.path.join(runtime_dir, "chatcluster.pid"))):
+            other = running_pid(path)
+            if other is not None and other != os.getpid():
+                raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
+                                   f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
+        check_port_free(cfg.host, cfg.port)
+    except StartupError:
+        if created:
+            os.rmdir(runtime_dir)
+        raise
+    sup = Supervisor(cfg=cfg, config_path=args.config, runtime_dir=runtime_dir, pid_file=pid_file,
+                     overrides={k: v for k, v in overrides.items() if v is not None}, created_runtime_dir=created)
     return sup.run()
 
 
-def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, str, int]:
-    """(config, runtime dir, pid file, supervisor pid) of the running cluster, or a CliError."""
+# -- finding a running cluster ------------------------------------------------------------------
+
+
+def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
+    """(config, runtime dir, supervisor pid) of the running cluster, or a CliError saying how to find it."""
     overrides: dict[str, Any] = {"port": args.port, "runtime_dir": args.runtime_dir, "pid_file": args.pid_file}
     cfg = cfgmod.load(args.config, overrides)
     runtime_dir = resolve_runtime_dir(cfg)
@@ -95,123 +112,235 @@ def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, str, int]:
     pid = running_pid(pid_file)
     if pid is None:
         raise CliError(f"no chatcluster is running on port {cfg.port} (no live pid in {pid_file}); "
-                       f"start one with `chatcluster start`, or pass the --port/--runtime-dir/--pid-file "
+                       f"start one with `chatcluster start`, or pass the --config/--port/--runtime-dir "
                        f"it was started with")
-    return cfg, runtime_dir, pid_file, pid
+    return cfg, runtime_dir, pid
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
+def open_stats(runtime_dir: str, pid: int) -> S.StatsFile:
+    try:
+        return S.StatsFile(os.path.join(runtime_dir, "stats"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"chatcluster (pid {pid}) is running but its stats file cannot be read ({exc}); "
+                       f"pass the --runtime-dir it was started with, or run as its user") from None
+
+
+def send_signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise CliError(f"chatcluster (pid {pid}) exited before it could be sent {sig.name}") from None
+    except PermissionError:
+        raise CliError(f"not allowed to signal chatcluster (pid {pid}); run this as its user or as root") from None
+
+
+def wait_until(cond: Callable[[], Any], timeout: float) -> Any:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
+    while True:
+        value = cond()
+        if value or time.monotonic() >= deadline:
+            return value
         time.sleep(0.05)
-    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+# -- stop, reload, scale ------------------------------------------------------------------------
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    cfg, _, _, pid = locate(args)
-    os.kill(pid, signal.SIGTERM)
-    if wait_gone(pid, cfg.graceful_timeout + 10):
-        print(f"chatcluster (pid {pid}) stopped")
+    cfg, _, pid = locate(args)
+    began = time.monotonic()
+    send_signal(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
+    # The supervisor kills what is left at graceful_timeout; the rest is room for exiting.
+    grace = 1.0 if args.fast else cfg.graceful_timeout
+    if wait_until(lambda: not alive(pid), grace + 10):
+        print(f"chatcluster (pid {pid}) stopped {'fast' if args.fast else 'gracefully'} "
+              f"in {time.monotonic() - began:.1f} s")
         return 0
-    raise CliError(f"chatcluster (pid {pid}) is still running {cfg.graceful_timeout + 10:.0f} s after "
-                   f"SIGTERM; see its log, or stop it fast with `kill -QUIT {pid}`")
+    raise CliError(f"chatcluster (pid {pid}) is still running {grace + 10:.0f} s after "
+                   f"SIG{'QUIT' if args.fast else 'TERM'}; see its log, or kill it with `kill -KILL {pid}`")
+
+
+def read_reload_result(runtime_dir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(runtime_dir, "reload.json")) as fh:
+            result: dict[str, Any] = json.load(fh)
+            return result
+    except (OSError, ValueError):
+        return {"seq": 0}
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    _, _, _, pid = locate(args)
-    if args.config:
-        cfgmod.load(args.config)  # refuse a broken file here, where the user sees the error
-    os.kill(pid, signal.SIGHUP)
-    print(f"sent SIGHUP to chatcluster (pid {pid}); live settings apply now, see its log for what changed")
+    _, runtime_dir, pid = locate(args)
+    before = read_reload_result(runtime_dir).get("seq", 0)
+    send_signal(pid, signal.SIGHUP)
+
+    def answered() -> dict[str, Any] | None:
+        result = read_reload_result(runtime_dir)
+        return result if result.get("seq", 0) != before else None
+
+    result = wait_until(answered, RELOAD_WAIT)
+    if result is None:
+        raise CliError(f"sent SIGHUP to chatcluster (pid {pid}) but it did not report back within "
+                       f"{RELOAD_WAIT:.0f} s; see its log")
+    if not result["ok"]:
+        raise CliError(f"reload refused, the running configuration stays in force: {result['error']}")
+    source = result["config"] or "the command line (no --config file)"
+    applied = ", ".join(f"{k}={v!r}" for k, v in result["applied"].items()) or "no live setting changed"
+    print(f"chatcluster (pid {pid}) reloaded {source}: {applied}")
+    if result["restart"]:
+        changes = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in result["restart"].items())
+        print(f"changed but not applied, a restart is needed: {changes}")
     return 0
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise CliError(f"cannot scale to {args.count} workers; at least 1 is needed")
-    _, runtime_dir, _, pid = locate(args)
+    if not 1 <= args.count <= MAX_WORKERS:
+        raise CliError(f"cannot scale to {args.count} workers; choose between 1 and {MAX_WORKERS}")
+    cfg, runtime_dir, pid = locate(args)
+    stats = open_stats(runtime_dir, pid)
+    before = stats.header().target
     path = os.path.join(runtime_dir, "scale")
-    with open(path, "w") as fh:
+    with open(path + ".tmp", "w") as fh:
         fh.write(f"{args.count}\n")
-    os.kill(pid, signal.SIGUSR1)
-    stats = S.StatsFile(os.path.join(runtime_dir, "stats"))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ready = [v for v in stats.used() if v.state == S.READY]
-        if len(ready) == args.count and len(stats.used()) == args.count:
-            print(f"chatcluster (pid {pid}) now runs {args.count} workers")
-            return 0
-        time.sleep(0.1)
-    raise CliError(f"chatcluster (pid {pid}) did not reach {args.count} workers within 30 s; see its log")
+    os.replace(path + ".tmp", path)
+    send_signal(pid, signal.SIGUSR1)
+
+    def reached() -> bool:
+        used = stats.used()
+        return (stats.header().target == args.count and len(used) == args.count
+                and all(v.state == S.READY for v in used))
+
+    timeout = cfg.graceful_timeout + SCALE_WAIT
+    if wait_until(reached, timeout):
+        print(f"chatcluster (pid {pid}) now runs {args.count} workers (was {before})")
+        return 0
+    raise CliError(f"chatcluster (pid {pid}) did not reach {args.count} ready workers within {timeout:.0f} s; "
+                   f"see its log")
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     raise CliError("upgrade is not available in this version; restart the cluster to run new code")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+# -- status -------------------------------------------------------------------------------------
+
+
+def collect_status(runtime_dir: str, pid: int, sample: float = 0.3) -> dict[str, Any]:
+    """Every process of the cluster with its resources (psutil) and, for workers, its counters."""
     import psutil
 
-    _, runtime_dir, _, pid = locate(args)
-    stats = S.StatsFile(os.path.join(runtime_dir, "stats"))
-    sup = psutil.Process(pid)
-    procs: dict[int, psutil.Process] = {pid: sup}
-    for child in sup.children(recursive=True):
-        procs[child.pid] = child
-    for p in procs.values():
+    stats = open_stats(runtime_dir, pid)
+    header = stats.header()
+    try:
+        sup = psutil.Process(pid)
+        procs = [sup, *sup.children(recursive=True)]
+    except psutil.Error as exc:
+        raise CliError(f"cannot inspect chatcluster (pid {pid}): {exc}") from None
+    for p in procs:
         try:
-            p.cpu_percent(None)
+            p.cpu_percent(None)  # the first call starts the measurement
         except psutil.Error:
             pass
-    time.sleep(0.3)
-    now = time.time()
-    slots = {v.pid: v for v in stats.used()}
+    time.sleep(sample)
+    slots = {v.pid: v for v in stats.used() if v.pid}
+    now_wall, now_mono = time.time(), time.monotonic()
     rows: list[dict[str, Any]] = []
-    for p in procs.values():
+    for p in procs:
         try:
             with p.oneshot():
                 v = slots.get(p.pid)
-                role = "supervisor" if p.pid == pid else (f"worker {v.worker_no}" if v else "broker")
+                if p.pid == pid:
+                    role = "supervisor"
+                elif p.pid == header.broker_pid:
+                    role = "broker"
+                elif v is not None:
+                    role = f"worker {v.worker_no}"
+                else:
+                    role = "starting"  # forked a moment ago, not yet in the stats file
                 row: dict[str, Any] = {
-                    "role": role, "pid": p.pid, "uptime_s": round(now - p.create_time(), 1),
+                    "role": role, "pid": p.pid, "uptime_s": round(now_wall - p.create_time(), 1),
                     "cpu_percent": p.cpu_percent(None), "rss_bytes": p.memory_info().rss,
                 }
-                if v:
-                    row.update(state=S.STATE_NAMES.get(v.state, "?"), clients=v.clients,
-                               connections=len(p.net_connections(kind="tcp")),
-                               lines_in=v.lines_in, lines_out=v.lines_out, bytes_out=v.bytes_out,
-                               bus_gaps=v.gaps, dropped=v.dropped)
-                rows.append(row)
         except psutil.Error:
-            continue
-    rows.sort(key=lambda r: (r["role"] != "supervisor", r["role"] != "broker", r["pid"]))
-    if args.json:
-        print(json.dumps({"pid": pid, "runtime_dir": runtime_dir, "processes": rows}, indent=2))
-        return 0
-    cols = ("role", "pid", "state", "uptime_s", "cpu_percent", "rss_bytes", "clients", "connections",
-            "lines_in", "lines_out")
-    heads = ("ROLE", "PID", "STATE", "UPTIME", "CPU%", "RSS", "CLIENTS", "CONNS", "IN", "OUT")
-    table = [heads] + [tuple(_fmt(c, r.get(c, "")) for c in cols) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+            continue  # exited meanwhile
+        if v is not None:
+            row.update(worker=v.worker_no, generation=v.generation, state=S.STATE_NAMES.get(v.state, "?"),
+                       heartbeat_age_s=round(max(0.0, now_mono - v.heartbeat), 2), clients=v.clients,
+                       connections=v.connections, messages_in=v.lines_in, messages_out=v.lines_out,
+                       bytes_out=v.bytes_out, bus_gaps=v.gaps, dropped=v.dropped)
+        rows.append(row)
+    order = {"supervisor": 0, "broker": 1}
+    rows.sort(key=lambda r: (order.get(r["role"], 2), r.get("worker", 1 << 30), r["pid"]))
+    workers = [r for r in rows if "worker" in r]
+    stats.close()
+    return {
+        "pid": pid, "runtime_dir": runtime_dir, "generation": header.generation,
+        "workers_wanted": header.target, "workers": len(workers),
+        "clients": sum(r["clients"] for r in workers), "connections": sum(r["connections"] for r in workers),
+        "processes": rows,
+    }
+
+
+STATUS_COLUMNS = (
+    ("role", "ROLE"), ("pid", "PID"), ("state", "STATE"), ("uptime_s", "UPTIME"), ("cpu_percent", "CPU%"),
+    ("rss_bytes", "RSS"), ("clients", "CLIENTS"), ("connections", "CONNS"), ("messages_in", "MSG-IN"),
+    ("messages_out", "MSG-OUT"),
+)
+
+
+def render_status(status: dict[str, Any], port: int) -> str:
+    lines = [f"chatcluster on port {port}: supervisor pid {status['pid']}, {status['workers']} workers "
+             f"({status['workers_wanted']} wanted), {status['clients']} clients, runtime dir "
+             f"{status['runtime_dir']}"]
+    table = [tuple(head for _, head in STATUS_COLUMNS)]
+    table += [tuple(_fmt(key, r.get(key)) for key, _ in STATUS_COLUMNS) for r in status["processes"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
-    return 0
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
 
 
-def _fmt(col: str, value: Any) -> str:
-    if value == "":
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
         return "-"
-    if col == "rss_bytes":
+    if key == "rss_bytes":
         return f"{value / (1 << 20):.1f}M"
-    if col == "uptime_s":
-        return f"{value:.0f}s"
-    if col == "cpu_percent":
+    if key == "uptime_s":
+        return _duration(value)
+    if key == "cpu_percent":
         return f"{value:.1f}"
     return str(value)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg, runtime_dir, pid = locate(args)
+    status = collect_status(runtime_dir, pid)
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(render_status(status, cfg.port))
+    return 0
 
 
 COMMANDS = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "reload": cmd_reload,
@@ -228,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, cfgmod.ConfigError) else 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `chatcluster status | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ __all__ = [
     "notify",
     "watchdog_interval",
     "under_systemd",
+    "logs_to_journal",
     "ready",
     "reloading",
     "stopping",
@@ -110,6 +111,24 @@ def under_systemd(env: Mapping[str, str] | None = None) -> bool:
     """True when started by systemd (journald stdout, a unit invocation, or a notify socket)."""
     environ = os.environ if env is None else env
     return any(environ.get(key) for key in ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET"))
+
+
+def logs_to_journal(env: Mapping[str, str] | None = None, fd: int = 2) -> bool:
+    """True when `fd` (stderr) is the journal stream systemd connected, so lines need no timestamps.
+
+    systemd puts the device and inode of that stream in `$JOURNAL_STREAM` ("DEV:INODE");
+    comparing them with the descriptor (as sd_journal_stream_fd(3) suggests) tells a
+    stderr that still goes to journald from one a wrapper redirected to a file.
+    """
+    environ = os.environ if env is None else env
+    dev, sep, ino = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
 
 
 def claim_watchdog(env: MutableMapping[str, str] | None = None) -> None:

@@ -103,7 +103,9 @@ class Worker:
         self.last_emfile_log = 0.0
         self.stopping: float | None = None  # deadline of a graceful stop
         self.stop_signal = 0
+        self.draining_until: float | None = None  # first phase of a stop: let the bus catch up
         self.reload_pending = False
+        self.parent_pid = os.getppid()
         self.lines_in = 0
         self.lines_out = 0
         self.bytes_out = 0
@@ -149,8 +151,10 @@ class Worker:
             sock.bind((self.cfg.host, self.cfg.port))
         except OSError as exc:
             sock.close()
-            log.error("worker %d cannot listen on %s:%d: %s", self.worker_no, self.cfg.host,
-                      self.cfg.port, exc.strerror)
+            hint = ("; another program holds the port: stop it or choose another with --port"
+                    if exc.errno == errno.EADDRINUSE else "")
+            log.error("worker %d cannot listen on %s:%d: %s%s", self.worker_no, self.cfg.host,
+                      self.cfg.port, exc.strerror, hint)
             raise SystemExit(EXIT_BOOT_FAILED) from None
         sock.listen(self.cfg.backlog)
         sock.setblocking(False)
@@ -277,7 +281,7 @@ class Worker:
         self.dropped += 1
 
     def read(self, c: Client) -> None:
-        if c.closing or c.pending:
+        if c.closing or c.pending or self.draining_until is not None:
             return
         recv = c.sock.recv
         while True:
@@ -434,6 +438,15 @@ class Worker:
             self.ep.unregister(c.fd)
         except OSError:
             pass
+        if not c.eof:
+            # close() with unread input sends a reset, and a reset discards what is still on its
+            # way to the client (a shutdown notice, a goodbye): read the input away first.
+            for _ in range(16):
+                try:
+                    if not c.sock.recv(RECV_SIZE):
+                        break
+                except OSError:
+                    break
         c.sock.close()
         c.out = None
         self.by_conn.pop(c.conn, None)
@@ -479,6 +492,11 @@ class Worker:
             self.beat(S.STOPPING if self.stopping is not None else S.READY)
             if self.cfg.idle_timeout > 0:
                 self.reap_idle(now)
+            if self.stopping is None and os.getppid() != self.parent_pid:
+                # Killed outright, the supervisor cannot stop us: do it ourselves, or we would
+                # hold the port and keep serving without anyone watching.
+                log.error("worker %d: the supervisor (pid %d) is gone; stopping", self.worker_no, self.parent_pid)
+                self.stop_signal = signal.SIGTERM
         if self.core.syncing and now - self.last_hello > 1.0:
             self.bus.send_control([self.core.hello()])
             self.last_hello = now
@@ -489,6 +507,8 @@ class Worker:
         if self.reload_pending:
             self.reload_pending = False
             self.reload()
+        if self.draining_until is not None and (not self.bus.order.unacked or now >= self.draining_until):
+            self.say_goodbye()
 
     def reap_idle(self, now: float) -> None:
         limit = self.cfg.idle_timeout
@@ -504,7 +524,7 @@ class Worker:
         self.last_beat = time.monotonic()
         self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
                          self.last_beat, len(self.room), self.lines_in, self.lines_out, self.bytes_out,
-                         self.bus.gaps + self.core.undelivered, self.dropped)
+                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.clients))
 
     def reload(self) -> None:
         """Apply live settings written by the supervisor to RUNTIME_DIR/config.json."""
@@ -526,19 +546,37 @@ class Worker:
         log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
 
     def begin_stop(self, now: float) -> None:
+        """TERM: a graceful stop within graceful_timeout; QUIT: the same within a second.
+
+        First phase: stop accepting and reading, and wait until a marker published now comes
+        back from the bus. Every batch sequenced before it (lines other workers' clients sent
+        before the stop among them) is then queued for our clients. Second phase
+        (`say_goodbye`): they leave the room, get the notice after their pending output, and
+        are closed once it is all sent.
+        """
         signum, self.stop_signal = self.stop_signal, 0
-        if self.stopping is not None:
-            if signum == signal.SIGQUIT:
-                self.stopping = min(self.stopping, now + 1.0)
-            return
         grace = self.cfg.graceful_timeout if signum == signal.SIGTERM else 1.0
-        self.stopping = now + grace
+        # The supervisor kills what is left `grace` seconds after its signal: be done before it.
+        deadline = now + max(grace - 0.5, grace * 0.75)
+        if self.stopping is not None:
+            self.stopping = min(self.stopping, deadline)
+            if self.draining_until is not None:
+                self.draining_until = min(self.draining_until, now + (deadline - now) / 2)
+            return
+        self.stopping = deadline
         log.info("worker %d stopping (%s), %d clients, %.1f s to drain", self.worker_no,
-                 signal.Signals(signum).name, len(self.clients), grace)
+                 signal.Signals(signum).name, len(self.clients), deadline - now)
         if self.listener is not None:
             self.ep.unregister(self.listener.fileno())
             self.listener.close()
             self.listener = None
+        self.draining_until = now + min(1.0, (deadline - now) / 2)
+        self.outgoing.append((PING,))
+        self.publish()
+        self.beat(S.STOPPING)
+
+    def say_goodbye(self) -> None:
+        self.draining_until = None
         for c in list(self.clients.values()):
             self.room.pop(c.conn, None)
             self.apply(self.core.disconnect(c.conn, "server shutting down"))
@@ -548,7 +586,6 @@ class Worker:
         if self.outgoing:
             self.publish()
         self.flush_dirty()
-        self.beat(S.STOPPING)
 
     def finish(self) -> None:
         for c in list(self.clients.values()):
