@@ -144,13 +144,15 @@ def wait_until(cond: Callable[[], Any], timeout: float) -> Any:
 
 
 def alive(pid: int) -> bool:
+    """True while `pid` runs; an exited process its parent has not reaped yet (a zombie) is gone."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass
-    return True
+    except psutil.Error:
+        return True
 
 
 # -- stop, reload, scale ------------------------------------------------------------------------

@@ -255,7 +255,12 @@ class Worker:
                 self.queue(c, SHUTDOWN_LINE)
                 c.closing = True
                 continue
-            self.apply(self.core.connect(conn, c.ip, time.time()))
+            effects = self.core.connect(conn, c.ip, time.time())
+            if any(type(e) is C.Close for e in effects):
+                # Refused by a client limit (max_clients, max_clients_per_ip): log what it is told.
+                told = b"".join(e.data for e in effects if type(e) is C.Send).decode(errors="replace").strip()
+                log.info("worker %d: refusing %s (conn %d): %s", self.worker_no, c.ip, conn, told)
+            self.apply(effects)
 
     def shed_connection(self, exc: OSError) -> None:
         """Out of descriptors: refuse one waiting connection cleanly and keep serving."""
@@ -370,7 +375,7 @@ class Worker:
                         c.out.append(data)
                     c.outlen += n
                     count += 1
-                self.lines_out += count
+                self.lines_out += count * data.count(b"\n")  # a broadcast may carry a run of lines
             elif t is C.Publish:
                 self.outgoing.append(e.event)  # type: ignore[union-attr]
             elif t is C.Send:

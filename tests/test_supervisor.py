@@ -581,6 +581,15 @@ def test_log_lines_have_no_timestamps_when_stderr_is_the_journal(make_cluster: C
     assert not re.search(r"(?m)^\d", cluster.read_log())
 
 
+def test_a_client_refused_by_a_limit_is_logged(make_cluster: Callable[..., Cluster]) -> None:
+    cluster = make_cluster(1, extra=("--max-clients", "1"))
+    cluster.client()
+    refused = cluster.client(welcome=False)
+    refused.wait_line(r"\*\*\* Error: server full")
+    refused.wait_closed()
+    wait_log(cluster, r"worker 1\[\d+\] INFO worker 1: refusing 127.0.0.1 \(conn 2\): \*\*\* Error: server full")
+
+
 def test_cpu_affinity_pins_each_worker_to_one_cpu(make_cluster: Callable[..., Cluster]) -> None:
     allowed = sorted(psutil.Process().cpu_affinity() or [])
     cluster = make_cluster(2, extra=("--cpu-affinity",))
