@@ -263,3 +263,33 @@ def test_under_systemd_when_any_marker_is_set(key: str, value: str) -> None:
 
 def test_not_under_systemd_without_markers() -> None:
     assert sdnotify.under_systemd({"PATH": "/usr/bin", "TERM": "xterm"}) is False
+
+
+# --- logs_to_journal() ------------------------------------------------------
+
+
+def test_logs_to_journal_when_journal_stream_names_the_descriptor(tmp_path: Path) -> None:
+    with open(tmp_path / "stream", "w") as fh:
+        st = os.fstat(fh.fileno())
+        assert sdnotify.logs_to_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, fd=fh.fileno()) is True
+
+
+def test_not_logging_to_journal_when_stderr_was_redirected_elsewhere(tmp_path: Path) -> None:
+    # A wrapper sent stderr to a file but kept systemd's variable: timestamps stay.
+    with open(tmp_path / "journal", "w") as journal, open(tmp_path / "file", "w") as other:
+        st = os.fstat(journal.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        assert sdnotify.logs_to_journal(env, fd=other.fileno()) is False
+
+
+@pytest.mark.parametrize("value", ["", "8", "a:b", "8:"])
+def test_not_logging_to_journal_without_a_usable_journal_stream(value: str) -> None:
+    assert sdnotify.logs_to_journal({"JOURNAL_STREAM": value}, fd=2) is False
+
+
+def test_not_logging_to_journal_when_the_descriptor_is_closed() -> None:
+    r, w = os.pipe()
+    st = os.fstat(w)
+    os.close(r)
+    os.close(w)
+    assert sdnotify.logs_to_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, fd=w) is False
