@@ -286,7 +286,7 @@ def collect_status(runtime_dir: str, pid: int, sample: float = 0.3) -> dict[str,
     workers = [r for r in rows if "worker" in r]
     stats.close()
     return {
-        "pid": pid, "runtime_dir": runtime_dir, "generation": header.generation,
+        "pid": pid, "port": header.port, "runtime_dir": runtime_dir, "generation": header.generation,
         "workers_wanted": header.target, "workers": len(workers),
         "clients": sum(r["clients"] for r in workers), "connections": sum(r["connections"] for r in workers),
         "processes": rows,
@@ -300,8 +300,8 @@ STATUS_COLUMNS = (
 )
 
 
-def render_status(status: dict[str, Any], port: int) -> str:
-    lines = [f"chatcluster on port {port}: supervisor pid {status['pid']}, {status['workers']} workers "
+def render_status(status: dict[str, Any]) -> str:
+    lines = [f"chatcluster on port {status['port']}: supervisor pid {status['pid']}, {status['workers']} workers "
              f"({status['workers_wanted']} wanted), {status['clients']} clients, runtime dir "
              f"{status['runtime_dir']}"]
     table = [tuple(head for _, head in STATUS_COLUMNS)]
@@ -336,12 +336,12 @@ def _duration(seconds: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg, runtime_dir, pid = locate(args)
+    _, runtime_dir, pid = locate(args)
     status = collect_status(runtime_dir, pid)
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        print(render_status(status, cfg.port))
+        print(render_status(status))
     return 0
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 # Twice the most workers config allows: a generation being replaced and the new one coexist.
 SLOTS = 2048
 MAGIC = b"CCSTATS2"
-# supervisor pid, broker pid, generation, wanted workers
-HEADER = struct.Struct("=iiii")
+# supervisor pid, broker pid, generation, wanted workers, port
+HEADER = struct.Struct("=iiiii")
 # pid, state, worker number, generation, started (unix), heartbeat (monotonic),
 # clients in the room, lines in, lines delivered, bytes out, bus gaps, clients dropped by a limit,
 # open client connections (including ones not yet welcomed and ones being closed)
@@ -58,6 +58,7 @@ class HeaderView:
     broker_pid: int
     generation: int
     target: int
+    port: int
 
 
 class StatsFile:
@@ -80,8 +81,8 @@ class StatsFile:
             self.mem.close()
             raise ValueError(f"{path} is not a chatcluster stats file of this version")
 
-    def write_header(self, supervisor_pid: int, broker_pid: int, generation: int, target: int) -> None:
-        HEADER.pack_into(self.mem, len(MAGIC), supervisor_pid, broker_pid, generation, target)
+    def write_header(self, supervisor_pid: int, broker_pid: int, generation: int, target: int, port: int) -> None:
+        HEADER.pack_into(self.mem, len(MAGIC), supervisor_pid, broker_pid, generation, target, port)
 
     def header(self) -> HeaderView:
         return HeaderView(*HEADER.unpack_from(self.mem, len(MAGIC)))

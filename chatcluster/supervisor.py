@@ -168,7 +168,7 @@ class Supervisor:
         os.replace(path + ".tmp", path)
 
     def write_header(self) -> None:
-        self.stats.write_header(os.getpid(), self.broker_pid, self.generation, self.target)
+        self.stats.write_header(os.getpid(), self.broker_pid, self.generation, self.target, self.cfg.port)
 
     # -- process creation ---------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ def test_status_json_lists_every_process_with_its_figures(make_cluster: Callable
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
     assert status["pid"] == cluster.pid
+    assert status["port"] == cluster.port
     assert status["runtime_dir"] == cluster.runtime_dir
     assert status["workers"] == status["workers_wanted"] == 2
     assert status["generation"] == 1
