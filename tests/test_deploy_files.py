@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from chatcluster import cli, config, supervisor
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "chatcluster.service"
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -20,7 +22,7 @@ DEPLOY_DOC = REPO / "docs" / "deploy.md"
 
 SHIPPED_EXEC_START = "/usr/local/bin/chatcluster start --config /etc/chatcluster/chatcluster.toml"
 # Default graceful_timeout in seconds; the unit's TimeoutStopSec must leave room beyond it.
-GRACEFUL_TIMEOUT = 10
+GRACEFUL_TIMEOUT = config.BY_NAME["graceful_timeout"].default
 # `systemd-analyze security` rates 0.0-10.0; up to 3.0 is "OK" (lower is better).
 MAX_EXPOSURE = 3.0
 
@@ -271,3 +273,51 @@ def test_sysctl_key_exists_in_this_kernel(key: str) -> None:
 
 def test_deploy_doc_keeps_the_upgrade_section() -> None:
     assert "\n## Upgrading without dropping connections\n" in DEPLOY_DOC.read_text()
+
+
+def doc_commands() -> list[list[str]]:
+    """Every `chatcluster SUBCOMMAND ...` invocation shown in docs/deploy.md, as argv after the program."""
+    found: dict[str, list[str]] = {}
+    pattern = r"chatcluster ((?:start|status|stop|reload|scale|upgrade)\b[^`\n|#]*)"
+    for m in re.finditer(pattern, DEPLOY_DOC.read_text()):
+        words = [w if w != "N" else "2" for w in m.group(1).replace("[", "").replace("]", "").split()]
+        found[" ".join(words)] = words
+    return list(found.values())
+
+
+@pytest.mark.parametrize("argv", doc_commands(), ids=" ".join)
+def test_every_command_in_the_deploy_doc_parses(argv: list[str]) -> None:
+    cli.build_parser().parse_args(argv)
+
+
+def test_the_units_exec_start_parses() -> None:
+    argv = SHIPPED_EXEC_START.split()[1:]
+    args = cli.build_parser().parse_args(argv)
+    assert args.command == "start" and args.config == "/etc/chatcluster/chatcluster.toml"
+
+
+def test_every_signal_in_the_deploy_doc_is_handled_by_the_supervisor() -> None:
+    table = [line for line in DEPLOY_DOC.read_text().splitlines() if line.startswith("| ")]
+    signals = set(re.findall(r"`([A-Z0-9]+)`", " ".join(line.rsplit("|", 2)[-2] for line in table)))
+    assert signals == {"HUP", "TERM", "INT", "QUIT", "TTIN", "TTOU", "USR1", "USR2"}
+    assert signals <= set(supervisor.HANDLED)
+
+
+def test_the_deploy_docs_status_example_has_the_columns_status_prints() -> None:
+    heads = " ".join(head for _, head in cli.STATUS_COLUMNS)
+    assert re.search(r"^" + r"\s+".join(heads.split()) + "$", DEPLOY_DOC.read_text(), re.M)
+
+
+def test_docker_image_points_the_commands_at_the_runtime_directory_it_creates() -> None:
+    instructions = dockerfile_instructions()
+    env = " ".join(args for word, args in instructions if word == "ENV")
+    (runtime_dir,) = re.findall(r"RUNTIME_DIRECTORY=(\S+)", env)
+    runs = " ".join(args for word, args in instructions if word == "RUN")
+    assert re.search(rf"install -d -m 0700 -o chatcluster -g chatcluster {re.escape(runtime_dir)}\b", runs)
+    cfg = config.load(None)
+    assert supervisor.resolve_runtime_dir(cfg, {"RUNTIME_DIRECTORY": runtime_dir}) == runtime_dir
+
+
+def test_the_units_runtime_directory_is_the_one_the_docs_name(unit: dict[str, list[str]]) -> None:
+    (name,) = unit["Service.RuntimeDirectory"]
+    assert f"--runtime-dir /run/{name}" in DEPLOY_DOC.read_text()
