@@ -21,10 +21,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
@@ -62,6 +63,62 @@ def exit_cleanly_on_sigterm() -> None:
 
 
 # --------------------------------------------------------------------------- servers
+
+
+class CappedLog:
+    """Copies a server's output to a file, keeping the first LOG_CAP bytes and the last TAIL.
+
+    A server that logs on every failed accept (the asyncio baseline does, once
+    it runs out of file descriptors) would otherwise write hundreds of
+    megabytes during a capacity run. A thread reads the pipe to its end, so the
+    server never blocks on its own logging.
+    """
+
+    LOG_CAP = 1 << 20
+    TAIL = 64 << 10
+
+    def __init__(self, pipe: IO[bytes], path: Path) -> None:
+        self.pipe = pipe
+        self.path = path
+        self.written = 0
+        self.dropped = 0
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by the reader thread at end of output
+        self._thread = threading.Thread(target=self._copy, name=f"log {path.name}", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            while chunk := self.pipe.read1(65536):
+                with self._lock:
+                    self._tail += chunk
+                    del self._tail[: -self.TAIL]
+                    if self.written < self.LOG_CAP:
+                        self._file.write(chunk)
+                        self._file.flush()
+                        self.written += len(chunk)
+                    else:
+                        self.dropped += len(chunk)
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self._lock:
+                if self.dropped:
+                    self._file.write(
+                        b"\n[... %d bytes of output left out; its last %d bytes follow ...]\n"
+                        % (self.dropped, len(self._tail))
+                    )
+                    self._file.write(bytes(self._tail))
+                self._file.close()
+
+    def tail(self) -> bytes:
+        with self._lock:
+            return bytes(self._tail)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._thread.join(timeout)
+
 
 _running: list[Server] = []
 
@@ -104,6 +161,9 @@ class Server:
         self.log_path = RESULTS_DIR / f"{log_name}-{kind}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._known: dict[int, psutil.Process] = {}
+        self._worker_pids: set[int] = set()
+        self._pids_seen: set[int] = set()
+        self._log: CappedLog | None = None
 
     # ---- life cycle
 
@@ -139,16 +199,20 @@ class Server:
     def start(self, ready_timeout: float = 30.0) -> Server:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self.proc = subprocess.Popen(
-                self.command(), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        finally:
-            log.close()
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert self.proc.stdout is not None
+        self._log = CappedLog(self.proc.stdout, self.log_path)
         _running.append(self)
         try:
             self._wait_ready(ready_timeout)
+            self._wait_for_workers(ready_timeout)
         except BaseException:
             self.stop()
             raise
@@ -176,6 +240,26 @@ class Server:
             f"({last_error}); its output ({self.log_path}):\n{self.log_tail()}"
         )
 
+    def _wait_for_workers(self, timeout: float) -> None:
+        """Wait until every chatcluster worker listens: one welcome proves only the first one."""
+        if self.kind != "chatcluster" or self.workers <= 0:
+            self.workers_of(self.processes())
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            self._worker_pids = set()  # look again
+            found = len(self.workers_of(self.processes()))
+            if found >= self.workers and self._worker_pids:
+                return
+            if time.monotonic() >= deadline:
+                print(
+                    f"warning: only {found} of {self.workers} chatcluster workers listen on port {self.port} "
+                    f"after {timeout:.0f} s; memory per worker will be read from those",
+                    file=sys.stderr,
+                )
+                return
+            time.sleep(0.1)
+
     def _got_welcome(self, timeout: float) -> bool:
         with socket.create_connection((self.host, self.port), timeout=timeout) as s:
             data = b""
@@ -187,10 +271,7 @@ class Server:
             return data.startswith(WELCOME_PREFIX)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
+        text = self._log.tail().decode(errors="replace") if self._log else ""
         return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
     def alive(self) -> bool:
@@ -223,6 +304,8 @@ class Server:
                 child.kill()
             except psutil.Error:
                 pass
+        if self._log:
+            self._log.close()
         return proc.returncode
 
     # ---- measurements
@@ -245,25 +328,34 @@ class Server:
     def workers_of(self, procs: Iterable[psutil.Process]) -> list[psutil.Process]:
         """The processes that hold client connections.
 
-        The baseline is one process. For chatcluster they are the processes
-        whose command line or name says "worker"; when none does, every
-        descendant that is not named broker or supervisor.
+        The baseline is one process. chatcluster's workers are the processes
+        with a listening socket on the server's port (each worker listens on
+        its own SO_REUSEPORT socket; the supervisor and the broker do not).
+        They are looked up once, while the server has few sockets, and again
+        only if one of them has gone (a respawned worker).
         """
         procs = list(procs)
         if self.kind == "baseline" or not procs:
             return procs[:1]
-        root_pid = self.proc.pid if self.proc else -1
-        named, others = [], []
-        for p in procs:
-            try:
-                text = (" ".join(p.cmdline()) + " " + p.name()).lower()
-            except psutil.Error:
-                continue
-            if "worker" in text:
-                named.append(p)
-            elif p.pid != root_pid and "broker" not in text and "supervisor" not in text:
-                others.append(p)
-        return named or others
+        alive = {p.pid for p in procs}
+        if not self._worker_pids or not self._worker_pids <= alive or alive != self._pids_seen:
+            # First call, a worker has gone, or a process has appeared (a respawn).
+            self._pids_seen = alive
+            self._worker_pids = set()
+            for p in procs:
+                try:
+                    listening = any(
+                        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                        for c in p.net_connections(kind="tcp")
+                    )
+                except psutil.Error:
+                    continue
+                if listening:
+                    self._worker_pids.add(p.pid)
+        if not self._worker_pids:  # cannot tell: everything but the started process
+            root_pid = self.proc.pid if self.proc else -1
+            return [p for p in procs if p.pid != root_pid]
+        return [p for p in procs if p.pid in self._worker_pids]
 
     def cpu_seconds(self) -> dict[int, float]:
         """User + system CPU seconds so far, by PID."""
@@ -290,6 +382,21 @@ class Server:
             if p.pid in worker_pids:
                 workers += rss
         return {"rss": total, "worker_rss": workers, "processes": len(procs), "workers": len(worker_pids)}
+
+    def cpu_by_role(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
+        """CPU seconds between two readings, split into the started process, the workers and the rest."""
+        root = self.proc.pid if self.proc else -1
+        workers = {p.pid for p in self.workers_of(self.processes())}
+        split = {"main": 0.0, "workers": 0.0, "others": 0.0}
+        for pid, t in after.items():
+            used = t - before.get(pid, 0.0)
+            if pid == root:
+                split["main" if self.kind == "chatcluster" else "workers"] += used
+            elif pid in workers:
+                split["workers"] += used
+            else:
+                split["others"] += used
+        return split
 
 
 def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
@@ -379,10 +486,22 @@ def print_table(title: str, rows: Sequence[tuple[str, Sequence[Any]]], header: S
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     print()
     print(title)
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(cells[0], widths))))
+    print(
+        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(cells[0], widths, strict=True)))
+    )
     print("  ".join("-" * w for w in widths))
     for row in cells[1:]:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+
+
+def results_name(benchmark: str, server: str, quick: bool, default_server: str = "chatcluster") -> str:
+    """The default results name: `latency`, `latency-baseline`, `latency-quick`, ...
+
+    Smoke runs and other servers get their own files, so that they never
+    overwrite the figures of a full run.
+    """
+    name = benchmark if server == default_server else f"{benchmark}-{server}"
+    return f"{name}-quick" if quick else name
 
 
 def write_json(name: str, data: dict[str, Any]) -> Path:
@@ -405,8 +524,32 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
+def machine_busy(seconds: float = 1.0) -> float:
+    """Percent of all CPUs in use during `seconds` (before a benchmark: by other programs)."""
+    return psutil.cpu_percent(interval=seconds)
+
+
+def warn_if_busy(threshold: float = 20.0) -> float:
+    """Print a warning when the machine is already busy; return the percent measured.
+
+    The benchmarks share two cores between the server and the load generator;
+    anything else running (a test suite, another benchmark) shows up in the
+    figures, in latency most of all.
+    """
+    busy = machine_busy()
+    if busy > threshold:
+        print(
+            f"warning: the machine is {busy:.0f}% busy before the benchmark starts; other programs "
+            "take CPU from the server and the load generator, so the figures will be noisy",
+            file=sys.stderr,
+            flush=True,
+        )
+    return busy
+
+
 def machine_info() -> dict[str, Any]:
     return {
+        "load_average": list(os.getloadavg()),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -21,7 +21,8 @@ memory per idle connection = (worker RSS after - worker RSS before) / connection
     python benchmarks/capacity.py --server baseline --clients 15000
 
 Targets: 100,000 held, all of them get the line, <= 1 KiB of worker memory per
-idle connection. Writes benchmarks/results/capacity.json.
+idle connection. Writes benchmarks/results/capacity.json (capacity-quick.json,
+capacity-baseline.json for --quick, --server baseline).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each memory reading")
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds allowed to connect (0 = from the rate)")
     parser.add_argument("--quick", action="store_true", help="smoke run (2,000 clients unless --clients is given)")
-    parser.add_argument("--json", default="capacity", help="results file name")
+    parser.add_argument("--json", default=None, help="results file name (default: capacity[-SERVER][-quick])")
     args = parser.parse_args(argv)
+    args.json = args.json or _common.results_name("capacity", args.server, args.quick)
     if args.clients is None:
         args.clients = 2000 if args.quick else TARGET_CLIENTS
     if args.quick:
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _common.exit_cleanly_on_sigterm()
     _common.raise_open_file_limit()
+    busy_before = _common.warn_if_busy()
     connect_timeout = args.timeout or (60.0 + 3 * args.clients / args.connect_rate)
     server = Server(args.server, workers=args.workers, log_name="capacity").start()
     try:
@@ -157,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "capacity",
             "args": vars(args),
             "machine": _common.machine_info(),
+            "machine_busy_pct_before": busy_before,
             "summary": summary,
             "load": out,
             "targets": {"clients": TARGET_CLIENTS, "bytes_per_connection": TARGET_BYTES_PER_CONNECTION},

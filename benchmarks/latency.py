@@ -6,8 +6,10 @@ write RATE lines per second in total, evenly spread (sender j starts j/RATE s
 after the others, so the merged stream is regular), for `--duration` seconds.
 Every line carries its send time; about 100 listeners, spread evenly over the
 room, read as soon as data arrives and measure the delay of every line they get.
-The other listeners drain their sockets four times a second (which the server
-cannot tell from reading at once) so that the load generator stays cheap.
+The other listeners read their sockets about four times a second, spread evenly
+over that time (the server cannot tell this from reading at once: its writes
+land in the kernel's socket buffers either way), so that the load generator
+stays cheap and leaves the CPU to the server.
 
 Default settings and targets:
     1,000 clients, 10 senders, 200 lines/s in total   p99 <= 20 ms
@@ -19,7 +21,8 @@ Default settings and targets:
     python benchmarks/latency.py --settings 1000:10:200:20,5000:20:50
 
 Writes benchmarks/results/latency.json and, when matplotlib is installed,
-benchmarks/results/latency_p99.png (p99 and p50 against connected clients).
+benchmarks/results/latency_p99.png (p99 and p50 against connected clients);
+with --quick or --server baseline the names get -quick or -baseline.
 """
 
 from __future__ import annotations
@@ -67,17 +70,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of traffic per setting")
     parser.add_argument("--line-bytes", type=int, default=60)
     parser.add_argument("--hot-receivers", type=int, default=100, help="listeners that measure latency")
+    parser.add_argument(
+        "--cold-interval", type=float, default=0.25, help="seconds between reads of the other listeners"
+    )
     parser.add_argument("--processes", type=int, default=0, help="client processes (0 = 2, or more if needed)")
     parser.add_argument("--connect-rate", type=float, default=3000.0, help="new connections per second")
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds allowed per setting (0 = duration + 60)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    parser.add_argument("--json", default="latency", help="results file name")
-    parser.add_argument("--plot", default=str(_common.RESULTS_DIR / "latency_p99.png"))
+    parser.add_argument("--json", default=None, help="results file name (default: latency[-SERVER][-quick])")
+    parser.add_argument("--plot", default=None, help="PNG to write (default: results/latency_p99[-SERVER][-quick].png)")
     args = parser.parse_args(argv)
+    args.json = args.json or _common.results_name("latency", args.server, args.quick)
+    if args.plot is None:
+        suffix = args.json[len("latency") :] if args.json.startswith("latency") else "-" + args.json
+        args.plot = str(_common.RESULTS_DIR / f"latency_p99{suffix}.png")
     try:
-        args.setting_list = [Setting.parse(s) for s in args.settings.split(",") if s] or (
-            QUICK if args.quick else FULL
-        )
+        args.setting_list = [Setting.parse(s) for s in args.settings.split(",") if s] or (QUICK if args.quick else FULL)
     except ValueError as exc:
         parser.error(str(exc))
     if args.quick:
@@ -103,6 +111,7 @@ def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
             total_rate=setting.rate,
             sample_every=1,
             hot_receivers=args.hot_receivers,
+            cold_interval=args.cold_interval,
             connect_rate=args.connect_rate,
             deadline_s=connect_timeout + timeout + 60,
         )
@@ -143,7 +152,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.plot(xs, [p[1] for p in points], "o-", label="p99")
     ax.plot(xs, [p[2] for p in points], "s--", label="p50")
     for x, p99, _p50, s in points:
-        ax.annotate(f"{p99:.1f} ms\n({s['rate']:g} lines/s)", (x, p99), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.annotate(
+            f"{p99:.1f} ms\n({s['rate']:g} lines/s)", (x, p99), textcoords="offset points", xytext=(6, 6), fontsize=8
+        )
         if not math.isnan(s["target_p99_ms"]):
             ax.plot([x], [s["target_p99_ms"]], "r_", markersize=18)
     ax.set_xscale("log")
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _common.exit_cleanly_on_sigterm()
     _common.raise_open_file_limit()
+    busy_before = _common.warn_if_busy()
     results = []
     failures = []
     for setting in args.setting_list:
@@ -179,24 +191,57 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             (
                 f"{s['clients']:,} clients",
-                [s["senders"], s["rate"], r["expected"], r["lost"], lat["samples"], lat["p50_ms"], lat["p99_ms"],
-                 lat["max_ms"], s["target_p99_ms"], r["target_met"], r["server_cpu_pct"], r["server_cpu_us_per_line"],
-                 r["server_peak_rss"] / 2**20],
+                [
+                    s["senders"],
+                    s["rate"],
+                    r["expected"],
+                    r["lost"],
+                    lat["samples"],
+                    lat["p50_ms"],
+                    lat["p99_ms"],
+                    lat["max_ms"],
+                    s["target_p99_ms"],
+                    r["target_met"],
+                    r["server_cpu_pct"],
+                    f"{r['server_cpu_us_per_line']:.2f}",
+                    r["server_peak_rss"] / 2**20,
+                    r["loadgen_cpu_pct"],
+                ],
             )
         )
     print_table(
         f"Latency ({args.server}, {args.duration:g} s of traffic per setting)",
         rows,
-        ["setting", "senders", "lines/s", "expected", "lost", "samples", "p50 ms", "p99 ms", "max ms",
-         "target", "met", "cpu %", "cpu us/line", "rss MiB"],
+        [
+            "setting",
+            "senders",
+            "lines/s",
+            "expected",
+            "lost",
+            "samples",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "target",
+            "met",
+            "cpu %",
+            "cpu us/line",
+            "rss MiB",
+            "load cpu %",
+        ],
     )
     for r in results:
         if r["connect_failed"] or r["closed_by_server"]:
-            print(f"{r['setting']['clients']:,} clients: {r['connect_failed']} failed connects "
-                  f"{r['connect_errors']}, {r['closed_by_server']} closed by the server")
+            print(
+                f"{r['setting']['clients']:,} clients: {r['connect_failed']} failed connects "
+                f"{r['connect_errors']}, {r['closed_by_server']} closed by the server"
+            )
     plotted = bool(results) and plot(
-        results, Path(args.plot), f"{args.server}: p99 delivery latency vs connected clients ({args.workers} workers)"
-        if args.server == "chatcluster" else "asyncio baseline: p99 delivery latency vs connected clients",
+        results,
+        Path(args.plot),
+        f"{args.server}: p99 delivery latency vs connected clients ({args.workers} workers)"
+        if args.server == "chatcluster"
+        else "asyncio baseline: p99 delivery latency vs connected clients",
     )
     path = _common.write_json(
         args.json,
@@ -204,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "latency",
             "args": {k: v for k, v in vars(args).items() if k != "setting_list"},
             "machine": _common.machine_info(),
+            "machine_busy_pct_before": busy_before,
             "results": results,
             "failures": failures,
             "plot": args.plot if plotted else None,

@@ -21,11 +21,14 @@ Why the counting is cheap enough not to be the bottleneck:
   sampled depends on nothing but the sequence number, so the sample is not
   biased toward fast or slow deliveries. Receivers find stamps with
   `bytes.find`, so the Python cost is per sampled line, not per line.
-* Only "hot" receivers (every `hot_every`-th, by global index) read as soon as
-  data arrives and measure latency. The others are "cold": they sit in a second
-  epoll set that is drained every `cold_interval` seconds, which coalesces many
-  small deliveries into one read. The server cannot tell the difference: its
-  writes land in the kernel's socket buffers either way.
+* Only "hot" receivers (every `hot_every`-th, by global index) measure latency.
+  The others only count; with a `cold_interval` they are also "cold": they sit
+  in a second epoll set that is drained every `cold_interval` seconds, which
+  coalesces many small deliveries into one read. The server cannot tell the
+  difference as long as its writes land in socket buffers far from full: at a
+  paced rate once a second is fine, a blast needs a few milliseconds (fanout
+  uses 2 ms; reading at once would cost a Python call per line against a
+  server that sends each line on its own, and take CPU from that server).
 
 The number of lines that should arrive is computed, never observed: every held
 receiver should get every line of every held sender, every sender every line but
@@ -55,9 +58,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 import _common
+import psutil
 from _common import Server, ServerMonitor, cpu_used, latency_summary
 
 MARK = b"#"
@@ -74,9 +76,13 @@ MAX_SOCKETS_PER_PROCESS = 19_000
 CONNECTIONS_PER_SOURCE = 16_000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _PAD = b"x" * 4096
+COLD_SLICE = 256
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
-CONNECTING, WELCOMING, HOT, COLD, SENDER = range(5)
+# What a connection is. HOT: a receiver that reads at once and measures latency;
+# QUIET: reads at once, only counts; COLD: in the second epoll set, drained every
+# cold_interval seconds, only counts.
+CONNECTING, WELCOMING, HOT, QUIET, COLD, SENDER = range(6)
 
 
 def source_addresses(count: int) -> tuple[str, ...]:
@@ -112,7 +118,7 @@ class ClientPlan:
     max_inflight: int  # connections started but not yet welcomed
     welcome_timeout: float
     max_failures: int  # stop opening connections after this many failed
-    cold_interval: float
+    cold_interval: float  # 0: the other receivers read at once too (but do not measure)
     hard_deadline: float  # time.monotonic() at which the process gives up and reports
 
     @property
@@ -225,6 +231,7 @@ class ClientProcess:
         self.partial: dict[int, bytes] = {}  # welcome buffers, then tails of hot receivers
         self.started: dict[int, float] = {}  # connect start of those not yet welcomed
         self.senders: dict[int, _Sender] = {}
+        self.n_cold = 0
         self.width = plan.line_bytes - 1
         # connecting
         self.next_conn = 0
@@ -240,6 +247,8 @@ class ClientProcess:
         self.errors: Counter[str] = Counter()
         self.bad_welcome = 0
         self.ready_sent = False
+        self.last_welcome_t = time.monotonic()
+        self.stalled = False
         # running
         self.go = False
         self.expected = 0
@@ -252,7 +261,7 @@ class ClientProcess:
         self.latencies = array("q")
         self.stopping = False
         self._next_progress = 0.0
-        self._last_progress: tuple[int, int] = (-1, -1)
+        self._last_progress: tuple[int, int, int] = (-1, -1, -1)
 
     # ---- main loop
 
@@ -281,6 +290,8 @@ class ClientProcess:
                     k = self.kind.get(fd)
                     if k == HOT:
                         self._receive(fd, True)
+                    elif k == QUIET:
+                        self._receive(fd, False)
                     elif k == SENDER:
                         if ev & ~EPOLLOUT:
                             self._receive(fd, False)
@@ -295,8 +306,12 @@ class ClientProcess:
                 if self.go and plan.rate_per_sender:
                     self._pace()
                 if time.monotonic() >= next_cold:
-                    self._drain_cold()
-                    next_cold = time.monotonic() + plan.cold_interval
+                    self._drain_cold_slice()
+                    # Slices are spread over the interval so that every cold socket
+                    # is read about once per interval and the work is smooth: a
+                    # burst of reads every interval would take the CPU from the
+                    # server all at once and show up as its latency.
+                    next_cold = time.monotonic() + plan.cold_interval * min(1.0, COLD_SLICE / max(1, self.n_cold))
         finally:
             self._report_result()
             for s in self.socks.values():
@@ -306,8 +321,14 @@ class ClientProcess:
         for fd, t in list(self.started.items()):
             if now - t > self.plan.welcome_timeout:
                 self._fail(fd, f"no welcome within {self.plan.welcome_timeout:.0f} s")
-        if not self.ready_sent and self.inflight == 0 and (
-            self.stop_opening or self.next_conn >= self.plan.connections
+        if not self.stop_opening and self.inflight and now - self.last_welcome_t > self.plan.welcome_timeout:
+            # Nobody has been welcomed for a whole welcome timeout: the server
+            # takes no more connections (it is full, or hung). Stop opening.
+            self.stop_opening = self.stalled = True
+        if (
+            not self.ready_sent
+            and self.inflight == 0
+            and (self.stop_opening or self.next_conn >= self.plan.connections)
         ):
             self.ready_sent = True
             self._send(
@@ -318,16 +339,17 @@ class ClientProcess:
                     "failed": self.failed,
                     "errors": dict(self.errors),
                     "bad_welcome": self.bad_welcome,
+                    "stalled": self.stalled,
                     "first_connect_ns": self.first_connect_ns,
                     "last_welcome_ns": self.last_welcome_ns,
                 },
             )
         if now >= self._next_progress:
             self._next_progress = now + 1.0
-            state = (self.held_receivers + self.held_senders, self.received)
+            state = (self.held_receivers + self.held_senders, self.received, self.failed)
             if state != self._last_progress:
                 self._last_progress = state
-                self._send("progress", {"held": state[0], "received": state[1], "failed": self.failed})
+                self._send("progress", {"held": state[0], "received": state[1], "failed": state[2]})
 
     def _send(self, what: str, data: dict[str, Any]) -> None:
         try:
@@ -341,6 +363,8 @@ class ClientProcess:
                 what, data = self.ctl.recv()
                 if what == "go":
                     self._start(data)
+                elif what == "enough":
+                    self._give_up_connecting()
                 elif what == "stop":
                     self.stopping = True
         except (EOFError, OSError):
@@ -351,7 +375,9 @@ class ClientProcess:
     def _open_more(self, now: float) -> None:
         plan = self.plan
         if plan.connect_rate:
-            self.tokens = min(max(1.0, plan.connect_rate * 0.02), self.tokens + (now - self.last_refill) * plan.connect_rate)
+            self.tokens = min(
+                max(1.0, plan.connect_rate * 0.02), self.tokens + (now - self.last_refill) * plan.connect_rate
+            )
             self.last_refill = now
         while (
             not self.stop_opening
@@ -389,6 +415,13 @@ class ClientProcess:
             self.inflight += 1
             self.hot.register(fd, EPOLLOUT)
 
+    def _give_up_connecting(self) -> None:
+        """The parent's connect phase is over: count what is still pending as failed, report ready."""
+        self.stop_opening = True
+        for fd in list(self.started):
+            self._fail(fd, "not welcomed when the connect phase ended")
+        self._housekeeping(time.monotonic())
+
     def _count_failure(self, reason: str) -> None:
         self.failed += 1
         self.errors[reason] += 1
@@ -404,6 +437,8 @@ class ClientProcess:
 
     def _forget(self, fd: int) -> None:
         kind = self.kind.pop(fd, None)
+        if kind == COLD:
+            self.n_cold -= 1
         (self.cold if kind == COLD else self.hot).unregister(fd)
         self.partial.pop(fd, None)
         self.conn_index.pop(fd, None)
@@ -442,6 +477,7 @@ class ClientProcess:
         del self.started[fd]
         self.inflight -= 1
         self.last_welcome_ns = time.monotonic_ns()
+        self.last_welcome_t = time.monotonic()
         i = self.conn_index[fd]
         n_senders = len(self.plan.senders)
         if i < n_senders:
@@ -452,8 +488,11 @@ class ClientProcess:
             self.held_receivers += 1
             if (self.plan.receiver_offset + i - n_senders) % self.plan.hot_every == 0:
                 self.kind[fd] = HOT
+            elif not self.plan.cold_interval:
+                self.kind[fd] = QUIET
             else:
                 self.kind[fd] = COLD
+                self.n_cold += 1
                 self.hot.unregister(fd)
                 self.cold.register(fd, EPOLLIN)
         rest = buf[end + 1 :]
@@ -509,13 +548,16 @@ class ClientProcess:
                 pass
             i = find(STAMP, j, end)
 
-    def _drain_cold(self) -> None:
-        while True:
-            events = self.cold.poll(0, 4096)
-            for fd, _ev in events:
-                self._receive(fd, False)
-            if len(events) < 4096:
-                return
+    def _drain_cold_slice(self) -> None:
+        """Read up to COLD_SLICE cold sockets that have data (epoll lists them about
+        in the order they became readable, so none is left behind).
+
+        A slice takes about a millisecond: draining ten thousand sockets in one
+        go would keep the hot receivers waiting for tens of milliseconds and
+        add that to the latency they measure.
+        """
+        for fd, _ev in self.cold.poll(0, COLD_SLICE):
+            self._receive(fd, False)
 
     # ---- sending
 
@@ -648,7 +690,7 @@ class Load:
         self.verbose = verbose
         self.label = label
         self.children: list[_Child] = []
-        self._next_print = 0.0
+        self._next_print = time.monotonic() + 2.0  # short loads print no progress
         self.t_go_ns = 0
 
     def __enter__(self) -> Load:
@@ -728,8 +770,25 @@ class Load:
     # ---- phases
 
     def wait_ready(self, deadline: float, tick: Callable[[], None] | None = None) -> bool:
-        """Wait until every process has opened its connections and seen the welcomes."""
-        return self._wait(lambda: all(c.ready is not None or c.gone for c in self.children), deadline, tick, "connecting")
+        """Wait until every process has opened its connections and seen the welcomes.
+
+        At the deadline, processes still connecting are told to give up on
+        what is pending (it counts as failed) and report what they hold.
+        """
+
+        def all_ready() -> bool:
+            return all(c.ready is not None or c.gone for c in self.children)
+
+        if self._wait(all_ready, deadline, tick, "connecting"):
+            return True
+        for c in self.children:
+            if c.ready is None and not c.gone:
+                try:
+                    c.conn.send(("enough", {}))
+                except OSError:
+                    c.gone = True
+        self._wait(all_ready, time.monotonic() + 30.0, tick, "connecting")
+        return False
 
     def cpu_seconds(self) -> float:
         """User + system CPU seconds used so far by the client processes."""
@@ -771,7 +830,12 @@ class Load:
                     c.conn.send(("stop", {}))
                 except OSError:
                     c.gone = True
-        self._wait(lambda: all(c.result is not None or c.gone for c in self.children), time.monotonic() + timeout, None, "stopping")
+        self._wait(
+            lambda: all(c.result is not None or c.gone for c in self.children),
+            time.monotonic() + timeout,
+            None,
+            "stopping",
+        )
         return [c.result for c in self.children if c.result is not None]
 
 
@@ -867,6 +931,7 @@ def run_load(
         out["server"] = server.kind
         out["server_alive"] = server.alive()
         out["server_cpu_s"] = cpu
+        out["server_cpu_by_role_s"] = server.cpu_by_role(cpu0, cpu1)
         out["server_cpu_pct"] = 100.0 * cpu / wall if wall > 0 else math.nan
         out["server_cpu_us_per_line"] = 1e6 * cpu / out["received"] if out["received"] else math.nan
         out["server_peak_rss"] = monitor.peak_rss if monitor else 0
@@ -917,8 +982,21 @@ def main(argv: list[str] | None = None) -> int:
     lat = out["latency"]
     _common.print_table(
         f"load against {args.host}:{args.port}",
-        [("load", [out["clients_held"], out["expected"], out["received"], out["lost"], out["lines_per_s"],
-                   lat["p50_ms"], lat["p99_ms"], lat["max_ms"]])],
+        [
+            (
+                "load",
+                [
+                    out["clients_held"],
+                    out["expected"],
+                    out["received"],
+                    out["lost"],
+                    out["lines_per_s"],
+                    lat["p50_ms"],
+                    lat["p99_ms"],
+                    lat["max_ms"],
+                ],
+            )
+        ],
         ["", "clients", "expected", "received", "lost", "lines/s", "p50 ms", "p99 ms", "max ms"],
     )
     path = _common.write_json(args.json, {"args": vars(args), "machine": _common.machine_info(), "result": out})
