@@ -113,6 +113,9 @@ class ChatCore:
         self.rng = rng or random.Random()
         self.roster = R.Roster()
         self.local: dict[int, LocalUser] = {}
+        # Clients whose JOIN claim is on the bus (pending or rejoining): few, so that connect()
+        # need not scan every local client. Entries whose client is gone are pruned on use.
+        self.claims: dict[int, LocalUser] = {}
         self.ready = False  # True once a roster snapshot has been loaded
         self.nonce = 0
         self.syncing = False  # waiting for a snapshot after a broker restart
@@ -158,7 +161,7 @@ class ChatCore:
 
     def connect(self, conn: int, ip: str, now: float) -> list[Effect]:
         s = self.settings
-        pending = [u for u in self.local.values() if u.state == PENDING]
+        pending = [u for u in self._claiming() if u.state == PENDING]
         if s.max_clients and len(self.roster) + len(pending) >= s.max_clients:
             return [Send(conn, encode_line("*** Error: server full")), Close(conn)]
         if s.max_clients_per_ip:
@@ -168,6 +171,7 @@ class ChatCore:
                         Close(conn)]
         user = LocalUser(conn, ip, now, self._free_nick())
         self.local[conn] = user
+        self.claims[conn] = user
         return [Publish((R.JOIN, conn, user.nick, now, ip))]
 
     def disconnect(self, conn: int, reason: str = "") -> list[Effect]:
@@ -254,8 +258,14 @@ class ChatCore:
     def _error(self, conn: int, reason: str) -> Send:
         return Send(conn, encode_line(f"*** Error: {reason}"))
 
+    def _claiming(self) -> list[LocalUser]:
+        claims = self.claims
+        for conn in [c for c, u in claims.items() if self.local.get(c) is not u or u.state == ACTIVE]:
+            del claims[conn]
+        return list(claims.values())
+
     def _free_nick(self) -> str:
-        taken = {u.nick.lower() for u in self.local.values() if u.state != ACTIVE}
+        taken = {u.nick.lower() for u in self._claiming()}
         while True:
             nick = "".join(self.rng.choice(NICK_ALPHABET) for _ in range(4))
             if nick.lower() not in taken and self.roster.holder(nick) is None:
@@ -416,6 +426,7 @@ class ChatCore:
                 # After a broker restart a client whose name went to someone else while the bus
                 # was down claims a fresh one; everyone else is in the snapshot already.
                 user.state = REJOINING
+                self.claims[user.conn] = user
                 old, user.nick = user.nick, self._free_nick()
                 out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip, old)))
             else:
