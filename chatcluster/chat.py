@@ -346,7 +346,10 @@ class ChatCore:
             user = self.local.get(ev[1]) if mine else None
             if outcome.accepted and outcome.member is not None:
                 nick = outcome.member.nick
-                if user is not None and user.state != ACTIVE:
+                refused = self._over_limit(user) if user is not None and user.state == PENDING else []
+                if refused:
+                    out.extend(refused)
+                elif user is not None and user.state != ACTIVE:
                     out.extend(self._entered(user, nick))
                 # A client that lost its name in a broker restart rejoins under a new one:
                 # for everyone else that is a rename.
@@ -387,6 +390,26 @@ class ChatCore:
             user = self.local.get(ev[3]) if mine else None
             if user is not None and outcome.accepted:
                 user.state = ACTIVE
+
+    def _over_limit(self, user: LocalUser) -> list[Effect]:
+        """Refuse a new client whose JOIN won its name but came after the limits were reached.
+
+        connect() checks the limits against the roster, which does not yet hold the clients
+        other workers are admitting at the same moment. Their JOINs and ours meet in bus
+        order, where every replica counts the same members: the first ones up to the limit
+        stay, and the worker of any later one closes it here. Other workers may show it
+        joining and leaving.
+        """
+        s = self.settings
+        if s.max_clients and len(self.roster) > s.max_clients:
+            notice, reason = "server full", "server full"
+        elif s.max_clients_per_ip and self.roster.per_ip.get(user.ip, 0) > s.max_clients_per_ip:
+            notice, reason = "too many connections from your address", "too many connections from one address"
+        else:
+            return []
+        self.local.pop(user.conn, None)
+        return [Send(user.conn, encode_line(f"*** Error: {notice}")), Close(user.conn),
+                Publish((R.LEAVE, user.conn, reason))]
 
     def _entered(self, user: LocalUser, nick: str) -> list[Effect]:
         """The client's claim won: it gets its welcome (or rename notice) and joins the room."""

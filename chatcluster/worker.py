@@ -20,6 +20,7 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
@@ -35,11 +36,17 @@ from .roster import PING
 log = logging.getLogger("chatcluster.worker")
 
 RECV_SIZE = 65536
+UNLIMITED = sys.maxsize  # the read budget without flood control
 ACCEPTS_PER_WAKE = 256
 BUS_BATCHES_PER_PASS = 512
 HEARTBEAT_EVERY = 0.25
 PING_EVERY = 0.5
 EXIT_BOOT_FAILED = 3
+# A closing client gets this long to take what is queued for it: one that never reads
+# must not keep its descriptor for ever.
+CLOSE_LINGER = 10.0
+# How long the listener rests when a connection can be neither accepted nor shed.
+LISTEN_PAUSE = 0.1
 
 EPOLLIN, EPOLLOUT, EPOLLET = select.EPOLLIN, select.EPOLLOUT, select.EPOLLET
 EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
@@ -67,7 +74,9 @@ class Client:
         self.bucket = bucket
         self.out: list[bytes] | None = None
         self.outlen = 0
-        self.pending: list[Any] | None = None  # parsed lines waiting for flood-control tokens
+        self.pending = b""  # bytes read but not parsed yet: the client is out of flood-control tokens
+        # Not read until a timer in Worker.timers fires: out of tokens, or still waiting for its
+        # welcome line (lines sent before it wait in the kernel, which pushes back on the sender).
         self.throttled = False
         self.eof = False
         self.closing = False
@@ -95,6 +104,8 @@ class Worker:
         self.dirty: list[Client] = []
         self.outgoing: list[tuple[Any, ...]] = []
         self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
+        self.lingering: list[tuple[float, int]] = []  # (deadline, conn) for closing clients
+        self.listen_resume = 0.0  # when a listener paused by shed_connection() polls again
         self.next_conn = 1
         self.started = time.time()
         self.last_publish = 0.0
@@ -248,6 +259,7 @@ class Worker:
             self.next_conn += 1
             c = Client(sock, conn, addr[0], LineReader(cfg.max_line_bytes),
                        TokenBucket(cfg.flood_rate, cfg.flood_burst, now), now)
+            c.throttled = True  # until its welcome line: see Enter in apply()
             self.clients[c.fd] = c
             self.by_conn[conn] = c
             self.ep.register(c.fd, CLIENT_EVENTS)
@@ -263,76 +275,106 @@ class Worker:
             self.apply(effects)
 
     def shed_connection(self, exc: OSError) -> None:
-        """Out of descriptors: refuse one waiting connection cleanly and keep serving."""
+        """Out of descriptors: refuse one waiting connection cleanly and keep serving.
+
+        The listener is level-triggered, so a connection left in the accept queue would wake
+        every poll and the loop would spin. Closing the spare descriptor makes room to accept
+        it and close it at once (the client sees the connection closed), one per pass, and
+        the listener goes on accepting normally as soon as descriptors are free again.
+        """
         now = time.monotonic()
         if now - self.last_emfile_log >= 1.0:
             log.warning("worker %d: accept failed (%s); shedding new connections until "
                         "descriptors free up", self.worker_no, exc.strerror)
             self.last_emfile_log = now
-        if self.spare_fd is None:
-            return
-        os.close(self.spare_fd)
-        self.spare_fd = None
         assert self.listener is not None
-        try:
-            sock, _ = self.listener.accept()
-            sock.close()
-        except OSError:
-            pass
-        try:
-            self.spare_fd = os.open(os.devnull, os.O_RDONLY)
-        except OSError:
+        if self.spare_fd is None:
+            self.spare_fd = _open_spare()
+        shed = False
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
             self.spare_fd = None
-        self.dropped += 1
+            try:
+                sock, _ = self.listener.accept()
+                sock.close()
+                shed = True
+                self.dropped += 1
+            except OSError:
+                pass
+            self.spare_fd = _open_spare()
+        if not shed:
+            # Nothing to free (ENOBUFS, ENOMEM, or another descriptor took the spare's place):
+            # rest the listener briefly rather than spin on a connection we cannot take.
+            self.ep.modify(self.listener.fileno(), 0)
+            self.listen_resume = now + LISTEN_PAUSE
 
     def read(self, c: Client) -> None:
-        if c.closing or c.pending or self.draining_until is not None:
+        """Read until EAGAIN, parsing no more lines than the client's flood budget allows.
+
+        A client out of tokens keeps the unparsed rest of its last read in `pending` (at most
+        RECV_SIZE bytes) and is not read again until its timer fires, so TCP pushes back on
+        it and none of its lines is lost or reordered. Every line counts, commands too.
+        """
+        if c.closing or c.throttled or self.draining_until is not None:
             return
+        limited = self.cfg.flood_rate > 0
         recv = c.sock.recv
         while True:
-            try:
-                data = recv(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError:
-                self.close(c, "connection lost")
+            if c.pending:
+                data, c.pending = c.pending, b""
+            else:
+                try:
+                    data = recv(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.close(c, "connection lost")
+                    return
+                if not data:
+                    c.eof = True
+                    break
+                c.last_rx = time.monotonic()
+            now = time.monotonic()
+            budget = c.bucket.available(now) if limited else UNLIMITED
+            if budget == 0:
+                c.pending = data
+                c.throttled = True
+                heapq.heappush(self.timers, (now + c.bucket.wait(now), c.conn))
                 return
-            if not data:
-                c.eof = True
-                break
-            c.last_rx = time.monotonic()
-            events = c.reader.feed(data)
+            events, used = c.reader.feed_some(data, budget)
+            if used < len(data):
+                c.pending = data[used:]
             if events:
                 self.process(c, events)
                 if c.fd not in self.clients or c.closing:
                     return
-                if c.pending:
-                    return  # flood control: stop reading, TCP pushes back on the sender
-        if c.eof and not c.pending:
-            self.close(c, "")
+        if c.eof:
+            self.end_of_input(c)
 
     def process(self, c: Client, events: list[Any]) -> None:
-        """Hand parsed lines to the chat core, as fast as the client's flood budget allows."""
-        bucket = self.cfg.flood_rate > 0
+        """Hand parsed lines to the chat core; read() parsed no more than there are tokens for."""
         core = self.core
         conn = c.conn
-        for i, ev in enumerate(events):
+        now = time.monotonic()
+        limited = self.cfg.flood_rate > 0
+        for ev in events:
+            if limited:
+                c.bucket.take(now)
             if type(ev) is Line:
                 if not ev.text.strip():
                     continue
-                now = time.monotonic()
-                if bucket and not c.bucket.take(now):
-                    c.pending = events[i:]
-                    c.throttled = True
-                    heapq.heappush(self.timers, (now + c.bucket.wait(now), conn))
-                    return
                 self.lines_in += 1
                 self.apply(core.line(conn, ev.text, time.time()))
             else:
                 self.apply(core.line_too_long(conn, ev.limit))
             if c.closing or c.fd not in self.clients:
                 return
-        c.pending = None
+
+    def end_of_input(self, c: Client) -> None:
+        """The client shut its side: its lines are handled; send what is queued, then close."""
+        self.room.pop(c.conn, None)
+        self.apply(self.core.disconnect(c.conn, ""))
+        self.close_when_sent(c)
 
     def run_timers(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
@@ -340,13 +382,9 @@ class Worker:
             c = self.by_conn.get(conn)
             if c is None or not c.throttled:
                 continue
-            pending = c.pending or []
-            c.pending = None
             c.throttled = False
-            self.process(c, pending)
-            if c.fd in self.clients and not c.pending and not c.closing:
-                # The edge that said "readable" was consumed while throttled: read now.
-                self.read(c)
+            # The edge that said "readable" was consumed while throttled: read now.
+            self.read(c)
 
     def queue(self, c: Client, data: bytes) -> None:
         if c.out is None:
@@ -355,6 +393,8 @@ class Worker:
         else:
             c.out.append(data)
         c.outlen += len(data)
+        if c.outlen > self.cfg.max_sendq_bytes and not c.closing:
+            self.enforce_sendq(c)
 
     def apply(self, effects: list[C.Effect]) -> None:
         for e in effects:
@@ -365,6 +405,8 @@ class Worker:
                 dirty = self.dirty
                 n = len(data)
                 count = 0
+                limit = self.cfg.max_sendq_bytes
+                over: list[Client] | None = None
                 for conn, c in self.room.items():
                     if exclude and conn in exclude:
                         continue
@@ -375,7 +417,12 @@ class Worker:
                         c.out.append(data)
                     c.outlen += n
                     count += 1
+                    if c.outlen > limit:
+                        over = [c] if over is None else [*over, c]
                 self.lines_out += count * data.count(b"\n")  # a broadcast may carry a run of lines
+                if over is not None:
+                    for slow in over:
+                        self.enforce_sendq(slow)
             elif t is C.Publish:
                 self.outgoing.append(e.event)  # type: ignore[union-attr]
             elif t is C.Send:
@@ -386,13 +433,32 @@ class Worker:
                 c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
                 if c is not None:
                     self.room[c.conn] = c
+                    if c.throttled and not c.pending:
+                        # Welcomed: read what it sent meanwhile (accept() held it back).
+                        heapq.heappush(self.timers, (time.monotonic(), c.conn))
             elif t is C.Close:
                 c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
                 if c is not None:
-                    c.closing = True
-                    self.room.pop(c.conn, None)
-                    if c.out is None:
-                        self.close(c, "")
+                    self.close_when_sent(c)
+
+    def close_when_sent(self, c: Client) -> None:
+        """Close `c` once its queued output is sent, or after CLOSE_LINGER seconds at most."""
+        c.closing = True
+        self.room.pop(c.conn, None)
+        if c.out is None:
+            self.close(c, "")
+        else:
+            heapq.heappush(self.lingering, (time.monotonic() + CLOSE_LINGER, c.conn))
+
+    def enforce_sendq(self, c: Client) -> None:
+        """More than max_sendq_bytes is queued for `c`: send what the kernel takes, kick if still over.
+
+        Checked as output is queued, not only when the kernel refuses some, so one loop pass
+        can never queue much more than the limit for a client that does not read; trying the
+        socket first spares a client that reads but was handed a large batch at once.
+        """
+        if c.out is not None and c.fd in self.clients and c.outlen > self.cfg.max_sendq_bytes:
+            self.flush(c)
 
     def flush_dirty(self) -> None:
         dirty, self.dirty = self.dirty, []
@@ -493,6 +559,16 @@ class Worker:
     # -- housekeeping, reload, stop -----------------------------------------------------------
 
     def housekeeping(self, now: float) -> None:
+        while self.lingering and self.lingering[0][0] <= now:
+            _, conn = heapq.heappop(self.lingering)
+            c = self.by_conn.get(conn)
+            if c is not None and c.closing:
+                log.info("worker %d: closing %s (conn %d) with %d bytes it did not read", self.worker_no,
+                         c.ip, c.conn, c.outlen)
+                self.close(c, "")
+        if self.listen_resume and now >= self.listen_resume and self.listener is not None:
+            self.listen_resume = 0.0
+            self.ep.modify(self.listener.fileno(), EPOLLIN)
         if now - self.last_beat >= HEARTBEAT_EVERY:
             self.beat(S.STOPPING if self.stopping is not None else S.READY)
             if self.cfg.idle_timeout > 0:
@@ -520,10 +596,10 @@ class Worker:
         for c in [c for c in self.clients.values() if now - c.last_rx > limit and not c.closing]:
             log.info("worker %d: disconnecting %s (conn %d): idle for %.0f s", self.worker_no, c.ip,
                      c.conn, now - c.last_rx)
-            self.queue(c, IDLE_LINE)
-            c.closing = True
             self.room.pop(c.conn, None)
+            self.queue(c, IDLE_LINE)
             self.apply(self.core.disconnect(c.conn, "idle"))
+            self.close_when_sent(c)
 
     def beat(self, state: int) -> None:
         self.last_beat = time.monotonic()
@@ -601,6 +677,13 @@ class Worker:
         self.bus.close()
         self.ctx.term()
         log.info("worker %d exits", self.worker_no)
+
+
+def _open_spare() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def main(cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int, runtime_dir: str,
