@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import socket
 import struct
+import subprocess
 from collections.abc import Callable
 
+import pytest
 from conftest import Cluster, wait_for
 from limits_support import MemoryWatch, Reader, numbers_from, pump, raw_socket, read_to_end, recv_until
 
@@ -118,7 +121,7 @@ def test_random_binary_from_fifty_connections_harms_nobody(make_cluster: Callabl
     # Everything the junk produced reached the observers as harmless text after a nick.
     assert_clean(a.lines[1:])
     assert_clean(b.lines[1:])
-    wait_for(lambda: sum(v.clients for v in cl.stats()) == 2, what="the junk connections to be gone")
+    wait_for(lambda: sum(v.connections for v in cl.stats()) == 2, 30, "the junk connections to be closed")
     assert sorted(cl.worker_pids()) == pids
     assert growth < 16 * MiB, f"workers grew by {growth / MiB:.1f} MiB for 50 junk connections"
 
@@ -263,3 +266,19 @@ def test_reset_in_the_middle_of_a_line_harms_nobody(make_cluster: Callable[..., 
     assert not any("half a li" in line for line in a.lines + b.lines)
     exchange(a, b, "X", 20)
     assert sorted(cl.worker_pids()) == pids
+
+
+@pytest.mark.skipif(shutil.which("nc") is None, reason="needs nc (netcat-openbsd)")
+def test_lines_piped_into_nc_are_delivered_before_it_hangs_up(make_cluster: Callable[..., Cluster]) -> None:
+    cl = make_cluster(2)
+    a, b = observers(cl)
+    # nc -N shuts its sending side at the end of its input and reads until the server closes.
+    done = subprocess.run(["nc", "-N", "127.0.0.1", str(cl.port)], input=b"piped one\npiped two\n",
+                          capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    m = re.match(rb"\*\*\* Welcome to chatcluster! Your nickname is (\S+)\.", done.stdout)
+    assert m, done.stdout
+    nick = m.group(1).decode()
+    a.wait_line(rf"\*\*\* {nick} left")
+    assert [line for line in a.lines if nick in line] == [
+        f"*** {nick} joined", f"{nick}: piped one", f"{nick}: piped two", f"*** {nick} left"]

@@ -99,6 +99,27 @@ def test_a_client_that_reads_keeps_up_with_a_sender_as_fast_as_it_reads(
     assert sum(v.dropped for v in cl.stats()) == 0
 
 
+def test_a_closing_client_that_never_reads_is_closed_after_a_grace_period(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # A sendq far above the kernel buffers, so the output waiting for it stays in the worker.
+    cl = make_cluster(2, extra=("--flood-rate", "0", "--max-sendq-bytes", str(64 * MiB)))
+    a, b = observers(cl)
+    stuck = raw_socket(cl.port, rcvbuf=4096)
+    recv_until(stuck, b"Welcome")
+    count = 25_000
+    p = pump(a.sock, a.name, "Q", count, 400, to=b)
+    p.join(120)
+    b.wait(lambda lines: b.progress.get((a.name, "Q")) == count - 1, 60, "all of A's lines")
+    stuck.sendall(b"/quit\r\n")
+    # Its Goodbye waits behind megabytes it does not read: the worker gives up on it.
+    wait_for(lambda: "bytes it did not read" in cl.read_log(), 40, "the worker to close the stuck client")
+    data, closed = read_to_end(stuck, timeout=60)
+    assert closed
+    assert len(data) < count * 400
+    wait_for(lambda: sum(v.connections for v in cl.stats()) == 2, what="the stuck connection to be gone")
+
+
 # ---------------------------------------------------------------------------
 # Flood control
 
