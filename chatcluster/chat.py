@@ -88,6 +88,7 @@ class LocalUser:
     state: str = PENDING
     backlog: list[str | int] = field(default_factory=list)  # lines, or limits of too long ones
     claiming: bool = False  # a /nick claim is on the bus; what the client says next waits for it
+    leaving: str | None = None  # gone (with this reason) while lines waited: they go out first
 
     @property
     def waiting(self) -> bool:
@@ -175,9 +176,15 @@ class ChatCore:
         return [Publish((R.JOIN, conn, user.nick, now, ip))]
 
     def disconnect(self, conn: int, reason: str = "") -> list[Effect]:
-        user = self.local.pop(conn, None)
-        if user is None:
+        user = self.local.get(conn)
+        if user is None or user.leaving is not None:
             return []
+        if user.waiting and user.backlog:
+            # What the client sent before it went away still counts (`printf ... | nc -N`): its
+            # lines go out once the bus has decided on its name, then it leaves and is closed.
+            user.leaving = reason
+            return []
+        del self.local[conn]
         # Published even for a pending client: LEAVE follows its JOIN in bus order, so every
         # replica removes it again whether or not the claim was accepted.
         return [Publish((R.LEAVE, conn, reason))]
@@ -418,7 +425,9 @@ class ChatCore:
             effects = [Send(user.conn, encode_line(
                 f"*** Notice: your nickname was taken while the server recovered; you are now known as {nick}"))]
         else:
-            effects = [Send(user.conn, encode_line(self.settings.welcome.format(nick=nick))), Enter(user.conn)]
+            effects = [Send(user.conn, encode_line(self.settings.welcome.format(nick=nick)))]
+            if user.leaving is None:
+                effects.append(Enter(user.conn))
         user.state = ACTIVE
         user.nick = nick
         effects.extend(self._run_backlog(user))
@@ -433,6 +442,9 @@ class ChatCore:
                 effects.extend(self.line_too_long(user.conn, item))
             else:
                 effects.extend(self.line(user.conn, item, self.clock))
+        if user.leaving is not None and not user.waiting and self.local.get(user.conn) is user:
+            del self.local[user.conn]
+            effects += [Publish((R.LEAVE, user.conn, user.leaving)), Close(user.conn)]
         return effects
 
     def _load_snapshot(self, members: list[Any]) -> list[Effect]:

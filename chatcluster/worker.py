@@ -374,6 +374,8 @@ class Worker:
         """The client shut its side: its lines are handled; send what is queued, then close."""
         self.room.pop(c.conn, None)
         self.apply(self.core.disconnect(c.conn, ""))
+        if c.conn in self.core.local:
+            return  # some of its lines wait for the bus (a /nick in flight): the core closes it after them
         self.close_when_sent(c)
 
     def run_timers(self, now: float) -> None:

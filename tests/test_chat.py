@@ -210,6 +210,13 @@ class Net:
     def say(self, c: Client, text: str, settle: bool = True) -> None:
         self.send(c, text.encode() + b"\r\n", settle)
 
+    def half_close(self, c: Client) -> None:
+        """The client shut its sending side: the worker still sends it what is queued."""
+        rep = self.workers[c.worker]
+        rep.room.discard(c.conn)
+        self.apply(c.worker, rep.core.disconnect(c.conn, ""))
+        self.settle()
+
     def hang_up(self, c: Client, reason: str = "") -> None:
         rep = self.workers[c.worker]
         c.closed = True
@@ -598,6 +605,27 @@ def test_a_client_leaving_before_its_welcome_leaves_no_trace(net: Net) -> None:
     assert a.lines == []
     assert b.lines[1:] == [f"*** {nick} joined", f"*** {nick} left"]
     assert len(net.broker.roster) == 1
+    net.assert_agree()
+
+
+def test_lines_sent_before_a_half_close_go_out_before_the_leave(net: Net) -> None:
+    b = net.join("w2")
+    a = net.connect("w1")  # like `printf 'hi\n/nick Bot\nbye\n' | nc -N`
+    net.send(a, b"hi\r\n/nick Bot\r\nbye\r\n", settle=False)
+    net.half_close(a)
+    nick = WELCOME.fullmatch(a.lines[0]).group(1)  # type: ignore[union-attr]
+    assert a.lines[1:] == ["*** You are now known as Bot"]
+    assert b.lines[1:] == [f"*** {nick} joined", f"{nick}: hi", f"*** {nick} is now known as Bot",
+                           "Bot: bye", "*** Bot left"]
+    assert len(net.broker.roster) == 1
+    net.assert_agree()
+
+
+def test_a_half_closed_client_renaming_itself_still_says_its_last_line(net: Net) -> None:
+    a, b = net.join("w1"), net.join("w2")
+    net.send(a, b"/nick Bot\r\nlast words\r\n/quit done\r\nignored\r\n", settle=False)
+    net.hang_up(a, "connection lost")
+    assert b.lines[-3:] == [f"*** {a.nick} is now known as Bot", "Bot: last words", "*** Bot left (done)"]
     net.assert_agree()
 
 

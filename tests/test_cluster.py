@@ -151,6 +151,40 @@ def test_a_real_nc_client_chats(make_cluster: Callable[..., Cluster]) -> None:
         nc.close()
 
 
+@pytest.mark.skipif(not have("nc"), reason="nc (netcat-openbsd) is not installed; scripts/test.sh installs it")
+def test_a_piped_nc_session_is_delivered_whole(make_cluster: Callable[..., Cluster]) -> None:
+    """`printf ... | nc -N`: every line sent before the half-close counts, then the client leaves."""
+    cl = make_cluster(2)
+    peer = cl.client()
+    res = subprocess.run(["nc", "-N", "127.0.0.1", str(cl.port)], input=b"/nick Piped\nhello\n/me waves\n",
+                         capture_output=True, timeout=WAIT)
+    assert res.returncode == 0
+    out = res.stdout.decode().split("\r\n")
+    assert re.fullmatch(WELCOME, out[0])
+    peer.wait_line(r"\*\*\* Piped left")
+    mine = [x for x in peer.lines if "Piped" in x]
+    assert mine[-3:] == ["Piped: hello", "* Piped waves", "*** Piped left"]
+
+
+def test_lines_sent_before_a_half_close_all_count(make_cluster: Callable[..., Cluster]) -> None:
+    """Sent and shut at once, before the welcome: a rename, then lines that wait for it."""
+    cl = make_cluster(2)
+    peer = cl.client()
+    s = socket.create_connection(("127.0.0.1", cl.port), timeout=WAIT)
+    try:
+        s.sendall(b"/nick Halfway\r\nstill here\r\n/me leaves\r\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+    assert b"*** You are now known as Halfway\r\n" in data
+    peer.wait_line(r"\*\*\* Halfway left")
+    assert [x for x in peer.lines if "Halfway" in x][-3:] == ["Halfway: still here", "* Halfway leaves",
+                                                              "*** Halfway left"]
+
+
 @pytest.mark.skipif(not have("telnet"), reason="telnet is not installed; scripts/test.sh installs it")
 def test_a_real_telnet_client_chats(make_cluster: Callable[..., Cluster]) -> None:
     cl = make_cluster(2)
