@@ -202,6 +202,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if result["restart"]:
         changes = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in result["restart"].items())
         print(f"changed but not applied, a restart is needed: {changes}")
+    if result.get("unconfirmed"):
+        workers = ", ".join(f"worker {no}" for no in result["unconfirmed"])
+        print(f"warning: {workers} did not confirm the new settings; see the log")
     return 0
 
 

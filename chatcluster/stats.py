@@ -19,13 +19,14 @@ from dataclasses import dataclass
 
 # Twice the most workers config allows: a generation being replaced and the new one coexist.
 SLOTS = 2048
-MAGIC = b"CCSTATS2"
+MAGIC = b"CCSTATS3"
 # supervisor pid, broker pid, generation, wanted workers, port
 HEADER = struct.Struct("=iiiii")
 # pid, state, worker number, generation, started (unix), heartbeat (monotonic),
 # clients in the room, lines in, lines delivered, bytes out, bus gaps, clients dropped by a limit,
-# open client connections (including ones not yet welcomed and ones being closed)
-SLOT = struct.Struct("=iiiiddQQQQQQQ")
+# open client connections (including ones not yet welcomed and ones being closed),
+# the configuration version (the supervisor's reload count) the worker last applied
+SLOT = struct.Struct("=iiiiddQQQQQQQQ")
 _STATE = struct.Struct("=i")  # the state field alone, at offset 4 of a slot
 HEADER_SIZE = 64
 SIZE = HEADER_SIZE + SLOTS * SLOT.size
@@ -50,6 +51,7 @@ class SlotView:
     gaps: int
     dropped: int
     connections: int
+    config_version: int
 
 
 @dataclass
@@ -94,7 +96,7 @@ class StatsFile:
         return SlotView(index, *SLOT.unpack_from(self.mem, HEADER_SIZE + index * SLOT.size))
 
     def clear(self, index: int) -> None:
-        self.write(index, 0, FREE, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0)
+        self.write(index, 0, FREE, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def used(self) -> list[SlotView]:
         mem, state, size = self.mem, _STATE.unpack_from, SLOT.size

@@ -40,6 +40,7 @@ BACKOFF_MAX = 30.0
 BOOT_TIMEOUT = 30.0  # a worker not accepting connections by then is killed
 FAST_STOP = 1.0  # seconds a fast stop (INT, QUIT) gives the workers
 STATUS_EVERY = 2.0  # seconds between STATUS= updates to systemd
+RELOAD_CONFIRM = 5.0  # seconds a reload waits for every worker to confirm it applied the new settings
 TICK = 0.2  # the main loop wakes at least this often to check heartbeats
 MAX_WORKERS = S.SLOTS // 2  # half the stats slots, so that a whole generation can be replaced
 HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
@@ -114,7 +115,10 @@ class Supervisor:
     announced_ready: bool = False
     next_status: float = 0.0
     next_watchdog: float = 0.0
-    reloads: int = 0
+    reloads: int = 0  # HUPs so far; also the version of the configuration in config.json
+    reload_report: dict[str, object] | None = None  # a reload's outcome, reported once the workers applied it
+    reload_waiting: list[int] = field(default_factory=list)  # pids of the workers told to apply it
+    reload_deadline: float = 0.0
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -159,7 +163,7 @@ class Supervisor:
 
     def write_live_config(self) -> None:
         """The running configuration, where workers read it on HUP."""
-        self._write_json("config.json", self.cfg.values)
+        self._write_json("config.json", {"version": self.reloads, "values": self.cfg.values})
 
     def _write_json(self, name: str, value: object) -> None:
         path = os.path.join(self.runtime_dir, name)
@@ -231,7 +235,7 @@ class Supervisor:
                 pin_to_cpu(slot, no)
             return worker.main(cfg, no, f"w{no}", slot, generation, runtime_dir, stats)
 
-        self.stats.write(slot, 0, S.BOOTING, no, generation, time.time(), time.monotonic(), 0, 0, 0, 0, 0, 0, 0)
+        self.stats.write(slot, 0, S.BOOTING, no, generation, time.time(), time.monotonic(), 0, 0, 0, 0, 0, 0, 0, 0)
         pid = self._fork(f"worker {no}", body)
         proc = WorkerProc(pid, no, slot, generation, time.monotonic())
         self.workers[pid] = proc
@@ -253,6 +257,8 @@ class Supervisor:
                 if handler:
                     handler()
             now = time.monotonic()
+            if self.reload_report is not None:
+                self.check_reload(now)
             if self.stopping is not None:
                 if not self.workers or now >= self.stopping:
                     self.finish_stop()
@@ -297,10 +303,7 @@ class Supervisor:
             proc = self.workers.pop(pid, None)
             if proc is None:
                 continue  # not ours: as PID 1 of a container the supervisor reaps orphans too
-            if not proc.ready:
-                # It may have become ready after the last look at the stats file.
-                view = self.stats.read(proc.slot)
-                proc.ready = view.pid == pid and view.state in (S.READY, S.STOPPING)
+            self.seen_ready(proc)
             self.stats.clear(proc.slot)
             self.tell_broker(f"GONE w{proc.no}")
             self.worker_died(proc, status)
@@ -389,6 +392,13 @@ class Supervisor:
                 self.kill_worker(proc, f"no heartbeat for {now - view.heartbeat:.1f} s "
                                        f"(worker_timeout={self.cfg.worker_timeout:g})")
 
+    def seen_ready(self, proc: WorkerProc) -> bool:
+        """Whether the worker is ready, looking at its stats slot in case it became so since the last look."""
+        if not proc.ready:
+            view = self.stats.read(proc.slot)
+            proc.ready = view.pid == proc.pid and view.state in (S.READY, S.STOPPING)
+        return proc.ready
+
     def kill_worker(self, proc: WorkerProc, why: str) -> None:
         log.error("worker %d (pid %d): %s; killing it%s", proc.no, proc.pid, why,
                   "" if proc.retiring else " and starting a replacement")
@@ -468,6 +478,8 @@ class Supervisor:
         self.target = clamped
 
     def handle_hup(self) -> None:
+        if self.reload_report is not None:
+            self.finish_reload()  # the previous reload is reported as it stands
         self.reloads += 1
         sdnotify.reloading("reloading configuration")
         source = self.config_path or "the command line (no --config file)"
@@ -483,19 +495,38 @@ class Supervisor:
         self.cfg = Config(values={**self.cfg.values, **live}, source=new.source)
         self.write_live_config()
         logging.getLogger("chatcluster").setLevel(self.cfg.log_level.upper())
+        # Workers still booting get their HUP once ready (check_workers); all are waited for.
+        self.reload_waiting = list(self.workers)
         for proc in self.workers.values():
+            proc.reload_pending = not self.seen_ready(proc)
             if proc.ready:
                 self.kill(proc.pid, signal.SIGHUP)
-            else:
-                proc.reload_pending = True
         log.info("reloaded %s: %s", source,
                  ", ".join(f"{k}={v!r}" for k, v in live.items()) or "no live setting changed")
         if restart:
             log.warning("changed in %s but not applied, a restart is needed: %s", source,
                         ", ".join(f"{k} ({self.cfg.values[k]!r} -> {new.values[k]!r})" for k in restart))
-        self._write_json("reload.json", {"seq": self.reloads, "ok": True, "config": self.config_path,
-                                         "error": None, "applied": live,
-                                         "restart": {k: [self.cfg.values[k], new.values[k]] for k in restart}})
+        self.reload_report = {"seq": self.reloads, "ok": True, "config": self.config_path, "error": None,
+                              "applied": live, "restart": {k: [self.cfg.values[k], new.values[k]] for k in restart}}
+        self.reload_deadline = time.monotonic() + RELOAD_CONFIRM
+        self.check_reload(time.monotonic())
+
+    def check_reload(self, now: float) -> None:
+        """Report the reload once every worker told about it shows the new version in its stats slot."""
+        pending = [proc for pid in self.reload_waiting if (proc := self.workers.get(pid)) is not None
+                   and self.stats.read(proc.slot).config_version < self.reloads]
+        if not pending or now >= self.reload_deadline:
+            self.finish_reload(pending)
+
+    def finish_reload(self, pending: list[WorkerProc] | None = None) -> None:
+        assert self.reload_report is not None
+        if pending:
+            log.warning("reload: %s did not confirm the new configuration within %.0f s",
+                        ", ".join(f"worker {p.no} (pid {p.pid})" for p in pending), RELOAD_CONFIRM)
+        self.reload_report["unconfirmed"] = [p.no for p in pending or []]
+        self._write_json("reload.json", self.reload_report)
+        self.reload_report = None
+        self.reload_waiting = []
         sdnotify.ready(self.status_text())
 
     # -- stopping -----------------------------------------------------------------------------

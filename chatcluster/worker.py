@@ -39,11 +39,6 @@ RECV_SIZE = 65536
 UNLIMITED = sys.maxsize  # the read budget without flood control
 ACCEPTS_PER_WAKE = 256
 BUS_BATCHES_PER_PASS = 512
-# Clients given their output per loop pass. A broadcast to a large room is sent in slices, and
-# between two slices the loop reads its clients and drains the bus: a line said meanwhile is
-# published at once and joins the output of the clients not served yet, instead of waiting
-# for the whole room to be served first (which made latency a multiple of the room's size).
-FLUSH_SLICE = 256
 HEARTBEAT_EVERY = 0.25
 PING_EVERY = 0.5
 EXIT_BOOT_FAILED = 3
@@ -122,6 +117,7 @@ class Worker:
         self.draining_until: float | None = None  # first phase of a stop: let the bus catch up
         self.reload_pending = False
         self.parent_pid = os.getppid()
+        self.config_version = 0  # the supervisor's reload count we last applied, shown in our stats slot
         self.lines_in = 0
         self.lines_out = 0
         self.bytes_out = 0
@@ -210,7 +206,7 @@ class Worker:
             if self.outgoing:
                 self.publish()
             if self.dirty:
-                self.flush_dirty(FLUSH_SLICE)
+                self.flush_dirty()
             now = time.monotonic()
             if self.timers and self.timers[0][0] <= now:
                 self.run_timers(now)
@@ -379,8 +375,6 @@ class Worker:
         """The client shut its side: its lines are handled; send what is queued, then close."""
         self.room.pop(c.conn, None)
         self.apply(self.core.disconnect(c.conn, ""))
-        if c.conn in self.core.local:
-            return  # some of its lines wait for the bus (a /nick in flight): the core closes it after them
         self.close_when_sent(c)
 
     def run_timers(self, now: float) -> None:
@@ -467,15 +461,9 @@ class Worker:
         if c.out is not None and c.fd in self.clients and c.outlen > self.cfg.max_sendq_bytes:
             self.flush(c)
 
-    def flush_dirty(self, limit: int = 0) -> None:
-        """Send what is queued for the dirty clients: all of them, or the first `limit` (in order)."""
-        dirty = self.dirty
-        if limit and len(dirty) > limit:
-            batch = dirty[:limit]
-            del dirty[:limit]
-        else:
-            batch, self.dirty = dirty, []
-        for c in batch:
+    def flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for c in dirty:
             if c.out is not None and c.fd in self.clients:
                 self.flush(c)
 
@@ -618,15 +606,17 @@ class Worker:
         self.last_beat = time.monotonic()
         self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
                          self.last_beat, len(self.room), self.lines_in, self.lines_out, self.bytes_out,
-                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.clients))
+                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.clients),
+                         self.config_version)
 
     def reload(self) -> None:
         """Apply live settings written by the supervisor to RUNTIME_DIR/config.json."""
         path = os.path.join(self.runtime_dir, "config.json")
         try:
             with open(path) as fh:
-                values = json.load(fh)
-        except (OSError, ValueError) as exc:
+                doc = json.load(fh)
+            values, version = doc["values"], int(doc["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("worker %d: cannot read %s for reload: %s", self.worker_no, path, exc)
             return
         new = Config(values={**self.cfg.values, **values}, source=path)
@@ -638,6 +628,8 @@ class Worker:
             c.bucket.configure(self.cfg.flood_rate, self.cfg.flood_burst)
         logging.getLogger("chatcluster").setLevel(self.cfg.log_level.upper())
         log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
+        self.config_version = version
+        self.beat(S.STOPPING if self.stopping is not None else S.READY)  # tells the supervisor at once
 
     def begin_stop(self, now: float) -> None:
         """TERM: a graceful stop within graceful_timeout; QUIT: the same within a second.
