@@ -39,6 +39,11 @@ RECV_SIZE = 65536
 UNLIMITED = sys.maxsize  # the read budget without flood control
 ACCEPTS_PER_WAKE = 256
 BUS_BATCHES_PER_PASS = 512
+# Clients given their output per loop pass. A broadcast to a large room is sent in slices, and
+# between two slices the loop reads its clients and drains the bus: a line said meanwhile is
+# published at once and joins the output of the clients not served yet, instead of waiting
+# for the whole room to be served first (which made latency a multiple of the room's size).
+FLUSH_SLICE = 256
 HEARTBEAT_EVERY = 0.25
 PING_EVERY = 0.5
 EXIT_BOOT_FAILED = 3
@@ -206,7 +211,7 @@ class Worker:
             if self.outgoing:
                 self.publish()
             if self.dirty:
-                self.flush_dirty()
+                self.flush_dirty(FLUSH_SLICE)
             now = time.monotonic()
             if self.timers and self.timers[0][0] <= now:
                 self.run_timers(now)
@@ -375,6 +380,8 @@ class Worker:
         """The client shut its side: its lines are handled; send what is queued, then close."""
         self.room.pop(c.conn, None)
         self.apply(self.core.disconnect(c.conn, ""))
+        if c.conn in self.core.local:
+            return  # some of its lines wait for the bus (a /nick in flight): the core closes it after them
         self.close_when_sent(c)
 
     def run_timers(self, now: float) -> None:
@@ -461,9 +468,15 @@ class Worker:
         if c.out is not None and c.fd in self.clients and c.outlen > self.cfg.max_sendq_bytes:
             self.flush(c)
 
-    def flush_dirty(self) -> None:
-        dirty, self.dirty = self.dirty, []
-        for c in dirty:
+    def flush_dirty(self, limit: int = 0) -> None:
+        """Send what is queued for the dirty clients: all of them, or the first `limit` (in order)."""
+        dirty = self.dirty
+        if limit and len(dirty) > limit:
+            batch = dirty[:limit]
+            del dirty[:limit]
+        else:
+            batch, self.dirty = dirty, []
+        for c in batch:
             if c.out is not None and c.fd in self.clients:
                 self.flush(c)
 
