@@ -11,18 +11,6 @@ worker keeps what it published until it has seen it come back, so after a
 broker restart it can send it again. The broker also keeps a roster replica,
 to hand a snapshot to a booting worker at the exact point in the order where
 it asked.
-
-Why a restarted broker admits publishers one by one: a new broker starts with
-an empty roster and knows nothing of the old order. Each worker, on seeing the
-new epoch, sends an unnumbered control batch (RESYNC of its clients, HELLO)
-and then everything it published but never saw come back, in the original
-numbering. The broker drops a worker's numbered batches until that control
-batch has arrived (whatever was queued before it is in the resend anyway), so
-every worker's traffic in the new epoch starts from its RESYNC. For a short
-resync phase the broker sequences only control batches and holds everything
-else; when every live worker has resynced (or the phase times out), it answers
-the waiting HELLOs with snapshots and releases the held traffic. So each
-worker restarts from a complete roster and no chat line reaches it before.
 """
 
 from __future__ import annotations
@@ -233,6 +221,17 @@ class Broker:
     """Sequence every batch, keep a roster replica, answer HELLOs, rebuild after a restart.
 
     Pure apart from `emit(header, payload)`, which publishes one stamped message.
+
+    Why a restarted broker admits publishers one by one: a new broker starts with an empty
+    roster and knows nothing of the old order. Each worker, on seeing the new epoch, sends an
+    unnumbered control batch (RESYNC of its clients, HELLO) and then everything it published
+    but never saw come back, in the original numbering. The broker drops a worker's numbered
+    batches until that control batch has arrived (whatever was queued before it is in the
+    resend anyway), so every worker's traffic in the new epoch starts from its RESYNC. For a
+    short resync phase the broker sequences only control batches and holds everything else;
+    when every live worker has resynced (or the phase times out), it answers the waiting
+    HELLOs with snapshots and releases the held traffic. So each worker restarts from a
+    complete roster, and no chat line reaches it before that.
     """
 
     def __init__(self, emit: Callable[[bytes, bytes], None], workers: Sequence[str], now: float) -> None:

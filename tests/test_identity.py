@@ -301,7 +301,10 @@ def test_a_killed_broker_is_replaced_and_chat_resumes(make_cluster: Callable[...
         wait_numbers(r, a.nick, "probe", i - 1)
         assert numbers_from(r, a.nick, "probe") == list(range(i)), "a line sent during the outage was lost"
     assert sorted(cl.worker_pids()) == workers, "a worker died with the broker"
-    assert "crashed" not in cl.read_log() and "Traceback" not in cl.read_log()
+    log = cl.read_log()
+    assert "crashed" not in log and "Traceback" not in log
+    # Every worker found the new broker and resynced with it.
+    assert sorted(set(re.findall(r"worker (\d+): bus broker restarted", log))) == ["1", "2", "3", "4"]
 
 
 def test_the_roster_is_rebuilt_after_a_broker_restart(make_cluster: Callable[..., Cluster]) -> None:
