@@ -330,6 +330,28 @@ def test_the_roster_is_rebuilt_after_a_broker_restart(make_cluster: Callable[...
     assert newcomer.nick.lower() not in {n.lower() for n in everyone}
 
 
+def test_a_broker_killed_again_while_the_cluster_resyncs(make_cluster: Callable[..., Cluster]) -> None:
+    cl = make_cluster(4, extra=FAST)
+    announced(cl)
+    clients = named(cl, cl.clients_on_distinct_workers(4), "Twice")
+    send_numbered(clients[0], "t", range(50))
+    first, _ = kill_broker(cl)
+    second = new_broker(cl, first)
+    os.kill(second, signal.SIGKILL)  # before, during or just after its resync phase
+    send_numbered(clients[0], "t", range(50, 100))
+    third = new_broker(cl, second)
+    for c in clients[1:]:
+        wait_numbers(c, clients[0].nick, "t", 99)
+        got = numbers_from(c, clients[0].nick, "t")
+        assert got == sorted(set(got))
+        assert got == list(range(100)) or LOST in c.lines
+    for c in clients:
+        wait_who(c, [x.nick for x in clients])
+    log = cl.read_log()
+    assert "Traceback" not in log and "crashed" not in log
+    print(f"\nbrokers {first} -> {second} -> {third}; roster whole, nothing lost silently")
+
+
 @pytest.mark.timeout(240)
 def test_broker_kills_under_load_lose_nothing_silently(make_cluster: Callable[..., Cluster]) -> None:
     """Kill the broker three times while everyone talks: each receiver gets every sender's lines
