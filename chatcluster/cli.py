@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+from . import __version__, upgrade
 from . import config as cfgmod
 from . import stats as S
 from .supervisor import (
@@ -36,6 +36,8 @@ from .supervisor import (
 
 RELOAD_WAIT = 10.0  # seconds `reload` waits for the supervisor's answer
 SCALE_WAIT = 30.0  # seconds `scale` waits for new workers to boot, on top of the retired ones' drain
+# Seconds `upgrade` waits: the check, the new generation's boot and the handoff each have their own limit.
+UPGRADE_WAIT = upgrade.CHECK_TIMEOUT + 30.0 + upgrade.HANDOFF_TIMEOUT + 15.0
 
 
 class CliError(Exception):
@@ -90,7 +92,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             if other is not None and other != os.getpid():
                 raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
                                    f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
-        check_port_free(cfg.host, cfg.port)
+        if not upgrade.resuming():  # re-executed by an upgrade, our own workers hold the port
+            check_port_free(cfg.host, cfg.port)
     except StartupError:
         if created:
             os.rmdir(runtime_dir)
@@ -234,7 +237,31 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    raise CliError("upgrade is not available in this version; restart the cluster to run new code")
+    """USR2 with a token in RUNTIME_DIR/upgrade-request; the supervisor answers in upgrade.json."""
+    _, runtime_dir, pid = locate(args)
+    token = os.urandom(8).hex()
+    path = os.path.join(runtime_dir, upgrade.REQUEST_FILE)
+    with open(path + ".tmp", "w") as fh:
+        fh.write(token + "\n")
+    os.replace(path + ".tmp", path)
+    send_signal(pid, signal.SIGUSR2)
+
+    def answered() -> dict[str, Any] | None:
+        result = upgrade.read_result(runtime_dir)
+        if result is not None and result.get("token") == token:
+            return result
+        if not alive(pid):
+            raise CliError(f"chatcluster (pid {pid}) exited during the upgrade; see its log")
+        return None
+
+    result = wait_until(answered, UPGRADE_WAIT)
+    if result is None:
+        raise CliError(f"sent USR2 to chatcluster (pid {pid}) but it did not report an outcome within "
+                       f"{UPGRADE_WAIT:.0f} s; see its log")
+    if not result["ok"]:
+        raise CliError(f"upgrade failed: {result['message']}")
+    print(f"chatcluster (pid {pid}) upgraded: {result['message']}")
+    return 0
 
 
 # -- status -------------------------------------------------------------------------------------

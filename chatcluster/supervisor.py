@@ -8,8 +8,9 @@ are reaped and respawned (with back-off when they keep dying young), a worker
 that cannot boot at all stops the cluster instead of crash-looping, and a
 worker whose heartbeat stops is killed and replaced. systemd hears about all
 of it through `sdnotify`. Every process of a cluster belongs to a
-`generation`; there is one today, and replacing one generation by the next is
-the business of an upgrade.
+`generation`; USR2 (`chatcluster upgrade`) re-executes the supervisor and
+replaces one generation of workers by the next without dropping a connection
+(see `upgrade`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 from . import sdnotify
 from . import stats as S
+from . import upgrade as U
 from .config import Config, ConfigError, load
 from .worker import EXIT_BOOT_FAILED
 
@@ -49,7 +51,7 @@ HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
 # stop it (the default action of TTIN and TTOU) or end it (that of HUP, USR1 and USR2). A worker
 # installs its own HUP handler once it can reload.
 CHILD_IGNORES = ("HUP", "TTIN", "TTOU", "USR1", "USR2")
-RUNTIME_FILES = ("bus-in", "bus-out", "config.json", "stats", "scale", "reload.json")
+RUNTIME_FILES = ("bus-in", "bus-out", "config.json", "stats", "scale", "reload.json", *U.FILES)
 
 
 class StartupError(Exception):
@@ -119,6 +121,7 @@ class Supervisor:
     reload_report: dict[str, object] | None = None  # a reload's outcome, reported once the workers applied it
     reload_waiting: list[int] = field(default_factory=list)  # pids of the workers told to apply it
     reload_deadline: float = 0.0
+    upgrade: U.Upgrade | None = None  # while `chatcluster upgrade` (USR2) is under way
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -127,17 +130,19 @@ class Supervisor:
         self.target = self.cfg.worker_count()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.stats = S.StatsFile(os.path.join(self.runtime_dir, "stats"), create=True)
+            # After an upgrade's re-exec the workers are running: keep their slots.
+            self.stats = S.StatsFile(os.path.join(self.runtime_dir, "stats"), create=not U.resuming())
             self.write_live_config()
             self.write_pid_file()
             for name in HANDLED:
                 signal.signal(getattr(signal, "SIG" + name), self._on_signal)
             signal.set_wakeup_fd(self.wake_w)
-            log.info("supervisor starting %d workers on %s:%d (runtime dir %s, pid file %s)", self.target,
-                     self.cfg.host, self.cfg.port, self.runtime_dir, self.pid_file)
-            self.start_broker()
-            while len(self.workers) < self.target:
-                self.spawn_worker()
+            if not U.resume(self):
+                log.info("supervisor starting %d workers on %s:%d (runtime dir %s, pid file %s)", self.target,
+                         self.cfg.host, self.cfg.port, self.runtime_dir, self.pid_file)
+                self.start_broker()
+                while len(self.workers) < self.target:
+                    self.spawn_worker()
             self.loop()
         finally:
             self.cleanup()
@@ -220,7 +225,9 @@ class Supervisor:
         self.write_header()
         log.info("broker started, pid %d", self.broker_pid)
 
-    def spawn_worker(self, slot: int | None = None, replacing: int = 0) -> WorkerProc:
+    def spawn_worker(self, slot: int | None = None, replacing: int = 0,
+                     succeeds: tuple[str, int] | None = None) -> WorkerProc:
+        """Fork a worker; `succeeds` (id, pid) names the old worker it takes over from in an upgrade."""
         from . import worker
 
         used = {w.slot for w in self.workers.values()}
@@ -233,7 +240,7 @@ class Supervisor:
         def body() -> int:
             if cfg.cpu_affinity:
                 pin_to_cpu(slot, no)
-            return worker.main(cfg, no, f"w{no}", slot, generation, runtime_dir, stats)
+            return worker.main(cfg, no, f"w{no}", slot, generation, runtime_dir, stats, succeeds)
 
         self.stats.write(slot, 0, S.BOOTING, no, generation, time.time(), time.monotonic(), 0, 0, 0, 0, 0, 0, 0, 0)
         pid = self._fork(f"worker {no}", body)
@@ -241,6 +248,8 @@ class Supervisor:
         self.workers[pid] = proc
         if replacing:
             log.info("worker %d started, pid %d, replacing worker %d", no, pid, replacing)
+        elif succeeds:
+            log.info("worker %d started, pid %d, to take over from worker %s", no, pid, succeeds[0][1:])
         else:
             log.info("worker %d started, pid %d", no, pid)
         return proc
@@ -259,6 +268,8 @@ class Supervisor:
             now = time.monotonic()
             if self.reload_report is not None:
                 self.check_reload(now)
+            if self.upgrade is not None:
+                U.tick(self, now)
             if self.stopping is not None:
                 if not self.workers or now >= self.stopping:
                     self.finish_stop()
@@ -302,6 +313,8 @@ class Supervisor:
                 continue
             proc = self.workers.pop(pid, None)
             if proc is None:
+                if self.upgrade is not None:
+                    U.reaped(self, pid, status)  # the check of the installed code; may re-exec
                 continue  # not ours: as PID 1 of a container the supervisor reaps orphans too
             self.seen_ready(proc)
             self.stats.clear(proc.slot)
@@ -310,6 +323,8 @@ class Supervisor:
 
     def worker_died(self, proc: WorkerProc, status: int) -> None:
         how = describe_exit(status)
+        if self.upgrade is not None and U.worker_died(self, proc, how):
+            return  # a new worker of an upgrade failed to start: the upgrade is off, the old ones serve
         if self.stopping is not None or proc.retiring:
             log.info("worker %d (pid %d) %s", proc.no, proc.pid, how)
             return
@@ -464,7 +479,8 @@ class Supervisor:
         self.scale_to(wanted, "scale")
 
     def handle_usr2(self) -> None:
-        log.warning("USR2 (upgrade) is not available in this version; restart the cluster to run new code")
+        """`chatcluster upgrade`: every process moves to the installed code, keeping the connections."""
+        U.request(self)
 
     def scale_to(self, wanted: int, why: str) -> None:
         if self.stopping is not None:

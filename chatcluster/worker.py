@@ -22,15 +22,17 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from . import chat as C
+from . import migrate
 from . import stats as S
 from .bus import GAP, REPLAY, RESTARTED, BusClient, Endpoints
 from .config import Config
-from .protocol import Line, LineReader, TokenBucket, encode_line
+from .protocol import DEFAULT_MAX_LINE_BYTES, Line, LineReader, TokenBucket, encode_line
 from .roster import PING
 
 log = logging.getLogger("chatcluster.worker")
@@ -64,19 +66,24 @@ IDLE_LINE = encode_line("*** Error: disconnected: idle for too long")
 
 
 class Client:
-    """One connection. `out` is None while nothing is queued, to keep idle clients small."""
+    """One connection, kept small while idle (most of them are): `out` is None while nothing
+    is queued, and the line reader and flood-control bucket are made when first needed, with
+    the settings in `Client.limits` (the worker sets them at start and on reload)."""
 
-    __slots__ = ("sock", "fd", "conn", "ip", "reader", "bucket", "out", "outlen", "pending",
+    __slots__ = ("sock", "fd", "conn", "ip", "_reader", "_bucket", "out", "outlen", "pending",
                  "throttled", "eof", "closing", "last_rx")
 
-    def __init__(self, sock: socket.socket, conn: int, ip: str, reader: LineReader,
-                 bucket: TokenBucket, now: float) -> None:
+    # (max_line_bytes, flood_rate, flood_burst) for readers and buckets made from now on.
+    limits: tuple[int, float, int] = (DEFAULT_MAX_LINE_BYTES, 0.0, 1)
+
+    def __init__(self, sock: socket.socket, conn: int, ip: str, reader: LineReader | None,
+                 bucket: TokenBucket | None, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.conn = conn
         self.ip = ip
-        self.reader = reader
-        self.bucket = bucket
+        self._reader = reader
+        self._bucket = bucket
         self.out: list[bytes] | None = None
         self.outlen = 0
         self.pending = b""  # bytes read but not parsed yet: the client is out of flood-control tokens
@@ -87,11 +94,32 @@ class Client:
         self.closing = False
         self.last_rx = now
 
+    @property
+    def reader(self) -> LineReader:
+        if self._reader is None:
+            self._reader = LineReader(self.limits[0])
+        return self._reader
+
+    @reader.setter
+    def reader(self, reader: LineReader) -> None:
+        self._reader = reader
+
+    @property
+    def bucket(self) -> TokenBucket:
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.limits[1], self.limits[2], time.monotonic())
+        return self._bucket
+
+    @bucket.setter
+    def bucket(self, bucket: TokenBucket) -> None:
+        self._bucket = bucket
+
 
 class Worker:
     def __init__(self, cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int,
-                 runtime_dir: str, stats: S.StatsFile) -> None:
+                 runtime_dir: str, stats: S.StatsFile, succeeds: tuple[str, int] | None = None) -> None:
         self.cfg = cfg
+        Client.limits = (cfg.max_line_bytes, cfg.flood_rate, cfg.flood_burst)
         self.worker_no = worker_no
         self.worker_id = worker_id
         self.slot = slot
@@ -123,6 +151,13 @@ class Worker:
         self.reload_pending = False
         self.parent_pid = os.getppid()
         self.config_version = 0  # the supervisor's reload count we last applied, shown in our stats slot
+        # Upgrades (see migrate.py): `succeeds` is the (id, pid) of the worker whose listener and
+        # clients this one takes over; `handoff` is the giver or taker while that goes on.
+        self.succeeds = succeeds
+        self.handoff: migrate.Giver | migrate.Taker | None = None
+        self.handoff_requested = False
+        self.frozen = False  # a giver past its cut point: read nothing more
+        self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
         self.lines_in = 0
         self.lines_out = 0
         self.bytes_out = 0
@@ -152,8 +187,14 @@ class Worker:
                 self.last_hello = now
             if self.bus.sub.poll(50, zmq.POLLIN):
                 self.handle_bus()
-        self.listener = self.open_listener()
-        self.ep.register(self.listener.fileno(), EPOLLIN)
+        if self.succeeds is not None:
+            # An upgrade: the predecessor hands us its listening socket (its queue of waiting
+            # connections with it), then its clients.
+            self.handoff = migrate.Taker(self, *self.succeeds)
+            self.handoff.boot()
+        else:
+            self.listener = self.open_listener()
+            self.ep.register(self.listener.fileno(), EPOLLIN)
         self.ep.register(self.bus.fd, EPOLLIN | EPOLLET)
         self.beat(S.READY)
         log.info("worker %d (%s) ready on %s:%d, %d users in the roster", self.worker_no,
@@ -184,10 +225,10 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGQUIT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_reload_signal)
+        signal.signal(signal.SIGUSR2, self._on_handoff_signal)
         self.boot()
         poll = self.ep.poll
         clients = self.clients
-        listen_fd = self.listener.fileno() if self.listener else -1
         while True:
             timeout = self._poll_timeout()
             try:
@@ -197,8 +238,11 @@ class Worker:
             for fd, ev in events:
                 c = clients.get(fd)
                 if c is None:
-                    if fd == listen_fd:
+                    # The listener can change hands during an upgrade: compare with the current one.
+                    if self.listener is not None and fd == self.listener.fileno():
                         self.accept()
+                    elif self.handoff is not None and fd in self.handoff.fds:
+                        self.handoff.on_fd(fd)
                     continue
                 if ev & READ_EVENTS and not c.throttled:
                     self.read(c)
@@ -236,11 +280,17 @@ class Worker:
     def _on_reload_signal(self, _signum: int, _frame: Any) -> None:
         self.reload_pending = True
 
+    def _on_handoff_signal(self, _signum: int, _frame: Any) -> None:
+        self.handoff_requested = True  # an upgrade: hand everything to our successor
+
     # -- clients ------------------------------------------------------------------------------
 
     def accept(self) -> None:
         assert self.listener is not None
         cfg = self.cfg
+        # One reading of the clocks for the whole batch: idle clients then share these floats.
+        now = time.monotonic()
+        wall = time.time()
         for _ in range(ACCEPTS_PER_WAKE):
             try:
                 sock, addr = self.listener.accept()
@@ -260,11 +310,9 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
-            now = time.monotonic()
             conn = self.next_conn
             self.next_conn += 1
-            c = Client(sock, conn, addr[0], LineReader(cfg.max_line_bytes),
-                       TokenBucket(cfg.flood_rate, cfg.flood_burst, now), now)
+            c = Client(sock, conn, sys.intern(addr[0]), None, None, now)
             c.throttled = True  # until its welcome line: see Enter in apply()
             self.clients[c.fd] = c
             self.by_conn[conn] = c
@@ -273,7 +321,7 @@ class Worker:
                 self.queue(c, SHUTDOWN_LINE)
                 c.closing = True
                 continue
-            effects = self.core.connect(conn, c.ip, time.time())
+            effects = self.core.connect(conn, c.ip, wall)
             if any(type(e) is C.Close for e in effects):
                 # Refused by a client limit (max_clients, max_clients_per_ip): log what it is told.
                 told = b"".join(e.data for e in effects if type(e) is C.Send).decode(errors="replace").strip()
@@ -321,7 +369,7 @@ class Worker:
         RECV_SIZE bytes) and is not read again until its timer fires, so TCP pushes back on
         it and none of its lines is lost or reordered. Every line counts, commands too.
         """
-        if c.closing or c.throttled or self.draining_until is not None:
+        if c.closing or c.throttled or self.draining_until is not None or self.frozen:
             return
         limited = self.cfg.flood_rate > 0
         recv = c.sock.recv
@@ -431,6 +479,8 @@ class Worker:
                 if over is not None:
                     for slow in over:
                         self.enforce_sendq(slow)
+                if self.collect is not None:
+                    self.collect(data)  # clients on their way here from our predecessor get it too
             elif t is C.Publish:
                 self.outgoing.append(e.event)  # type: ignore[union-attr]
             elif t is C.Send:
@@ -544,6 +594,8 @@ class Worker:
         events, self.outgoing = self.outgoing, []
         self.bus.publish(events)
         self.last_publish = time.monotonic()
+        if self.handoff is not None:
+            self.handoff.published(events)
 
     def handle_bus(self) -> None:
         for _ in range(8):
@@ -566,6 +618,8 @@ class Worker:
                     self.apply(self.core.on_bus(payload[0], payload[1], replay=True))
                 else:
                     self.apply(self.core.on_bus(publisher, payload))
+                    if self.handoff is not None:
+                        self.handoff.after_batch(publisher, payload)  # an upgrade's cut point?
             if self.core.undelivered > undelivered:
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
                             "and were not delivered", self.worker_no, self.core.undelivered - undelivered)
@@ -602,6 +656,12 @@ class Worker:
         if self.reload_pending:
             self.reload_pending = False
             self.reload()
+        if self.handoff_requested:
+            self.handoff_requested = False
+            if self.handoff is None:
+                self.handoff = migrate.Giver.start(self)
+        if self.handoff is not None:
+            self.handoff.tick(now)
         if self.draining_until is not None and (not self.bus.order.unacked or now >= self.draining_until):
             self.say_goodbye()
 
@@ -636,9 +696,12 @@ class Worker:
         live, _restart = self.cfg.live_changes(new)
         self.cfg = Config(values={**self.cfg.values, **live}, source=path)
         self.core.settings = self._chat_settings(self.cfg)
+        Client.limits = (self.cfg.max_line_bytes, self.cfg.flood_rate, self.cfg.flood_burst)
         for c in self.clients.values():
-            c.reader.max_line_bytes = self.cfg.max_line_bytes
-            c.bucket.configure(self.cfg.flood_rate, self.cfg.flood_burst)
+            if c._reader is not None:
+                c._reader.max_line_bytes = self.cfg.max_line_bytes
+            if c._bucket is not None:
+                c._bucket.configure(self.cfg.flood_rate, self.cfg.flood_burst)
         logging.getLogger("chatcluster").setLevel(self.cfg.log_level.upper())
         log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
         self.config_version = version
@@ -705,7 +768,7 @@ def _open_spare() -> int | None:
 
 
 def main(cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int, runtime_dir: str,
-         stats: S.StatsFile) -> int:
-    worker = Worker(cfg, worker_no, worker_id, slot, generation, runtime_dir, stats)
+         stats: S.StatsFile, succeeds: tuple[str, int] | None = None) -> int:
+    worker = Worker(cfg, worker_no, worker_id, slot, generation, runtime_dir, stats, succeeds)
     worker.run()
     return 0

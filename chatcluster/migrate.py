@@ -1,0 +1,609 @@
+"""Moving a worker's clients to its successor without anyone noticing: the giver and the taker.
+
+During an upgrade every old worker (the giver) hands its listening socket and
+its clients to one new worker (the taker) over the `handoff` wire. Nothing may
+be lost, repeated or reordered, and the bus order decides where the cut is.
+
+The giver stops accepting and reading, then publishes a HANDOFF marker. When
+the marker comes back from the broker, at point P of the one bus order,
+everything the giver published for its clients is ordered before P (if a
+nickname claim or a held line slipped out after the marker, it marks again),
+and its output queues hold exactly what its clients must see up to P. It sends
+the clients right then, before it applies anything after P. The taker sees
+the same marker at the same point P of its own copy of the order, and from
+there keeps a copy of everything it broadcasts to its room. When the clients
+arrive, each gets the giver's queue, then that copy, and joins the room: every
+message after P comes through the taker, every one up to P through the giver.
+
+The taker publishes ADOPT for each client (every roster replica moves the
+nickname to it) before anything the client says, so the client's next line is
+attributed to its new connection everywhere. It answers the giver once its
+ADOPTs are back from the broker; only then does the giver exit, so the
+supervisor's GONE for it can never remove a moved client. If the giver cannot
+reach its successor, or nothing is sent within GIVE_TIMEOUT, it keeps serving
+its clients as before. This module knows the worker's structures; the worker
+only calls into it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import chat as C
+from . import roster as R
+from . import stats as S
+from .handoff import (
+    ACCEPT,
+    ACK,
+    CLIENTS,
+    END,
+    HELLO,
+    MAX_FDS_PER_FRAME,
+    REFUSE,
+    ClientState,
+    Frame,
+    FrameReader,
+    HandoffError,
+    receive,
+    send,
+    socket_path,
+    state_from_wire,
+    state_to_wire,
+)
+
+if TYPE_CHECKING:
+    from .worker import Client, Worker
+
+log = logging.getLogger("chatcluster.migrate")
+
+CONNECT_TIMEOUT = 5.0
+SEND_TIMEOUT = 30.0
+GIVE_TIMEOUT = 20.0  # a giver that has not sent its clients by then keeps serving them
+ACK_TIMEOUT = 20.0  # a giver that sent its clients and hears nothing back by then gives up on them
+
+
+def export_client(w: Worker, c: Client, now: float) -> ClientState:
+    """A client's state for the wire. Input held back by flood control is the unparsed rest of a read."""
+    user = w.core.local[c.conn]
+    out = b"".join(c.out) if c.out else b""
+    return ClientState(conn=c.conn, ip=c.ip, nick=user.nick, since=user.since, reader=c.reader, bucket=c.bucket,
+                       out=out, lines=[], unread=bytes(c.pending), eof=c.eof, idle=max(0.0, now - c.last_rx))
+
+
+# -- the giver: an old worker handing its clients over ---------------------------------------
+
+GREETING, FROZEN, SENT, DONE = "greeting", "frozen", "sent", "done"
+
+
+class Giver:
+    """The old worker's side: hand the listener and every client to `taker`, then let the worker exit."""
+
+    def __init__(self, w: Worker, sock: socket.socket, now: float) -> None:
+        self.w = w
+        self.sock = sock
+        self.reader = FrameReader()
+        self.state = GREETING
+        self.deadline = now + GIVE_TIMEOUT
+        self.token = 0
+        self.marker_out = False  # the current marker has been published
+        self.clean = True  # nothing for the clients was published after the current marker
+        self.listener: socket.socket | None = None  # ours, kept until the taker has the clients
+        self.saved_timers: list[Any] = []
+        self.given: list[tuple[int, socket.socket]] = []  # (conn, socket) sent, kept open until ACK
+        self.taker = ""
+        self.fds = {sock.fileno()}
+
+    @classmethod
+    def start(cls, w: Worker) -> Giver | None:
+        """Connect to the successor and offer the listening socket; None if there is nobody to give to."""
+        path = socket_path(w.runtime_dir, w.worker_id)
+        if w.stopping is not None:
+            log.warning("worker %d: asked to hand over its clients while stopping; ignored", w.worker_no)
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(path)
+            listener = [w.listener.fileno()] if w.listener is not None else []
+            send(sock, HELLO, {"worker": w.worker_id, "generation": w.generation, "listener": bool(listener)},
+                 listener)
+        except OSError as exc:
+            sock.close()
+            log.error("worker %d: cannot reach its successor at %s (%s); it keeps serving its clients",
+                      w.worker_no, path, exc.strerror or exc)
+            return None
+        sock.setblocking(False)
+        giver = cls(w, sock, time.monotonic())
+        w.ep.register(sock.fileno(), select.EPOLLIN)
+        log.info("worker %d: handing over to its successor, %d clients", w.worker_no, len(w.clients))
+        return giver
+
+    # -- events from the worker ---------------------------------------------------------------
+
+    def on_fd(self, fd: int) -> None:
+        try:
+            frames, ended = receive(self.sock, self.reader)
+        except (HandoffError, OSError) as exc:
+            frames, ended = [], True
+            log.error("worker %d: handoff connection failed: %s", self.w.worker_no, exc)
+        for frame in frames:
+            for fd_ in frame.fds:
+                os.close(fd_)  # the taker sends none; never leak one
+            if frame.kind == ACCEPT and self.state == GREETING:
+                self.taker = str(frame.body.get("worker", "?"))
+                self.freeze()
+            elif frame.kind == REFUSE:
+                self.resume(f"the successor refused: {frame.body.get('reason', 'no reason given')}")
+                return
+            elif frame.kind == ACK and self.state == SENT:
+                self.done(int(frame.body.get("adopted", 0)))
+                return
+        if ended and self.state != DONE:
+            if self.state == SENT:
+                self.lost("the successor closed the connection before adopting them")
+            else:
+                self.resume("the successor closed the connection")
+
+    def tick(self, now: float) -> None:
+        if self.state in (GREETING, FROZEN):
+            if self.w.stop_signal or self.w.stopping is not None:
+                self.resume("the worker was told to stop")
+            elif now > self.deadline:
+                self.resume(f"no handoff point within {GIVE_TIMEOUT:.0f} s")
+        elif self.state == SENT and now > self.deadline:
+            self.lost(f"no answer from {self.taker} within {ACK_TIMEOUT:.0f} s")
+
+    def published(self, events: list[tuple[Any, ...]]) -> None:
+        """Every batch the worker publishes: anything for the clients after the marker spoils the cut."""
+        if self.state != FROZEN:
+            return
+        for ev in events:
+            kind = ev[0]
+            if kind == R.HANDOFF and ev[2] == self.token:
+                self.marker_out = True
+                self.clean = True
+            elif self.marker_out and kind != R.PING and kind != R.HANDOFF:
+                self.clean = False
+
+    def after_batch(self, publisher: str, events: list[tuple[Any, ...]]) -> None:
+        """Called after the worker applied a bus batch; our marker coming back is the cut point P."""
+        if self.state != FROZEN or publisher != self.w.worker_id or not self.marker_out:
+            return
+        if not any(ev[0] == R.HANDOFF and ev[2] == self.token for ev in events):
+            return
+        w = self.w
+        settled = all(u.state == C.ACTIVE for u in w.core.local.values())
+        quiet = all(ev[0] == R.PING for ev in w.outgoing)
+        if self.clean and settled and quiet:
+            self.give()
+        else:
+            # A claim or a line was published after the marker (a nickname taken, a backlog
+            # replayed): it would land after P. Cut again after it.
+            self.mark()
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def freeze(self) -> None:
+        """The successor has the listener: stop accepting and reading, and mark the cut in the bus order."""
+        w = self.w
+        if w.listener is not None:
+            w.ep.unregister(w.listener.fileno())
+            self.listener, w.listener = w.listener, None
+        w.frozen = True
+        # Flood-control timers would feed held lines to the chat core; they resume with the taker.
+        self.saved_timers, w.timers = w.timers, []
+        self.state = FROZEN
+        self.mark()
+
+    def mark(self) -> None:
+        self.token += 1
+        self.marker_out = False
+        self.clean = True
+        self.w.outgoing.append((R.HANDOFF, self.taker, self.token))
+
+    def give(self) -> None:
+        w = self.w
+        now = time.monotonic()
+        states: list[dict[str, Any]] = []
+        socks: list[socket.socket] = []
+        for c in list(w.clients.values()):
+            user = w.core.local.get(c.conn)
+            if c.closing or user is None:
+                continue  # leaving anyway: it is flushed and closed here
+            states.append(state_to_wire(export_client(w, c, now), now))
+            socks.append(c.sock)
+            self.given.append((c.conn, c.sock))
+            detach(w, c)
+        try:
+            self.sock.settimeout(SEND_TIMEOUT)
+            for i in range(0, len(states), MAX_FDS_PER_FRAME):
+                batch = slice(i, i + MAX_FDS_PER_FRAME)
+                send(self.sock, CLIENTS, {"clients": states[batch]}, [s.fileno() for s in socks[batch]])
+            send(self.sock, END, {"token": self.token, "count": len(states)})
+            self.sock.setblocking(False)
+        except OSError as exc:
+            self.state = SENT
+            self.lost(f"sending them failed: {exc}")
+            return
+        self.state = SENT
+        self.deadline = now + ACK_TIMEOUT
+        queued = sum(len(st["out"]) * 3 // 4 for st in states)
+        log.info("worker %d: sent %d clients (%d bytes of output queued) to %s", w.worker_no, len(states), queued,
+                 self.taker)
+
+    def done(self, adopted: int) -> None:
+        w = self.w
+        self.close_given()
+        log.info("worker %d: %s adopted %d clients; exiting", w.worker_no, self.taker, adopted)
+        self.finish()
+        w.stopping = time.monotonic() + w.cfg.graceful_timeout  # only clients already leaving remain
+
+    def resume(self, why: str) -> None:
+        """Nothing was handed over: serve the clients as before."""
+        w = self.w
+        log.error("worker %d: handing over its clients failed (%s); it keeps serving them", w.worker_no, why)
+        if self.listener is not None:
+            w.listener = self.listener
+            w.ep.register(w.listener.fileno(), select.EPOLLIN)
+            self.listener = None
+        w.timers.extend(self.saved_timers)
+        heapq.heapify(w.timers)
+        w.frozen = False
+        self.finish()
+        for c in list(w.clients.values()):
+            if c.fd in w.clients and not c.closing and not c.throttled:
+                w.read(c)  # edges that came while frozen were not acted on
+
+    def lost(self, why: str) -> None:
+        """The clients were sent but not adopted: they are gone; say so in every roster."""
+        w = self.w
+        log.error("worker %d: handing over failed after its clients were sent (%s); %d clients are "
+                  "disconnected", w.worker_no, why, len(self.given))
+        for conn, _ in self.given:
+            w.outgoing.append((R.LEAVE, conn, "connection lost"))
+        self.close_given()
+        self.finish()
+        w.stopping = time.monotonic() + w.cfg.graceful_timeout
+
+    def close_given(self) -> None:
+        for _, sock in self.given:
+            sock.close()
+        self.given = []
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def finish(self) -> None:
+        self.state = DONE
+        try:
+            self.w.ep.unregister(self.sock.fileno())
+        except OSError:
+            pass
+        self.sock.close()
+        self.reader.close()
+        self.fds = set()
+        if self.w.handoff is self:
+            self.w.handoff = None
+
+
+def detach(w: Worker, c: Client) -> None:
+    """Take a client out of every structure of the worker, without a LEAVE: it lives on elsewhere.
+
+    The socket stays open (the caller holds it) until the successor has it, so its number
+    is not reused while epoll or the dirty list might still mention it.
+    """
+    try:
+        w.ep.unregister(c.fd)
+    except OSError:
+        pass
+    w.clients.pop(c.fd, None)
+    w.by_conn.pop(c.conn, None)
+    w.room.pop(c.conn, None)
+    w.core.local.pop(c.conn, None)
+    c.out = None
+    c.outlen = 0
+    c.closing = True
+
+
+# -- the taker: a new worker adopting its predecessor's clients -------------------------------
+
+
+class Taker:
+    """The new worker's side: adopt the listener and the clients of worker `source`."""
+
+    def __init__(self, w: Worker, source: str, source_pid: int) -> None:
+        self.w = w
+        self.source = source
+        self.source_pid = source_pid
+        self.path = socket_path(w.runtime_dir, source)
+        self.server: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self.pidfd = -1
+        self.reader = FrameReader()
+        self.got_listener = False
+        self.incoming: list[tuple[ClientState, int]] = []
+        self.end_token: int | None = None
+        self.marks: dict[int, int] = {}  # marker token -> position in `copy` where it was seen
+        self.copy: list[bytes] = []  # what the room was sent since the first marker
+        self.awaiting: set[int] = set()  # conns whose ADOPT has not come back yet
+        self.installed = False
+        self.adopted = 0
+        self.fds: set[int] = set()
+
+    def boot(self) -> None:
+        """Listen for the predecessor and watch it: if it exits without handing over, listen ourselves."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        server.bind(self.path)
+        server.listen(4)
+        self.server = server
+        self._watch(server.fileno())
+        try:
+            self.pidfd = os.pidfd_open(self.source_pid)
+        except ProcessLookupError:
+            self.source_gone()
+            return
+        self._watch(self.pidfd)
+
+    def _watch(self, fd: int) -> None:
+        self.w.ep.register(fd, select.EPOLLIN)
+        self.fds.add(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self.fds:
+            self.fds.discard(fd)
+            try:
+                self.w.ep.unregister(fd)
+            except OSError:
+                pass
+
+    # -- events from the worker ---------------------------------------------------------------
+
+    def on_fd(self, fd: int) -> None:
+        if self.server is not None and fd == self.server.fileno():
+            self.accept()
+        elif self.conn is not None and fd == self.conn.fileno():
+            self.read()
+        elif fd == self.pidfd:
+            self.source_gone()
+
+    def accept(self) -> None:
+        assert self.server is not None
+        try:
+            conn, _ = self.server.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.conn is not None:
+            conn.close()  # one predecessor, one connection
+            return
+        conn.setblocking(False)
+        self.conn = conn
+        self._watch(conn.fileno())
+
+    def read(self) -> None:
+        assert self.conn is not None
+        try:
+            frames, ended = receive(self.conn, self.reader)
+        except (HandoffError, OSError) as exc:
+            log.error("worker %d: handoff from %s failed: %s", self.w.worker_no, self.source, exc)
+            frames, ended = [], True
+        for frame in frames:
+            self.handle(frame)
+        if ended and self.conn is not None:
+            self.drop_connection("the predecessor closed the connection")
+
+    def handle(self, frame: Frame) -> None:
+        w = self.w
+        if frame.kind == HELLO:
+            problem = None
+            if frame.body.get("worker") != self.source:
+                problem = f"expected worker {self.source}, got {frame.body.get('worker')!r}"
+            elif not w.core.ready:
+                problem = "not ready"
+            if problem or self.got_listener:
+                for fd in frame.fds:
+                    os.close(fd)
+                self.reply(REFUSE, {"reason": problem or "already adopting"})
+                return
+            if frame.fds:
+                listener = socket.socket(fileno=frame.fds[0])
+                for fd in frame.fds[1:]:
+                    os.close(fd)
+                listener.setblocking(False)
+                if w.listener is None:
+                    w.listener = listener
+                    w.ep.register(listener.fileno(), select.EPOLLIN)
+                else:
+                    listener.close()  # it opened its own after all; one is enough
+            self.got_listener = True
+            self.reply(ACCEPT, {"worker": w.worker_id})
+        elif frame.kind == CLIENTS:
+            clients = frame.body.get("clients")
+            if not isinstance(clients, list) or len(clients) != len(frame.fds):
+                for fd in frame.fds:
+                    os.close(fd)
+                raise HandoffError("a handoff message's clients and descriptors do not match")
+            now = time.monotonic()
+            for d, fd in zip(clients, frame.fds, strict=True):
+                try:
+                    self.incoming.append((state_from_wire(d, now), fd))
+                except HandoffError as exc:
+                    log.error("worker %d: dropping a client from %s: %s", w.worker_no, self.source, exc)
+                    os.close(fd)
+        elif frame.kind == END:
+            self.end_token = int(frame.body.get("token", -1))
+            self.maybe_install()
+        else:
+            for fd in frame.fds:
+                os.close(fd)
+
+    def reply(self, kind: str, body: Mapping[str, Any]) -> None:
+        assert self.conn is not None
+        try:
+            self.conn.setblocking(True)
+            self.conn.settimeout(SEND_TIMEOUT)
+            send(self.conn, kind, body)
+            self.conn.setblocking(False)
+        except OSError as exc:
+            log.error("worker %d: cannot answer %s: %s", self.w.worker_no, self.source, exc)
+
+    def collect(self, data: bytes) -> None:
+        """A broadcast to the room, after a marker: the adopted clients must get it too."""
+        self.copy.append(data)
+
+    def published(self, events: list[tuple[Any, ...]]) -> None:
+        pass  # what we publish is ordered after the cut point anyway
+
+    def tick(self, now: float) -> None:
+        pass  # the giver keeps the time: it resumes or gives up, and we see the connection end
+
+    def after_batch(self, publisher: str, events: list[tuple[Any, ...]]) -> None:
+        w = self.w
+        if publisher == self.source and not self.installed:
+            for ev in events:
+                if ev[0] == R.HANDOFF and ev[1] == w.worker_id:
+                    self.marks[int(ev[2])] = len(self.copy)
+                    w.collect = self.collect
+            self.maybe_install()
+        elif publisher == w.worker_id and self.awaiting:
+            for ev in events:
+                if ev[0] == R.ADOPT and ev[3] in self.awaiting:
+                    self.awaiting.discard(ev[3])
+                    self.adopted_back(ev[3])
+            if not self.awaiting and self.installed:
+                self.finish_ok()
+
+    def maybe_install(self) -> None:
+        if self.installed or self.end_token is None or self.end_token not in self.marks:
+            return
+        self.install(b"".join(self.copy[self.marks[self.end_token]:]))
+
+    def install(self, tail: bytes) -> None:
+        """Make every received client ours: its queue, then what the room got since P, then live."""
+        from .worker import CLIENT_EVENTS, Client
+
+        w = self.w
+        self.installed = True
+        self.copy = []
+        w.collect = None
+        now = time.monotonic()
+        placed: list[tuple[Client, ClientState]] = []
+        for st, fd in self.incoming:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            conn = w.next_conn
+            w.next_conn += 1
+            c = Client(sock, conn, st.ip, st.reader, st.bucket, now)
+            c.last_rx = now - st.idle
+            c.reader.max_line_bytes = w.cfg.max_line_bytes
+            c.bucket.configure(w.cfg.flood_rate, w.cfg.flood_burst)
+            w.clients[c.fd] = c
+            w.by_conn[conn] = c
+            w.ep.register(c.fd, CLIENT_EVENTS)
+            w.core.local[conn] = C.LocalUser(conn, st.ip, st.since, st.nick, state=C.ACTIVE)
+            w.room[conn] = c
+            data = st.out + tail
+            if data:
+                w.queue(c, data)
+            # Published before anything the client says: every replica moves the name first.
+            w.outgoing.append((R.ADOPT, self.source, st.conn, conn))
+            self.awaiting.add(conn)
+            placed.append((c, st))
+        self.incoming = []
+        self.adopted = len(placed)
+        log.info("worker %d: adopted %d clients from %s (%d bytes of room traffic since the cut)", w.worker_no,
+                 len(placed), self.source, len(tail))
+        for c, st in placed:
+            c.eof = st.eof
+            resume_input(w, c, st)
+        if not self.awaiting:
+            self.finish_ok()
+
+    def adopted_back(self, conn: int) -> None:
+        """Our ADOPT came back; if the roster refused it (the name was lost meanwhile), claim a new one."""
+        w = self.w
+        user = w.core.local.get(conn)
+        if user is None or w.core.roster.get(w.worker_id, conn) is not None:
+            return
+        log.warning("worker %d: the roster refused the adoption of %s (conn %d); it gets a new nickname",
+                    w.worker_no, user.nick, conn)
+        user.state = C.REJOINING
+        user.nick = w.core._free_nick()
+        w.outgoing.append((R.JOIN, conn, user.nick, user.since, user.ip))
+
+    def finish_ok(self) -> None:
+        self.w.beat(S.READY)  # the supervisor counts the clients kept as soon as the giver exits
+        if self.conn is not None:
+            self.reply(ACK, {"adopted": self.adopted})
+        self.close()
+
+    def drop_connection(self, why: str) -> None:
+        """The predecessor went away before handing its clients over: it keeps them, or they are gone."""
+        if self.installed:
+            return
+        if self.incoming or self.end_token is not None:
+            log.error("worker %d: %s in the middle of the handoff; %d clients not adopted",
+                      self.w.worker_no, why, len(self.incoming))
+        for _, fd in self.incoming:
+            os.close(fd)
+        self.incoming = []
+        self.close()
+
+    def source_gone(self) -> None:
+        w = self.w
+        if not self.got_listener and w.listener is None:
+            log.warning("worker %d: %s exited without handing over; listening on a new socket",
+                        w.worker_no, self.source)
+            w.listener = w.open_listener()
+            w.ep.register(w.listener.fileno(), select.EPOLLIN)
+            self.got_listener = True
+        if not self.installed:
+            self.drop_connection(f"{self.source} exited")
+        else:
+            self.close()
+
+    def close(self) -> None:
+        w = self.w
+        for fd in list(self.fds):
+            self._unwatch(fd)
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self.reader.close()
+        if w.collect == self.collect:
+            w.collect = None
+        if w.handoff is self:
+            w.handoff = None
+
+
+def resume_input(w: Worker, c: Client, st: ClientState) -> None:
+    """Go on with the input where the predecessor stopped: parsed lines, unparsed bytes, then the socket.
+
+    The unparsed bytes go through read() like any other input, so flood control carries on
+    with the tokens the client brought along.
+    """
+    if st.lines:
+        w.process(c, list(st.lines))
+    if c.fd in w.clients and not c.closing:
+        c.pending = st.unread
+        w.read(c)

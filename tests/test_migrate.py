@@ -1,0 +1,245 @@
+"""Specification of chatcluster.migrate: the cut in the bus order when a worker hands its clients over.
+
+Two real workers live in this test process, on a real broker process and real
+sockets, and the test turns their loops by hand. That is what makes the rare
+interleavings reproducible: here the new worker reads the bus past the cut
+point, and delivers lines sequenced after it, before the clients themselves
+arrive. A client must still get every line exactly once and in order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Client, free_port
+
+from chatcluster import config as cfgmod
+from chatcluster import migrate
+from chatcluster import stats as S
+from chatcluster import worker as W
+
+BROKER = "import sys; from chatcluster.bus import run_broker; run_broker(sys.argv[1], int(sys.argv[2]))"
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.runtime_dir = str(tmp / "rt")
+        os.mkdir(self.runtime_dir, 0o700)
+        self.port = free_port()
+        self.cfg = cfgmod.load(None, {"host": "127.0.0.1", "port": self.port, "flood_rate": 0,
+                                      "announce_joins": False})
+        self.stats = S.StatsFile(os.path.join(self.runtime_dir, "stats"), create=True)
+        r, self.control = os.pipe()
+        self.broker = subprocess.Popen([sys.executable, "-c", BROKER, self.runtime_dir, str(r)], pass_fds=(r,),
+                                       cwd=REPO)
+        os.close(r)
+        self.workers: list[W.Worker] = []
+        self.clients: list[Client] = []
+
+    def worker(self, no: int, succeeds: tuple[str, int] | None = None) -> W.Worker:
+        w = W.Worker(self.cfg, no, f"w{no}", no, 1 if succeeds is None else 2, self.runtime_dir, self.stats,
+                     succeeds)
+        self.workers.append(w)
+        w.boot()
+        return w
+
+    def client(self, *turning: W.Worker) -> Client:
+        c = Client(self.port)
+        self.clients.append(c)
+        until(lambda: any("Welcome" in x for x in c.lines), *turning, clients=[c])
+        c.nick = c.lines[0].split("nickname is ")[1].split(".")[0]
+        return c
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for w in self.workers:
+            for c in list(w.clients.values()):
+                c.sock.close()
+            if w.listener is not None:
+                w.listener.close()
+            w.bus.close()
+            w.ctx.term()
+        os.close(self.control)  # the broker exits when its control pipe closes
+        try:
+            self.broker.wait(10)
+        except subprocess.TimeoutExpired:
+            self.broker.kill()
+            self.broker.wait()
+        self.stats.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def turn(w: W.Worker, handoff: bool = True) -> None:
+    """One pass of the worker's loop (see Worker.run); `handoff=False` leaves its handoff socket unread."""
+    for fd, ev in w.ep.poll(0.005):
+        c = w.clients.get(fd)
+        if c is None:
+            if w.listener is not None and fd == w.listener.fileno():
+                w.accept()
+            elif handoff and w.handoff is not None and fd in w.handoff.fds:
+                w.handoff.on_fd(fd)
+            continue
+        if ev & W.READ_EVENTS and not c.throttled:
+            w.read(c)
+        if ev & W.EPOLLOUT and c.out is not None and c.fd in w.clients:
+            w.flush(c)
+    if w.outgoing:
+        w.publish()
+    if w.bus.readable():
+        w.handle_bus()
+    if w.outgoing:
+        w.publish()
+    if w.dirty:
+        w.flush_dirty()
+    now = time.monotonic()
+    if w.timers and w.timers[0][0] <= now:
+        w.run_timers(now)
+    w.housekeeping(now)
+
+
+def until(cond: Callable[[], object], *turning: W.Worker, clients: list[Client] = (), handoff: bool = True,
+          timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "the condition was not reached"
+        for w in turning:
+            turn(w, handoff)
+        for c in clients:
+            c.drain_for_quiet()
+
+
+def test_lines_sequenced_between_the_cut_and_the_adoption_reach_the_moved_clients(rig: Rig) -> None:
+    old = rig.worker(1)
+    new = rig.worker(2, succeeds=("w1", os.getpid()))  # our own pid: the predecessor never "exits"
+    a = rig.client(old)
+    b = rig.client(old)
+    a.say("before the cut")
+    until(lambda: f"{a.nick}: before the cut" in b.lines, old, clients=[b])
+    # The old worker offers its listener; the new one takes it.
+    old.handoff_requested = True
+    until(lambda: new.listener is not None, old, new)
+    # A client of the new worker, accepted on the listener that came over.
+    t = rig.client(new)
+    assert t.sock.getsockname() in {c.sock.getpeername() for c in new.clients.values()}
+    # The old worker freezes, marks the cut, and when its marker comes back sends its clients away.
+    giver = old.handoff
+    assert isinstance(giver, migrate.Giver)
+    until(lambda: giver.state == migrate.SENT, old, clients=[a, b])
+    assert not old.clients
+    # The new worker reads the bus past the cut point, delivering a line said after it, before
+    # it reads the clients waiting on its handoff socket.
+    taker = new.handoff
+    assert isinstance(taker, migrate.Taker)
+    t.say("after the cut")
+    until(lambda: taker.copy, new, handoff=False, clients=[t])
+    assert not taker.installed and taker.marks
+    # Now it takes them: each gets what the room got since the cut, then everything live.
+    until(lambda: taker.installed, new)
+    t.say("after the adoption")
+    until(lambda: old.stopping is not None and new.handoff is None, old, new, clients=[a, b, t])
+    for c in (a, b):
+        until(lambda c=c: f"{t.nick}: after the adoption" in c.lines, new, clients=[c])
+        chat = [x for x in c.lines if ": " in x and not x.startswith("***")]
+        expected = [f"{t.nick}: after the cut", f"{t.nick}: after the adoption"]
+        if c is b:
+            expected.insert(0, f"{a.nick}: before the cut")
+        assert chat == expected, c.lines
+    # The nicknames moved with them: the next line of `a` comes from the new worker, under its name.
+    a.say("from the new worker")
+    until(lambda: f"{a.nick}: from the new worker" in b.lines and f"{a.nick}: from the new worker" in t.lines,
+          new, clients=[b, t])
+    assert {m.nick: m.worker for m in new.core.roster.by_key.values()} == {a.nick: "w2", b.nick: "w2", t.nick: "w2"}
+
+
+def test_a_giver_that_cannot_reach_its_successor_keeps_serving(rig: Rig) -> None:
+    old = rig.worker(1)
+    a = rig.client(old)
+    b = rig.client(old)
+    old.handoff_requested = True  # nobody listens at handoff-w1
+    turn(old)
+    assert old.handoff is None and old.listener is not None and not old.frozen
+    a.say("still served")
+    until(lambda: f"{a.nick}: still served" in b.lines, old, clients=[b])
+    c = rig.client(old)  # and still accepting
+    assert c.nick
+
+
+def test_a_successor_that_goes_away_before_the_clients_are_sent_leaves_them_with_the_giver(rig: Rig) -> None:
+    old = rig.worker(1)
+    new = rig.worker(2, succeeds=("w1", os.getpid()))
+    a = rig.client(old)
+    b = rig.client(old)
+    old.handoff_requested = True
+    turn(old)  # HELLO, with the listener
+    giver = old.handoff
+    assert isinstance(giver, migrate.Giver)
+    until(lambda: new.listener is not None, new)
+    until(lambda: select.select([giver.sock], [], [], 0)[0], timeout=5)
+    giver.on_fd(giver.sock.fileno())  # ACCEPT: frozen, its marker not published yet
+    assert old.frozen
+    new.handoff.close()  # the successor dies before the clients are sent
+    until(lambda: old.handoff is None, old)
+    assert not old.frozen and old.listener is not None
+    b.say("resumed")
+    until(lambda: f"{b.nick}: resumed" in a.lines, old, clients=[a])
+
+
+def test_a_claim_published_after_the_marker_moves_the_cut_to_a_later_marker(rig: Rig) -> None:
+    old = rig.worker(1)
+    new = rig.worker(2, succeeds=("w1", os.getpid()))
+    a = rig.client(old)
+    b = rig.client(old)
+    old.handoff_requested = True
+    turn(old)  # HELLO, with the listener
+    giver = old.handoff
+    assert isinstance(giver, migrate.Giver)
+    until(lambda: new.listener is not None, new)
+    taker = new.handoff
+    assert isinstance(taker, migrate.Taker)
+    t = rig.client(new)
+    u = rig.client(new)
+    # Both workers draw the same random nickname for their next client; the new worker's claim
+    # is ordered first, so the old worker's is refused and it claims another one: after its marker.
+    old.core.rng, new.core.rng = random.Random(7), random.Random(7)
+    e = Client(rig.port)
+    rig.clients.append(e)
+    until(lambda: any("Welcome" in x for x in e.lines), new, clients=[e])
+    d = Client(rig.port)
+    rig.clients.append(d)
+    until(lambda: select.select([old.listener], [], [], 0)[0], timeout=5)
+    old.accept()  # d: its JOIN claims e's nickname
+    until(lambda: select.select([giver.sock], [], [], 0)[0], timeout=5)
+    giver.on_fd(giver.sock.fileno())  # ACCEPT: freeze, first marker after d's JOIN
+    assert giver.state == migrate.FROZEN and giver.token == 1
+    old.publish()
+    until(lambda: 1 in taker.marks, new)  # the first marker is in the order
+    t.say("between the markers")
+    until(lambda: f"{t.nick}: between the markers" in u.lines, new, clients=[u])
+    until(lambda: giver.state == migrate.SENT, old, clients=[a, b, d])
+    assert giver.token == 2, "the refused claim should have moved the cut"
+    until(lambda: taker.installed and new.handoff is None, new, old)
+    t.say("after")
+    for c in (a, b, d):
+        until(lambda c=c: f"{t.nick}: after" in c.lines, new, clients=[c])
+    for c in (a, b):
+        assert [x for x in c.lines if x.startswith(f"{t.nick}: ")] == [f"{t.nick}: between the markers",
+                                                                       f"{t.nick}: after"], c.lines
+    welcomes = [x for x in d.lines if "Welcome" in x]
+    assert len(welcomes) == 1 and e.lines[0] != welcomes[0], d.lines
