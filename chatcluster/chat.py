@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import roster as R
@@ -86,7 +86,7 @@ class LocalUser:
     since: float
     nick: str
     state: str = PENDING
-    backlog: list[str | int] = field(default_factory=list)  # lines, or limits of too long ones
+    backlog: list[str | int] | None = None  # lines, or limits of too long ones (a list only while some wait)
     claiming: bool = False  # a /nick claim is on the bus; what the client says next waits for it
     leaving: str | None = None  # gone (with this reason) while lines waited: they go out first
 
@@ -94,6 +94,12 @@ class LocalUser:
     def waiting(self) -> bool:
         """Lines wait until the bus has decided on the client's name, so replies keep their order."""
         return self.state != ACTIVE or self.claiming
+
+    def hold(self, item: str | int) -> None:
+        """Keep a line (or the limit of a too long one) until the client may speak again."""
+        if self.backlog is None:
+            self.backlog = []
+        self.backlog.append(item)
 
 
 @dataclass(slots=True)
@@ -192,7 +198,7 @@ class ChatCore:
     def line_too_long(self, conn: int, limit: int) -> list[Effect]:
         user = self.local.get(conn)
         if user is not None and user.waiting:
-            user.backlog.append(limit)  # answered in the order sent, after the pending reply
+            user.hold(limit)  # answered in the order sent, after the pending reply
             return []
         return [Send(conn, encode_line(f"*** Error: line too long (max {limit} bytes)"))]
 
@@ -203,7 +209,7 @@ class ChatCore:
         if user is None:
             return []
         if user.waiting:
-            user.backlog.append(text)
+            user.hold(text)
             return []
         if not text.strip():
             return []
@@ -225,7 +231,7 @@ class ChatCore:
                 return [self._error(conn, "usage: /me ACTION")]
             return [Publish((R.ME, conn, rest.lstrip().encode()))]
         if cmd == "who":
-            nicks = sorted((m.nick for m in self.roster.by_key.values()), key=lambda n: (n.lower(), n))
+            nicks = sorted((m.nick for m in self.roster.members()), key=lambda n: (n.lower(), n))
             word_users = "user" if len(nicks) == 1 else "users"
             return [Send(conn, encode_line(f"*** {len(nicks)} {word_users} online: {', '.join(nicks)}"))]
         if cmd == "whois":
@@ -308,11 +314,11 @@ class ChatCore:
             return out
         mine = publisher == self.worker_id
         run: list[tuple[int, bytes]] = []
-        by_key = self.roster.by_key
+        member = self.roster.get
         for ev in events:
             kind = ev[0]
             if kind == R.CHAT or kind == R.ME:
-                m = by_key.get((publisher, ev[1]))
+                m = member(publisher, ev[1])
                 if m is None:
                     continue
                 if kind == R.CHAT:
@@ -442,6 +448,8 @@ class ChatCore:
                 effects.extend(self.line_too_long(user.conn, item))
             else:
                 effects.extend(self.line(user.conn, item, self.clock))
+        if not user.backlog:
+            user.backlog = None
         if user.leaving is not None and not user.waiting and self.local.get(user.conn) is user:
             del self.local[user.conn]
             effects += [Publish((R.LEAVE, user.conn, user.leaving)), Close(user.conn)]

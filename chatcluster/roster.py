@@ -10,9 +10,11 @@ them cheaply). It is pure: no sockets, no clock, no randomness.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Bus events are tuples whose first item is one of these kinds.
 CHAT = 0  # (CHAT, conn, text_bytes)
@@ -50,20 +52,35 @@ def nick_problem(nick: str) -> str | None:
     return None
 
 
-@dataclass(slots=True)
-class Member:
+class Member(NamedTuple):
+    """One user of the cluster. A tuple: every worker keeps the whole roster, so a member's size
+    is paid once per worker, and a tuple of strings and numbers is the smallest record Python
+    has (and one the cyclic garbage collector soon stops visiting)."""
+
     worker: str
     conn: int
     nick: str
     since: float
     ip: str
-    prefix: bytes = b""  # b"NICK: ", cached because every chat line starts with it
 
-    def __post_init__(self) -> None:
-        self.prefix = self.nick.encode() + b": "
+    @property
+    def prefix(self) -> bytes:
+        """b"NICK: ", the start of every chat line of this member (made when needed, not stored)."""
+        return self.nick.encode() + b": "
 
     def as_tuple(self) -> MemberTuple:
         return (self.worker, self.conn, self.nick, self.since, self.ip)
+
+
+def _member(worker: str, conn: int, nick: str, since: float, ip: str) -> Member:
+    # Worker names and addresses repeat across members: one shared string each.
+    return Member(sys.intern(worker), conn, nick, since, sys.intern(ip))
+
+
+def _fold(nick: str) -> str:
+    """The case-insensitive key of a nickname: the nickname itself when it is lower case already."""
+    folded = nick.lower()
+    return nick if folded == nick else folded
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +95,34 @@ class Outcome:
 
 
 class Roster:
-    """Members keyed by (worker, conn), with a case-insensitive nickname index."""
+    """Members by worker and connection number, with a case-insensitive nickname index.
 
-    __slots__ = ("by_key", "by_fold", "per_ip")
+    Grouping members by worker (`shards`) rather than keying them by a (worker, conn) tuple
+    saves a tuple per member in every replica; see Member for the rest of the diet.
+    """
+
+    __slots__ = ("shards", "by_fold", "per_ip")
 
     def __init__(self) -> None:
-        self.by_key: dict[tuple[str, int], Member] = {}
+        self.shards: dict[str, dict[int, Member]] = {}
         self.by_fold: dict[str, Member] = {}
         self.per_ip: Counter[str] = Counter()
 
     def __len__(self) -> int:
-        return len(self.by_key)
+        return sum(len(shard) for shard in self.shards.values())
+
+    @property
+    def by_key(self) -> dict[tuple[str, int], Member]:
+        """Every member by (worker, conn): a new dict, for inspection, not for the hot path."""
+        return {(w, conn): m for w, shard in self.shards.items() for conn, m in shard.items()}
+
+    def members(self) -> Iterator[Member]:
+        for shard in self.shards.values():
+            yield from shard.values()
 
     def get(self, worker: str, conn: int) -> Member | None:
-        return self.by_key.get((worker, conn))
+        shard = self.shards.get(worker)
+        return None if shard is None else shard.get(conn)
 
     def holder(self, nick: str) -> Member | None:
         return self.by_fold.get(nick.lower())
@@ -101,30 +132,37 @@ class Roster:
         return held is None or (held.worker == worker and held.conn == conn)
 
     def _add(self, m: Member) -> None:
-        self.by_key[(m.worker, m.conn)] = m
-        self.by_fold[m.nick.lower()] = m
+        shard = self.shards.get(m.worker)
+        if shard is None:
+            shard = self.shards[m.worker] = {}
+        shard[m.conn] = m
+        self.by_fold[_fold(m.nick)] = m
         self.per_ip[m.ip] += 1
 
     def _remove(self, m: Member) -> None:
-        del self.by_key[(m.worker, m.conn)]
-        if self.by_fold.get(m.nick.lower()) is m:
-            del self.by_fold[m.nick.lower()]
+        shard = self.shards[m.worker]
+        del shard[m.conn]
+        if not shard:
+            del self.shards[m.worker]
+        folded = m.nick.lower()
+        if self.by_fold.get(folded) is m:
+            del self.by_fold[folded]
         self.per_ip[m.ip] -= 1
         if self.per_ip[m.ip] <= 0:
             del self.per_ip[m.ip]
 
     def members_of(self, worker: str) -> list[Member]:
-        return [m for m in self.by_key.values() if m.worker == worker]
+        return list(self.shards.get(worker, {}).values())
 
     def snapshot(self) -> list[MemberTuple]:
-        return [m.as_tuple() for m in self.by_key.values()]
+        return [m.as_tuple() for m in self.members()]
 
     def load(self, members: list[MemberTuple] | list[list[Any]]) -> None:
-        self.by_key.clear()
+        self.shards.clear()
         self.by_fold.clear()
         self.per_ip.clear()
         for t in members:
-            self._add(Member(str(t[0]), int(t[1]), str(t[2]), float(t[3]), str(t[4])))
+            self._add(_member(str(t[0]), int(t[1]), str(t[2]), float(t[3]), str(t[4])))
 
     def apply(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
         """Apply one roster event published by `publisher`, identically on every replica."""
@@ -133,24 +171,24 @@ class Roster:
 
     def _join(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
         conn, nick, since, ip = ev[1:5]
-        if (publisher, conn) in self.by_key or nick_problem(nick) or nick.lower() in self.by_fold:
+        if self.get(publisher, conn) is not None or nick_problem(nick) or nick.lower() in self.by_fold:
             return Outcome(accepted=False)
-        m = Member(publisher, conn, nick, since, ip)
+        m = _member(publisher, conn, nick, since, ip)
         self._add(m)
         return Outcome(member=m)
 
     def _nick(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
         _, conn, new = ev
-        m = self.by_key.get((publisher, conn))
+        m = self.get(publisher, conn)
         if m is None or nick_problem(new) or not self.is_free_for(new, publisher, conn):
             return Outcome(accepted=False, member=m)
         self._remove(m)
-        renamed = Member(publisher, conn, new, m.since, m.ip)
+        renamed = m._replace(nick=new)
         self._add(renamed)
         return Outcome(member=renamed, old_nick=m.nick)
 
     def _leave(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
-        m = self.by_key.get((publisher, ev[1]))
+        m = self.get(publisher, ev[1])
         if m is None:
             return Outcome(accepted=False)
         self._remove(m)
@@ -172,16 +210,16 @@ class Roster:
             if entry[2].lower() in self.by_fold:
                 rejected.append(entry)
             else:
-                self._add(Member(*entry))
+                self._add(_member(*entry))
         return Outcome(rejected=tuple(rejected))
 
     def _adopt(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
         _, old_worker, old_conn, conn = ev
-        m = self.by_key.get((old_worker, old_conn))
-        if m is None or (publisher, conn) in self.by_key:
+        m = self.get(old_worker, old_conn)
+        if m is None or self.get(publisher, conn) is not None:
             return Outcome(accepted=False)
         self._remove(m)
-        moved = Member(publisher, conn, m.nick, m.since, m.ip)
+        moved = _member(publisher, conn, m.nick, m.since, m.ip)
         self._add(moved)
         return Outcome(member=moved)
 
