@@ -29,7 +29,10 @@ from .protocol import Line, LineReader, LineTooLong, TokenBucket
 
 FORMAT = 1  # the handoff message format this code writes; it reads every format up to this one
 LENGTH = struct.Struct("!I")
-MAX_FRAME = 256 << 20  # a frame holds at most MAX_FDS_PER_FRAME clients with their output queues
+# A sanity bound on the announced length. Senders keep messages near FRAME_TARGET, but one
+# client's output queue alone may be as large as max_sendq_bytes (up to 1 GiB) in base64.
+MAX_FRAME = 2 << 30
+FRAME_TARGET = 8 << 20  # senders start a new message once one holds this much
 # The kernel passes at most 253 descriptors (SCM_MAX_FD) in one message.
 MAX_FDS_PER_FRAME = 200
 RECV_SIZE = 1 << 20

@@ -44,6 +44,7 @@ from .handoff import (
     ACK,
     CLIENTS,
     END,
+    FRAME_TARGET,
     HELLO,
     MAX_FDS_PER_FRAME,
     REFUSE,
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chatcluster.migrate")
 
 CONNECT_TIMEOUT = 5.0
-SEND_TIMEOUT = 30.0
+SEND_TIMEOUT = 10.0  # well under worker_timeout: a blocked send must not look like a hung worker
 GIVE_TIMEOUT = 20.0  # a giver that has not sent its clients by then keeps serving them
 ACK_TIMEOUT = 20.0  # a giver that sent its clients and hears nothing back by then gives up on them
 
@@ -223,8 +224,7 @@ class Giver:
             detach(w, c)
         try:
             self.sock.settimeout(SEND_TIMEOUT)
-            for i in range(0, len(states), MAX_FDS_PER_FRAME):
-                batch = slice(i, i + MAX_FDS_PER_FRAME)
+            for batch in batches(states):
                 send(self.sock, CLIENTS, {"clients": states[batch]}, [s.fileno() for s in socks[batch]])
             send(self.sock, END, {"token": self.token, "count": len(states)})
             self.sock.setblocking(False)
@@ -293,6 +293,20 @@ class Giver:
             self.w.handoff = None
 
 
+def batches(states: list[dict[str, Any]]) -> list[slice]:
+    """Split the clients into messages of at most MAX_FDS_PER_FRAME sockets and about FRAME_TARGET bytes."""
+    out: list[slice] = []
+    start = size = 0
+    for i, st in enumerate(states):
+        if i > start and (i - start == MAX_FDS_PER_FRAME or size >= FRAME_TARGET):
+            out.append(slice(start, i))
+            start, size = i, 0
+        size += len(st["out"]) + len(st["unread"]) + 512
+    if start < len(states):
+        out.append(slice(start, len(states)))
+    return out
+
+
 def detach(w: Worker, c: Client) -> None:
     """Take a client out of every structure of the worker, without a LEAVE: it lives on elsewhere.
 
@@ -352,6 +366,9 @@ class Taker:
             self.pidfd = os.pidfd_open(self.source_pid)
         except ProcessLookupError:
             self.source_gone()
+            return
+        except OSError as exc:  # a kernel before 5.3: look for the predecessor in tick() instead
+            log.info("worker %d: no pidfd (%s); checking on %s every tick", self.w.worker_no, exc, self.source)
             return
         self._watch(self.pidfd)
 
@@ -465,7 +482,15 @@ class Taker:
         pass  # what we publish is ordered after the cut point anyway
 
     def tick(self, now: float) -> None:
-        pass  # the giver keeps the time: it resumes or gives up, and we see the connection end
+        # The giver keeps the time (it resumes or gives up, and we see the connection end); we
+        # only look for a predecessor that died, when there is no pidfd to tell us.
+        if self.pidfd < 0 and self.server is not None:
+            try:
+                os.kill(self.source_pid, 0)
+            except ProcessLookupError:
+                self.source_gone()
+            except PermissionError:
+                pass
 
     def after_batch(self, publisher: str, events: list[tuple[Any, ...]]) -> None:
         w = self.w

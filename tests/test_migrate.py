@@ -243,3 +243,14 @@ def test_a_claim_published_after_the_marker_moves_the_cut_to_a_later_marker(rig:
                                                                        f"{t.nick}: after"], c.lines
     welcomes = [x for x in d.lines if "Welcome" in x]
     assert len(welcomes) == 1 and e.lines[0] != welcomes[0], d.lines
+
+
+def test_clients_are_sent_in_messages_of_bounded_descriptors_and_size() -> None:
+    small = [{"out": "", "unread": ""}] * 450
+    assert [(s.start, s.stop) for s in migrate.batches(small)] == [(0, 200), (200, 400), (400, 450)]
+    big = [{"out": "x" * (3 << 20), "unread": ""}] * 7  # 3 MiB of queued output each
+    sizes = [s.stop - s.start for s in migrate.batches(big)]
+    assert sum(sizes) == 7 and max(sizes) == 3  # about FRAME_TARGET (8 MiB) per message
+    assert migrate.batches([]) == []
+    huge = [{"out": "x" * (64 << 20), "unread": ""}]  # one client over the target still goes, alone
+    assert [(s.start, s.stop) for s in migrate.batches(huge)] == [(0, 1)]
