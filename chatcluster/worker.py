@@ -115,6 +115,33 @@ class Client:
         self._bucket = bucket
 
 
+class SharedOut(list[bytes]):
+    """Output queued for many clients at once, read-only.
+
+    A broadcast gives every client of the room that had nothing queued the same list, and
+    the clients that had one same list queued the same longer one, instead of a list each:
+    one list per client per line was most of the worker's garbage, thousands of short-lived
+    containers per line, enough to set off full garbage collections that stopped the worker
+    for tens of milliseconds in a large room. A client's own output goes into a copy (see
+    Worker.queue), and the bytes are joined once for all the clients that send them.
+    """
+
+    __slots__ = ("joined",)
+
+    def __init__(self, chunks: tuple[bytes, ...]) -> None:
+        super().__init__(chunks)
+        self.joined: bytes | None = None
+
+    def join(self) -> bytes:
+        if self.joined is None:
+            self.joined = self[0] if len(self) == 1 else b"".join(self)
+        return self.joined
+
+    def plus(self, data: bytes) -> SharedOut:
+        """This output followed by `data` (joined first once it is a long run of chunks)."""
+        return SharedOut((*self, data) if len(self) < 32 else (self.join(), data))
+
+
 class Worker:
     def __init__(self, cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int,
                  runtime_dir: str, stats: S.StatsFile, succeeds: tuple[str, int] | None = None) -> None:
@@ -443,11 +470,14 @@ class Worker:
             self.read(c)
 
     def queue(self, c: Client, data: bytes) -> None:
-        if c.out is None:
+        out = c.out
+        if out is None:
             c.out = [data]
             self.dirty.append(c)
+        elif type(out) is SharedOut:
+            c.out = [*out, data]  # its own copy: the shared list is other clients' output too
         else:
-            c.out.append(data)
+            out.append(data)
         c.outlen += len(data)
         if c.outlen > self.cfg.max_sendq_bytes and not c.closing:
             self.enforce_sendq(c)
@@ -463,14 +493,24 @@ class Worker:
                 count = 0
                 limit = self.cfg.max_sendq_bytes
                 over: list[Client] | None = None
+                fresh: SharedOut | None = None  # for the clients that had nothing queued
+                grown: dict[int, tuple[SharedOut, SharedOut]] = {}  # id(shared) -> (it, it + data)
                 for conn, c in self.room.items():
                     if exclude and conn in exclude:
                         continue
-                    if c.out is None:
-                        c.out = [data]
+                    out = c.out
+                    if out is None:
+                        if fresh is None:
+                            fresh = SharedOut((data,))
+                        c.out = fresh
                         dirty.append(c)
+                    elif type(out) is SharedOut:
+                        pair = grown.get(id(out))
+                        if pair is None:
+                            pair = grown[id(out)] = (out, out.plus(data))  # holds `out`: its id stays its own
+                        c.out = pair[1]
                     else:
-                        c.out.append(data)
+                        out.append(data)
                     c.outlen += n
                     count += 1
                     if c.outlen > limit:
@@ -533,7 +573,12 @@ class Worker:
     def flush(self, c: Client) -> None:
         out = c.out
         assert out is not None
-        data = out[0] if len(out) == 1 else b"".join(out)
+        if len(out) == 1:
+            data = out[0]
+        elif type(out) is SharedOut:
+            data = out.join()
+        else:
+            data = b"".join(out)
         try:
             sent = c.sock.send(data)
         except BlockingIOError:
