@@ -16,6 +16,7 @@ import atexit
 import json
 import math
 import os
+import platform
 import resource
 import signal
 import socket
@@ -359,13 +360,17 @@ class Server:
 
     def cpu_seconds(self) -> dict[int, float]:
         """User + system CPU seconds so far, by PID."""
-        out: dict[int, float] = {}
+        return {pid: user + system for pid, (user, system) in self.cpu_times().items()}
+
+    def cpu_times(self) -> dict[int, tuple[float, float]]:
+        """(user, system) CPU seconds so far, by PID."""
+        out: dict[int, tuple[float, float]] = {}
         for p in self.processes():
             try:
                 t = p.cpu_times()
             except psutil.Error:
                 continue
-            out[p.pid] = t.user + t.system
+            out[p.pid] = (t.user, t.system)
         return out
 
     def memory(self) -> dict[str, int]:
@@ -494,6 +499,20 @@ def print_table(title: str, rows: Sequence[tuple[str, Sequence[Any]]], header: S
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
+def log_axes(ax: Any) -> None:
+    """Log scales on both axes of a matplotlib Axes, labelled with plain numbers (1,000, not 10^3)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def plain(value: float, _pos: int) -> str:
+        return f"{value:,.0f}" if value >= 10 else f"{value:g}"
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # after set_*scale, which installs its own formatters
+        axis.set_major_formatter(FuncFormatter(plain))
+        axis.set_minor_formatter(NullFormatter())
+
+
 def results_name(benchmark: str, server: str, quick: bool, default_server: str = "chatcluster") -> str:
     """The default results name: `latency`, `latency-baseline`, `latency-quick`, ...
 
@@ -547,12 +566,47 @@ def warn_if_busy(threshold: float = 20.0) -> float:
     return busy
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    for line in _read("/proc/cpuinfo").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return ""
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "load_average": list(os.getloadavg()),
         "python": sys.version.split()[0],
         "cpus": os.cpu_count(),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "kernel": platform.release(),
+        "tcp_congestion_control": _read("/proc/sys/net/ipv4/tcp_congestion_control"),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def machine_cpu() -> dict[str, float]:
+    """Seconds every CPU of the machine has spent in each state so far (summed over CPUs)."""
+    return dict(psutil.cpu_times()._asdict())
+
+
+def machine_cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Seconds spent in each state between two `machine_cpu()` readings, summed over CPUs.
+
+    `softirq` is kernel work that no process is charged for: on loopback it is mostly TCP
+    receiving (the other end of every send) and the acknowledgements coming back.
+    """
+    return {k: after[k] - before.get(k, 0.0) for k in after}

@@ -11,11 +11,13 @@ over that time (the server cannot tell this from reading at once: its writes
 land in the kernel's socket buffers either way), so that the load generator
 stays cheap and leaves the CPU to the server.
 
-Default settings and targets:
+Default settings and targets (every one is 200,000 deliveries per second):
     1,000 clients, 10 senders, 200 lines/s in total   p99 <= 20 ms
+    2,000 clients, 20 senders, 100 lines/s in total
+    5,000 clients, 50 senders,  40 lines/s in total
    10,000 clients, 50 senders,  20 lines/s in total   p99 <= 150 ms
 
-    python benchmarks/latency.py                   # chatcluster, both settings, 15 s each
+    python benchmarks/latency.py                   # chatcluster, four settings, 15 s each
     python benchmarks/latency.py --quick           # smoke run: small settings, 3 s each
     python benchmarks/latency.py --server baseline
     python benchmarks/latency.py --settings 1000:10:200:20,5000:20:50
@@ -58,7 +60,14 @@ class Setting:
         return cls(clients, senders, float(parts[2]), float(parts[3]) if len(parts) == 4 else math.nan)
 
 
-FULL = [Setting(1000, 10, 200.0, 20.0), Setting(10_000, 50, 20.0, 150.0)]
+# The two targets, and two rooms in between with the same 200,000 deliveries per second, so that
+# the plot shows latency against the number of connected clients at one load on the machine.
+FULL = [
+    Setting(1000, 10, 200.0, 20.0),
+    Setting(2000, 20, 100.0),
+    Setting(5000, 50, 40.0),
+    Setting(10_000, 50, 20.0, 150.0),
+]
 QUICK = [Setting(100, 5, 100.0, 20.0), Setting(1000, 10, 20.0, 150.0)]
 
 
@@ -157,8 +166,7 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
         )
         if not math.isnan(s["target_p99_ms"]):
             ax.plot([x], [s["target_p99_ms"]], "r_", markersize=18)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _common.log_axes(ax)
     ax.margins(x=0.2, y=0.3)
     ax.set_xlabel("connected clients")
     ax.set_ylabel("delivery latency (ms)")
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     r["target_met"],
                     r["server_cpu_pct"],
                     f"{r['server_cpu_us_per_line']:.2f}",
+                    f"{r['server_user_us_per_line']:.2f}/{r['server_system_us_per_line']:.2f}"
+                    f"/{r['softirq_us_per_line']:.2f}",
                     r["server_peak_rss"] / 2**20,
                     r["loadgen_cpu_pct"],
                 ],
@@ -226,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             "met",
             "cpu %",
             "cpu us/line",
+            "user/sys/sirq",
             "rss MiB",
             "load cpu %",
         ],

@@ -904,14 +904,16 @@ def run_load(
         connected = load.wait_ready(time.monotonic() + connect_timeout, tick)
         if before_go:
             extra = before_go(load)
-        cpu0 = server.cpu_seconds() if server else {}
+        cpu0 = server.cpu_times() if server else {}
         load_cpu0 = load.cpu_seconds()
+        machine0 = _common.machine_cpu()
         expected = load.go(lines_per_sender)
         t0 = time.monotonic()
         finished = load.wait_done(time.monotonic() + run_timeout, tick)
         wall = time.monotonic() - t0
-        cpu1 = server.cpu_seconds() if server else {}
+        cpu1 = server.cpu_times() if server else {}
         load_cpu = load.cpu_seconds() - load_cpu0
+        machine = _common.machine_cpu_used(machine0, _common.machine_cpu())
         if monitor:
             monitor._next = 0.0
             monitor.tick()
@@ -924,16 +926,33 @@ def run_load(
     out["loadgen_cpu_s"] = load_cpu
     out["loadgen_cpu_pct"] = 100.0 * load_cpu / wall if wall > 0 else math.nan
     out["client_processes"] = len(plans)
+    # The whole machine in the same window, in percent of one CPU: what else ran, and the
+    # kernel's share (softirq is loopback TCP receive and acknowledgement work no process pays).
+    out["machine_cpu_pct"] = {k: 100.0 * v / wall for k, v in machine.items() if wall > 0}
     out["source_addresses"] = len(plans[0].sources)
     out.update(extra)
     if server:
-        cpu = cpu_used(cpu0, cpu1)
+        user = cpu_used({p: t[0] for p, t in cpu0.items()}, {p: t[0] for p, t in cpu1.items()})
+        system = cpu_used({p: t[1] for p, t in cpu0.items()}, {p: t[1] for p, t in cpu1.items()})
+        cpu = user + system
+        sent = out["lines_sent"]
         out["server"] = server.kind
         out["server_alive"] = server.alive()
         out["server_cpu_s"] = cpu
-        out["server_cpu_by_role_s"] = server.cpu_by_role(cpu0, cpu1)
+        out["server_cpu_user_s"] = user
+        out["server_cpu_system_s"] = system
+        out["server_cpu_by_role_s"] = server.cpu_by_role(
+            {p: sum(t) for p, t in cpu0.items()}, {p: sum(t) for p, t in cpu1.items()}
+        )
         out["server_cpu_pct"] = 100.0 * cpu / wall if wall > 0 else math.nan
         out["server_cpu_us_per_line"] = 1e6 * cpu / out["received"] if out["received"] else math.nan
+        out["server_user_us_per_line"] = 1e6 * user / out["received"] if out["received"] else math.nan
+        out["server_system_us_per_line"] = 1e6 * system / out["received"] if out["received"] else math.nan
+        # Per line sent: what one message costs the server, however many receive it.
+        out["server_cpu_us_per_message"] = 1e6 * cpu / sent if sent else math.nan
+        out["softirq_us_per_line"] = (
+            1e6 * machine.get("softirq", 0.0) / out["received"] if out["received"] else math.nan
+        )
         out["server_peak_rss"] = monitor.peak_rss if monitor else 0
         out["server_peak_worker_rss"] = monitor.peak_worker_rss if monitor else 0
         out["server_processes"] = server.memory()["processes"]
