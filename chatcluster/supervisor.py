@@ -379,7 +379,8 @@ class Supervisor:
                 live.append(self.spawn_worker(slot, replacing=dead_no))
         while len(live) + len(self.respawns) < self.target:
             live.append(self.spawn_worker())
-        extra = len(live) - self.target
+        # Every new worker of an upgrade has an old one to take over from: scale down after it.
+        extra = 0 if self.upgrade is not None else len(live) - self.target
         for proc in sorted(live, key=lambda w: -w.no)[: max(0, extra)]:
             log.info("retiring worker %d (pid %d): %d workers wanted", proc.no, proc.pid, self.target)
             proc.retiring = True
