@@ -362,6 +362,8 @@ class Taker:
         server.listen(4)
         self.server = server
         self._watch(server.fileno())
+        log.info("worker %d: waiting for %s to hand over its listening socket and its clients", self.w.worker_no,
+                 self.source)
         try:
             self.pidfd = os.pidfd_open(self.source_pid)
         except ProcessLookupError:
@@ -414,8 +416,16 @@ class Taker:
         except (HandoffError, OSError) as exc:
             log.error("worker %d: handoff from %s failed: %s", self.w.worker_no, self.source, exc)
             frames, ended = [], True
-        for frame in frames:
-            self.handle(frame)
+        for i, frame in enumerate(frames):
+            try:
+                self.handle(frame)
+            except HandoffError as exc:
+                log.error("worker %d: handoff from %s failed: %s", self.w.worker_no, self.source, exc)
+                for rest in frames[i + 1:]:
+                    for fd in rest.fds:
+                        os.close(fd)
+                ended = True
+                break
         if ended and self.conn is not None:
             self.drop_connection("the predecessor closed the connection")
 
