@@ -232,6 +232,53 @@ def test_the_new_code_is_what_runs_after_the_upgrade(make_cluster: Make, tmp_pat
     a.wait_line(r"\*\*\* \(this is the upgraded build\)")
 
 
+class Notifications:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; it records who sent each message."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        self.messages: list[tuple[int, list[str]]] = []  # (sender pid, lines)
+
+    def wait(self, cond: Callable[[list[str]], bool], what: str, timeout: float = 60.0) -> int:
+        """Index of the first message from now on for which cond holds."""
+        start = len(self.messages)
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(start, len(self.messages)):
+                if cond(self.messages[i][1]):
+                    return i
+            start = len(self.messages)
+            left = deadline - time.monotonic()
+            assert left > 0, f"no notification {what}; got {self.messages[-8:]}"
+            self.sock.settimeout(min(left, 0.5))
+            try:
+                data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                continue
+            pid = next(int.from_bytes(d[:4], sys.byteorder) for lvl, kind, d in anc
+                       if lvl == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+            self.messages.append((pid, data.decode().split("\n")))
+
+
+def test_systemd_sees_one_main_process_through_the_upgrade(make_cluster: Make, tmp_path: Path) -> None:
+    notes = Notifications(str(tmp_path / "notify"))
+    cl = make_cluster(2, env={"NOTIFY_SOCKET": notes.path, "WATCHDOG_USEC": "1000000"})
+    notes.wait(lambda m: "READY=1" in m, "READY=1 at start")
+    upgraded(cl)
+    began = notes.wait(lambda m: "RELOADING=1" in m, "RELOADING=1 when the upgrade begins")
+    done = notes.wait(lambda m: "READY=1" in m, "READY=1 when it is over")
+    assert began < done
+    pings = notes.wait(lambda m: m == ["WATCHDOG=1"], "a watchdog ping from the re-executed supervisor")
+    assert pings > done
+    # Every message came from the one main process, and none names another main pid.
+    assert {pid for pid, _ in notes.messages} == {cl.pid}
+    assert not [m for _, m in notes.messages if any(x.startswith("MAINPID=") and x != f"MAINPID={cl.pid}" for x in m)]
+    notes.sock.close()
+
+
 # -- the whole thing under load ------------------------------------------------------------------
 
 CHATTERS = 200
