@@ -500,17 +500,22 @@ def print_table(title: str, rows: Sequence[tuple[str, Sequence[Any]]], header: S
 
 
 def log_axes(ax: Any) -> None:
-    """Log scales on both axes of a matplotlib Axes, labelled with plain numbers (1,000, not 10^3)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    """Log scales on both axes of a matplotlib Axes, labelled with plain numbers (1,000, not 10^3),
+    at 1, 2 and 5 times each power of ten, so that a range narrower than a decade has labels too."""
+    from matplotlib.ticker import FuncFormatter
 
     def plain(value: float, _pos: int) -> str:
         return f"{value:,.0f}" if value >= 10 else f"{value:g}"
+
+    def some(value: float, pos: int) -> str:
+        lead = f"{value:.0e}"[0]
+        return plain(value, pos) if lead in "25" else ""
 
     ax.set_xscale("log")
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # after set_*scale, which installs its own formatters
         axis.set_major_formatter(FuncFormatter(plain))
-        axis.set_minor_formatter(NullFormatter())
+        axis.set_minor_formatter(FuncFormatter(some))
 
 
 def results_name(benchmark: str, server: str, quick: bool, default_server: str = "chatcluster") -> str:
@@ -606,7 +611,10 @@ def machine_cpu() -> dict[str, float]:
 def machine_cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Seconds spent in each state between two `machine_cpu()` readings, summed over CPUs.
 
-    `softirq` is kernel work that no process is charged for: on loopback it is mostly TCP
-    receiving (the other end of every send) and the acknowledgements coming back.
+    `softirq` is mostly TCP receive processing: on loopback the receiving half of every send,
+    and the acknowledgements coming back. Most of it runs inside the sender's send() call, and
+    with tick-based CPU accounting (no CONFIG_IRQ_TIME_ACCOUNTING, as on the development
+    machine) that part is also in the sending process's system time: it overlaps the
+    processes' figures rather than adding to them.
     """
     return {k: after[k] - before.get(k, 0.0) for k in after}

@@ -11,8 +11,9 @@ one process, with real objects (no server, no load generator):
   with a socket whose send() does nothing, so only the Python part shows;
 * per send, in the kernel: one send() of a 60-byte line on each of N loopback TCP
   connections whose other ends read, split into user and system time; the
-  machine's softirq time over the same sends is the receiving half of loopback
-  TCP, which no process is charged for.
+  machine's softirq time over the same sends shows how much of that kernel work
+  is TCP receive processing (the receiving half of loopback TCP runs inside the
+  sender's send(); see _common.machine_cpu_used on how it is accounted).
 
     python benchmarks/hotpath.py                 # about 20 s
     python benchmarks/hotpath.py --clients 1000 --rounds 20
@@ -123,7 +124,7 @@ def per_send(clients: int, rounds: int) -> dict[str, Any]:
 
     The sending process does nothing else while it is timed, so its user and system time is
     the cost of the sends; the machine's softirq time over the same windows is the receiving
-    half of loopback TCP (and the acknowledgements), which no process is charged for.
+    half of loopback TCP (and the acknowledgements), most of it inside those system times.
     """
     _common.raise_open_file_limit()
     data = b"Nick: " + LINE[:-1] + b"\r\n"
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         ("per send: send() of 60 B, wall", [send["wall_s_per_send"] * 1e9]),
         ("per send: user time", [send["user_s_per_send"] * 1e9]),
         ("per send: system time", [send["system_s_per_send"] * 1e9]),
-        ("per send: machine softirq (the receiving half)", [send["softirq_s_per_send"] * 1e9]),
+        ("per send: of which softirq (the receiving half), machine-wide", [send["softirq_s_per_send"] * 1e9]),
     ]
     print_table(
         f"Hot path, one step at a time (room of {args.clients:,}; send() on {min(args.clients, 9000):,} "

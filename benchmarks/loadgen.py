@@ -927,7 +927,7 @@ def run_load(
     out["loadgen_cpu_pct"] = 100.0 * load_cpu / wall if wall > 0 else math.nan
     out["client_processes"] = len(plans)
     # The whole machine in the same window, in percent of one CPU: what else ran, and the
-    # kernel's share (softirq is loopback TCP receive and acknowledgement work no process pays).
+    # kernel's share (softirq: loopback TCP receive and acknowledgement work, see machine_cpu_used).
     out["machine_cpu_pct"] = {k: 100.0 * v / wall for k, v in machine.items() if wall > 0}
     out["source_addresses"] = len(plans[0].sources)
     out.update(extra)

@@ -6,9 +6,10 @@ server. Every line reaches every other client, so the work per message should
 grow with the room and no faster: doubling the clients may at most double the
 server's CPU per message. The script prints, for each room, the server CPU per
 message (per line sent) and per delivered line, split into user and system time,
-the machine's softirq time per delivered line (loopback TCP receive work that no
-process is charged for), the latency, and the ratio of CPU per message to the
-previous room (target <= 2.0 for a doubling).
+the machine's softirq time per delivered line (loopback TCP receive work, most of
+it inside the server's system time: see _common.machine_cpu_used), the latency,
+and the ratio of CPU per message to the previous room (target <= 2.0 for a
+doubling).
 
     python benchmarks/scaling.py                           # 2,500 .. 20,000 clients (~2 min)
     python benchmarks/scaling.py --quick                   # 500 and 1,000 clients, 3 s each
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "\ncpu us/msg: server CPU per line sent; x per 2x: its growth when the room doubles "
         f"(target <= {TARGET_RATIO:g}); user/system: the server's split of cpu us/line; softirq: the "
-        "machine's softirq time per delivered line (loopback receive work charged to no process)."
+        "machine's softirq time per delivered line (loopback TCP receive work, mostly inside the system time)."
     )
     plotted = bool(results) and plot(
         results,
