@@ -158,6 +158,8 @@ def test_whois_names_the_worker_and_the_time(make_cluster: Callable[..., Cluster
     a, b = cl.clients_on_distinct_workers(2)
     a.say("/nick Known")
     a.wait_line(r"\*\*\* You are now known as Known")
+    # b's worker applies the rename when it reaches b's worker through the bus, not when a hears of it.
+    b.wait_line(rf"\*\*\* {a.nick} is now known as Known")
     b.say("/whois known")
     m = b.wait_line(r"\*\*\* Known is on worker (w\d+), connected since (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC "
                     r"\((\d+)s ago\)")
