@@ -46,6 +46,20 @@ def wait_for(cond: Callable[[], object], timeout: float = WAIT, what: str = "con
         time.sleep(0.01)
 
 
+def line_matching(pattern: str) -> Callable[[list[str]], re.Match[str] | None]:
+    """A condition for Client.wait: the first received line that matches `pattern` whole."""
+    rx = re.compile(pattern)
+
+    def found(lines: list[str]) -> re.Match[str] | None:
+        for line in lines:
+            m = rx.fullmatch(line)
+            if m:
+                return m
+        return None
+
+    return found
+
+
 class Client:
     """A chat client over a plain TCP socket. Lines are str, without CRLF."""
 
@@ -69,7 +83,7 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             chunk = self.sock.recv(1 << 20)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return
         except ConnectionResetError:
             chunk = b""
@@ -93,16 +107,7 @@ class Client:
             self._pump(min(left, 0.2))
 
     def wait_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        rx = re.compile(pattern)
-
-        def found(lines: list[str]) -> re.Match[str] | None:
-            for line in lines:
-                m = rx.fullmatch(line)
-                if m:
-                    return m
-            return None
-
-        return self.wait(found, timeout, f"a line matching {pattern!r}")  # type: ignore[return-value]
+        return self.wait(line_matching(pattern), timeout, f"a line matching {pattern!r}")  # type: ignore[return-value]
 
     def welcome(self) -> str:
         m = self.wait_line(r"\*\*\* Welcome to chatcluster! Your nickname is (\S+)\. Type /help for commands\.")

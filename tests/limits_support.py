@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 
 import psutil
+from conftest import line_matching
 
 WAIT = 15.0
 _NUMBERED = re.compile(r"(\S+): (\S+) (\d{8}) ")
@@ -74,16 +75,7 @@ class Reader:
             time.sleep(0.01)
 
     def wait_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        rx = re.compile(pattern)
-
-        def found(lines: list[str]) -> re.Match[str] | None:
-            for line in lines:
-                m = rx.fullmatch(line)
-                if m:
-                    return m
-            return None
-
-        return self.wait(found, timeout, f"a line matching {pattern!r}")  # type: ignore[return-value]
+        return self.wait(line_matching(pattern), timeout, f"a line matching {pattern!r}")  # type: ignore[return-value]
 
     def wait_closed(self, timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout
