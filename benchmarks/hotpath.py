@@ -13,9 +13,11 @@ one process, with real objects (no server, no load generator):
   connections whose other ends read, split into user and system time; the
   machine's softirq time over the same sends shows how much of that kernel work
   is TCP receive processing (the receiving half of loopback TCP runs inside the
-  sender's send(); see _common.machine_cpu_used on how it is accounted).
+  sender's send(); see _common.machine_cpu_used on how it is accounted). The
+  same send() is then timed cycling over 1,000 to 9,000 connections: its cost
+  grows once the connections' kernel state no longer fits in the CPU caches.
 
-    python benchmarks/hotpath.py                 # about 20 s
+    python benchmarks/hotpath.py                 # about 30 s
     python benchmarks/hotpath.py --clients 1000 --rounds 20
 
 Writes benchmarks/results/hotpath.json.
@@ -198,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=5000, help="room size for the per-recipient steps")
     parser.add_argument("--rounds", type=int, default=40, help="broadcasts timed per step")
     parser.add_argument("--number", type=int, default=20000, help="calls per timing of the per-message steps")
+    parser.add_argument(
+        "--sweep",
+        default="1000,2500,5000,9000",
+        help="connection counts to time send() on (one sender cycling over all of them); empty for none",
+    )
     parser.add_argument("--json", default="hotpath")
     args = parser.parse_args(argv)
     busy_before = _common.warn_if_busy()
@@ -218,6 +225,22 @@ def main(argv: list[str] | None = None) -> int:
         rows,
         ["step", "ns"],
     )
+    sweep = []
+    for n in [int(x) for x in args.sweep.split(",") if x]:
+        sweep.append({"connections": n, **per_send(n, args.rounds)})
+    if sweep:
+        print_table(
+            "send() of 60 B cycling over N loopback connections (the kernel's cost per send grows once the "
+            "connections' state no longer fits in the CPU caches)",
+            [
+                (
+                    f"{r['connections']:,} connections",
+                    [r["wall_s_per_send"] * 1e9, r["user_s_per_send"] * 1e9, r["system_s_per_send"] * 1e9],
+                )
+                for r in sweep
+            ],
+            ["", "wall ns", "user ns", "system ns"],
+        )
     path = _common.write_json(
         args.json,
         {
@@ -228,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_message_ns": {k: v * 1e9 for k, v in msg.items()},
             "per_recipient_python_ns": {k: v * 1e9 for k, v in rec.items()},
             "per_send": send,
+            "per_send_sweep": sweep,
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
