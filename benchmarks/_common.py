@@ -33,6 +33,7 @@ import psutil
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
+DOCS_PLOTS = REPO_ROOT / "docs"  # where the full runs draw the plots the documentation shows
 
 WELCOME_PREFIX = b"*** Welcome"
 SERVER_KINDS = ("chatcluster", "baseline")

@@ -22,9 +22,10 @@ Default settings and targets (every one is 200,000 deliveries per second):
     python benchmarks/latency.py --server baseline
     python benchmarks/latency.py --settings 1000:10:200:20,5000:20:50
 
-Writes benchmarks/results/latency.json and, when matplotlib is installed,
-benchmarks/results/latency_p99.png (p99 and p50 against connected clients);
-with --quick or --server baseline the names get -quick or -baseline.
+Writes benchmarks/results/latency.json and, when matplotlib is installed, the
+plot of p99 and p50 against connected clients that docs/performance.md shows,
+docs/latency_p99.png; with --quick or --server baseline the results get their
+own names (latency-quick.json, results/latency_p99-quick.png, ...).
 """
 
 from __future__ import annotations
@@ -87,10 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds allowed per setting (0 = duration + 60)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--json", default=None, help="results file name (default: latency[-SERVER][-quick])")
-    parser.add_argument("--plot", default=None, help="PNG to write (default: results/latency_p99[-SERVER][-quick].png)")
+    parser.add_argument(
+        "--plot",
+        default=None,
+        help="PNG to write (default: docs/latency_p99.png for the full run, else results/latency_p99[-NAME].png)",
+    )
     args = parser.parse_args(argv)
     args.json = args.json or _common.results_name("latency", args.server, args.quick)
-    if args.plot is None:
+    if args.plot is None and args.json == "latency":
+        args.plot = str(_common.DOCS_PLOTS / "latency_p99.png")  # the full run draws the published plot
+    elif args.plot is None:
         suffix = args.json[len("latency") :] if args.json.startswith("latency") else "-" + args.json
         args.plot = str(_common.RESULTS_DIR / f"latency_p99{suffix}.png")
     try:

@@ -17,7 +17,8 @@ doubling).
 
 Writes benchmarks/results/scaling.json (scaling-quick.json for --quick) and,
 when matplotlib is installed, the CPU per message and p99 against the room size
-as results/scaling.png (or the path given with --plot).
+as docs/scaling.png, the plot docs/performance.md shows (results/NAME.png for
+other runs, or the path given with --plot).
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds allowed per room (0 = duration + 60)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--json", default=None, help="results file name (default: scaling[-SERVER][-quick])")
-    parser.add_argument("--plot", default=None, help="PNG to write (default: results/scaling[-SERVER][-quick].png)")
+    parser.add_argument(
+        "--plot", default=None, help="PNG to write (default: docs/scaling.png for the full run, else results/NAME.png)"
+    )
     args = parser.parse_args(argv)
     args.json = args.json or _common.results_name("scaling", args.server, args.quick)
     if args.quick:
         args.clients = "500,1000" if args.clients == parser.get_default("clients") else args.clients
         args.duration = min(args.duration, 3.0)
-    if args.plot is None:
+    if args.plot is None and args.json == "scaling":
+        args.plot = str(_common.DOCS_PLOTS / "scaling.png")  # the full run draws the published plot
+    elif args.plot is None:
         args.plot = str(_common.RESULTS_DIR / f"{args.json}.png")
     try:
         args.sizes = sorted({int(x) for x in args.clients.split(",") if x})
@@ -182,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     plotted = bool(results) and plot(
         results,
         Path(args.plot),
-        f"{args.server}: CPU per message and latency as the room grows "
-        f"({args.rate:g} lines/s, {args.workers} workers)",
+        f"{args.server}: CPU per message and latency as the room grows ({args.rate:g} lines/s, {args.workers} workers)",
     )
     path = _common.write_json(
         args.json,
