@@ -201,7 +201,7 @@ class Worker:
     # -- boot ---------------------------------------------------------------------------------
 
     def boot(self, timeout: float = 15.0) -> None:
-        """Prove the bus path end to end and learn the roster, then open the listening socket."""
+        """Prove the bus path end to end (HELLO, answered in order), then open the listening socket."""
         self.beat(S.BOOTING)
         deadline = time.monotonic() + timeout
         while not self.core.ready:
@@ -224,8 +224,7 @@ class Worker:
             self.ep.register(self.listener.fileno(), EPOLLIN)
         self.ep.register(self.bus.fd, EPOLLIN | EPOLLET)
         self.beat(S.READY)
-        log.info("worker %d (%s) ready on %s:%d, %d users in the roster", self.worker_no,
-                 self.worker_id, self.cfg.host, self.cfg.port, len(self.core.roster))
+        log.info("worker %d (%s) ready on %s:%d", self.worker_no, self.worker_id, self.cfg.host, self.cfg.port)
 
     def open_listener(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
