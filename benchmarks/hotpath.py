@@ -62,14 +62,13 @@ def per_message(number: int) -> dict[str, float]:
     core = chat.ChatCore("w1")
     core.on_bus(bus.BROKER, [(roster.SNAPSHOT, "w1", core.hello()[1], [])])
     core.connect(1, "127.0.0.2", time.time())
-    core.on_bus("w1", [(roster.JOIN, 1, core.local[1].nick, time.time(), "127.0.0.2")])
-    core.on_bus("w2", [(roster.JOIN, 7, "Other", time.time(), "127.0.0.3")])  # a member of another worker
+    core.on_bus("w1", [(roster.JOINED, 1, core.local[1].nick, "")])  # the broker's verdict
     reader = protocol.LineReader(512)
     text = LINE.decode().rstrip("\n")
     events = core.line(1, text)
     batch = [e.event for e in events if isinstance(e, chat.Publish)]
     payload = bus.encode("w1", 1, batch)
-    theirs = [(roster.CHAT, 7, batch[0][2])]  # the same line said on worker w2
+    theirs = [(roster.CHAT, 7, batch[0][2], b"Other")]  # the same line said on worker w2
     return {
         "parse the line (LineReader.feed)": best_of(lambda: reader.feed(LINE), 5, number),
         "chat rules (ChatCore.line)": best_of(lambda: core.line(1, text), 5, number),

@@ -8,9 +8,10 @@ matters), a booting worker accepts clients only after its own probe came back
 through the broker (so the slow-joiner window is behind it), every publisher
 numbers its batches so receivers detect gaps and recognise duplicates, and a
 worker keeps what it published until it has seen it come back, so after a
-broker restart it can send it again. The broker also keeps a roster replica,
-to hand a snapshot to a booting worker at the exact point in the order where
-it asked.
+broker restart it can send it again. The broker alone keeps the cluster
+roster: it decodes the batches that hold roster requests (claims, departures,
+/who), decides each in order and sends the batch on with the verdicts in
+place of the requests, under the publisher's own name and number.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from . import roster as R
 
 log = logging.getLogger("chatcluster.bus")
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 FLAG_ROSTER = 1  # the batch holds roster events: the broker must decode and apply it
 # Version, flags, the publisher's batch number (0: an unnumbered control batch) and the length of
 # the publisher's name, which follows; then the marshalled events. The broker reads only this.
@@ -218,7 +219,7 @@ class BusClient:
 
 
 class Broker:
-    """Sequence every batch, keep a roster replica, answer HELLOs, rebuild after a restart.
+    """Sequence every batch, keep the roster and decide on it, answer HELLOs, rebuild after a restart.
 
     Pure apart from `emit(header, payload)`, which publishes one stamped message.
 
@@ -230,8 +231,9 @@ class Broker:
     resend anyway), so every worker's traffic in the new epoch starts from its RESYNC. For a
     short resync phase the broker sequences only control batches and holds everything else;
     when every live worker has resynced (or the phase times out), it answers the waiting
-    HELLOs with snapshots and releases the held traffic. So each worker restarts from a
-    complete roster, and no chat line reaches it before that.
+    HELLOs with snapshots (which tell each worker which of its clients kept their names)
+    and releases the held traffic. So every claim after a restart is decided against a
+    complete roster, and no chat line reaches a worker before its snapshot.
     """
 
     def __init__(self, emit: Callable[[bytes, bytes], None], workers: Sequence[str], now: float) -> None:
@@ -263,7 +265,7 @@ class Broker:
             self.send(encode(BROKER, 0, [(R.PING,)]))
 
     def snapshot(self, worker: str, nonce: int) -> None:
-        self.send(encode(BROKER, 0, [(R.SNAPSHOT, worker, nonce, self.roster.snapshot())]))
+        self.send(encode(BROKER, 0, [self.roster.snapshot_for(worker, nonce)]))
 
     def receive(self, payload: bytes, now: float) -> None:
         try:
@@ -282,11 +284,14 @@ class Broker:
         elif self.resyncing:
             self.held.append(payload)
             return
-        self.send(payload)
-        if flags & FLAG_ROSTER:
+        if not flags & FLAG_ROSTER:
+            self.send(payload)  # chat only: passed on as it came, never decoded
+        else:
+            # The verdicts take the requests' places, under the publisher's name and number,
+            # so receivers still check that batch's place in the publisher's sequence.
             publisher, _, events = decode(payload)
+            self.send(encode(publisher, pseq, self.roster.decide_batch(publisher, events)))
             for ev in events:
-                self.roster.apply(publisher, ev)
                 if ev[0] == R.HELLO:
                     if self.resyncing:
                         self.waiting.append((publisher, ev[1]))
@@ -313,9 +318,7 @@ class Broker:
         self.dead.add(worker)
         self.admitted.discard(worker)
         self.expected.discard(worker)
-        event = (R.GONE, worker)
-        self.roster.apply(BROKER, event)
-        self.send(encode(BROKER, 0, [event]))
+        self.send(encode(BROKER, 0, [self.roster.decide_batch(BROKER, [(R.GONE, worker)])[0]]))
         if self.resyncing and not self.expected:
             self.end_resync(now)
 

@@ -5,14 +5,16 @@ a line, went away; a batch arrived from the bus) and gets back effects: events
 to publish on the bus, bytes for one client, bytes for everyone in the room,
 a client entering the room, a connection to close. Everything a client sees
 of other clients comes from the bus order, including its own worker's clients,
-so every client on every worker sees one order. The randomness for nicknames
-is injected, the clock is passed in; no sockets here.
+so every client on every worker sees one order. A worker knows only its own
+clients: the cluster roster is the broker's (see roster.py), which decides
+every claim and answers /who in bus order; chat lines carry their sender's
+nickname. The randomness for nicknames is injected, the clock is passed in;
+no sockets here.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,7 @@ HELP = (
 )
 LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
 # Bus events a client would see something of.
-VISIBLE_KINDS = frozenset({R.CHAT, R.ME, R.JOIN, R.NICK, R.LEAVE, R.GONE})
+VISIBLE_KINDS = frozenset({R.CHAT, R.ME, R.JOINED, R.RENAMED, R.LEFT, R.GONE})
 
 
 # Effects -------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ class LocalUser:
     nick: str
     state: str = PENDING
     backlog: list[str | int] | None = None  # lines, or limits of too long ones (a list only while some wait)
-    claiming: bool = False  # a /nick claim is on the bus; what the client says next waits for it
+    claiming: bool = False  # a /nick claim or a /who is on the bus; what the client says next waits for it
     leaving: str | None = None  # gone (with this reason) while lines waited: they go out first
 
     @property
@@ -111,19 +113,15 @@ class ChatSettings:
 
 
 class ChatCore:
-    """One worker's view of the chat: its own clients plus a replica of the cluster roster."""
+    """One worker's view of the chat: its own clients; the roster is the broker's."""
 
     def __init__(self, worker_id: str, settings: ChatSettings | None = None,
                  rng: random.Random | None = None) -> None:
         self.worker_id = worker_id
         self.settings = settings or ChatSettings()
         self.rng = rng or random.Random()
-        self.roster = R.Roster()
         self.local: dict[int, LocalUser] = {}
-        # Clients whose JOIN claim is on the bus (pending or rejoining): few, so that connect()
-        # need not scan every local client. Entries whose client is gone are pruned on use.
-        self.claims: dict[int, LocalUser] = {}
-        self.ready = False  # True once a roster snapshot has been loaded
+        self.ready = False  # True once the broker answered our HELLO
         self.nonce = 0
         self.syncing = False  # waiting for a snapshot after a broker restart
         self.lost_told = False  # the clients heard "messages may have been lost" in this epoch
@@ -134,7 +132,7 @@ class ChatCore:
     # -- boot and bus recovery ---------------------------------------------------------------
 
     def hello(self) -> tuple[Any, ...]:
-        """The HELLO event asking the broker for a roster snapshot (sent as a control batch)."""
+        """The HELLO event asking the broker for our snapshot (sent as a control batch)."""
         if not self.nonce:
             self.nonce = self.rng.randrange(1, 1 << 62)
         return (R.HELLO, self.nonce)
@@ -146,9 +144,10 @@ class ChatCore:
     def bus_restarted(self) -> list[tuple[Any, ...]]:
         """A new broker: the control batch that re-announces our clients and asks for a snapshot.
 
-        The roster is kept as it was until the snapshot replaces it, so /who stays whole while
-        the cluster resyncs. Clients still pending keep their JOIN in flight: it is among the
-        batches sent again after this one, so it is decided after our RESYNC.
+        The new broker rebuilds the roster from every worker's RESYNC; our snapshot says which
+        of our clients kept their names. Clients still pending keep their JOIN in flight: it is
+        among the batches sent again after this one, so it is decided after our RESYNC. Until
+        the snapshot the clients' lines wait: a client may yet lose its name.
         """
         members = [(self.worker_id, u.conn, u.nick, u.since, u.ip)
                    for u in self.local.values() if u.state == ACTIVE]
@@ -167,37 +166,37 @@ class ChatCore:
     # -- client side -------------------------------------------------------------------------
 
     def connect(self, conn: int, ip: str, now: float) -> list[Effect]:
-        s = self.settings
-        pending = [u for u in self._claiming() if u.state == PENDING]
-        if s.max_clients and len(self.roster) + len(pending) >= s.max_clients:
-            return [Send(conn, encode_line("*** Error: server full")), Close(conn)]
-        if s.max_clients_per_ip:
-            same_ip = self.roster.per_ip.get(ip, 0) + sum(1 for u in pending if u.ip == ip)
-            if same_ip >= s.max_clients_per_ip:
-                return [Send(conn, encode_line("*** Error: too many connections from your address")),
-                        Close(conn)]
+        """A new client claims a random name; the broker decides it, and the client limits, in bus order."""
         user = LocalUser(conn, ip, now, self._free_nick())
         self.local[conn] = user
-        self.claims[conn] = user
-        return [Publish((R.JOIN, conn, user.nick, now, ip))]
+        return [Publish(self._join(user, ""))]
+
+    def _join(self, user: LocalUser, old: str) -> tuple[Any, ...]:
+        s = self.settings
+        if old:  # a client that lost its name is not a new connection: no limits for it
+            return (R.JOIN, user.conn, user.nick, user.since, user.ip, old, 0, 0)
+        return (R.JOIN, user.conn, user.nick, user.since, user.ip, "", s.max_clients, s.max_clients_per_ip)
+
+    def _holds(self, user: LocalUser) -> bool:
+        return user.waiting or self.syncing
 
     def disconnect(self, conn: int, reason: str = "") -> list[Effect]:
         user = self.local.get(conn)
         if user is None or user.leaving is not None:
             return []
-        if user.waiting and user.backlog:
+        if self._holds(user) and user.backlog:
             # What the client sent before it went away still counts (`printf ... | nc -N`): its
             # lines go out once the bus has decided on its name, then it leaves and is closed.
             user.leaving = reason
             return []
         del self.local[conn]
-        # Published even for a pending client: LEAVE follows its JOIN in bus order, so every
-        # replica removes it again whether or not the claim was accepted.
+        # Published even for a pending client: LEAVE follows its JOIN in bus order, so the
+        # broker removes it again whether or not the claim was accepted.
         return [Publish((R.LEAVE, conn, reason))]
 
     def line_too_long(self, conn: int, limit: int) -> list[Effect]:
         user = self.local.get(conn)
-        if user is not None and user.waiting:
+        if user is not None and self._holds(user):
             user.hold(limit)  # answered in the order sent, after the pending reply
             return []
         return [Send(conn, encode_line(f"*** Error: line too long (max {limit} bytes)"))]
@@ -208,16 +207,16 @@ class ChatCore:
         user = self.local.get(conn)
         if user is None:
             return []
-        if user.waiting:
+        if self._holds(user):
             user.hold(text)
             return []
         if not text.strip():
             return []
         if text.startswith("//"):
-            return [Publish((R.CHAT, conn, text[1:].encode()))]
+            return [Publish((R.CHAT, conn, text[1:].encode(), user.nick.encode()))]
         if text.startswith("/"):
-            return self._command(user, text, now)
-        return [Publish((R.CHAT, conn, text.encode()))]
+            return self._command(user, text, now or self.clock)
+        return [Publish((R.CHAT, conn, text.encode(), user.nick.encode()))]
 
     def _command(self, user: LocalUser, text: str, now: float) -> list[Effect]:
         word, _, rest = text[1:].partition(" ")
@@ -229,13 +228,16 @@ class ChatCore:
         if cmd == "me":
             if not arg:
                 return [self._error(conn, "usage: /me ACTION")]
-            return [Publish((R.ME, conn, rest.lstrip().encode()))]
+            return [Publish((R.ME, conn, rest.lstrip().encode(), user.nick.encode()))]
         if cmd == "who":
-            nicks = sorted((m.nick for m in self.roster.members()), key=lambda n: (n.lower(), n))
-            word_users = "user" if len(nicks) == 1 else "users"
-            return [Send(conn, encode_line(f"*** {len(nicks)} {word_users} online: {', '.join(nicks)}"))]
+            # The broker answers from the roster in bus order; later lines wait for the answer.
+            user.claiming = True
+            return [Publish((R.WHO, conn))]
         if cmd == "whois":
-            return [Send(conn, self._whois(arg, now))]
+            if not arg:
+                return [self._error(conn, "usage: /whois NICK")]
+            user.claiming = True
+            return [Publish((R.WHOIS, conn, arg, now))]
         if cmd == "help":
             return [Send(conn, b"".join(encode_line(h) for h in HELP))]
         if cmd == "quit":
@@ -252,52 +254,30 @@ class ChatCore:
             return [self._error(conn, problem)]
         if new == user.nick:
             return [Send(conn, encode_line(f"*** You are already known as {new}"))]
-        if not self.roster.is_free_for(new, self.worker_id, conn):
-            return [self._error(conn, f"nickname {new} is already taken")]
-        # The claim is decided in bus order: another worker may claim the same name first.
+        # The broker decides the claim in bus order: another worker may claim the same name first.
         user.claiming = True
         return [Publish((R.NICK, conn, new))]
-
-    def _whois(self, nick: str, now: float) -> bytes:
-        if not nick:
-            return encode_line("*** Error: usage: /whois NICK")
-        m = self.roster.holder(nick)
-        if m is None:
-            return encode_line(f"*** Error: no such nickname {nick}")
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.since))
-        return encode_line(f"*** {m.nick} is on worker {m.worker}, connected since {since} "
-                           f"({_duration(now - m.since)} ago)")
 
     def _error(self, conn: int, reason: str) -> Send:
         return Send(conn, encode_line(f"*** Error: {reason}"))
 
-    def _claiming(self) -> list[LocalUser]:
-        claims = self.claims
-        for conn in [c for c, u in claims.items() if self.local.get(c) is not u or u.state == ACTIVE]:
-            del claims[conn]
-        return list(claims.values())
-
     def _free_nick(self) -> str:
-        taken = {u.nick.lower() for u in self._claiming()}
-        while True:
-            nick = "".join(self.rng.choice(NICK_ALPHABET) for _ in range(4))
-            if nick.lower() not in taken and self.roster.holder(nick) is None:
-                return nick
+        """A random name. Whether it is free only the broker knows: a taken one is refused and drawn
+        again (62**4 names make that rare)."""
+        return "".join(self.rng.choice(NICK_ALPHABET) for _ in range(4))
 
     # -- bus side ----------------------------------------------------------------------------
 
     def on_bus(self, publisher: str, events: list[tuple[Any, ...]], replay: bool = False) -> list[Effect]:
         """Apply one bus batch, in order, and say what each local client receives.
 
-        `replay` marks a batch this worker saw before a broker restart and now sees again:
-        its roster events still count (the new broker's roster was rebuilt without them, and
-        ours must stay equal to it), but the clients were told about it the first time.
+        `replay` marks a batch this worker saw before a broker restart and now sees again: its
+        clients were told about it the first time, and the roster is the broker's to rebuild.
         """
         out: list[Effect] = []
         if self.waiting_for_snapshot:
-            # Before our snapshot the roster is unknown: everything up to it is already part
-            # of the snapshot, so only the snapshot itself matters. What the clients would have
-            # seen is lost to them, and they are told so once the snapshot is in.
+            # Before our snapshot nothing is ours to act on: what the clients would have seen
+            # of it is lost to them, and they are told so once the snapshot is in.
             for i, ev in enumerate(events):
                 if ev[0] == R.SNAPSHOT and ev[1] == self.worker_id and ev[2] == self.nonce:
                     out.extend(self._load_snapshot(ev[3]))
@@ -308,29 +288,20 @@ class ChatCore:
                     self.missed = True
             return out
         if replay:
-            for ev in events:
-                if ev[0] in R.ROSTER_KINDS:
-                    self.roster.apply(publisher, ev)
             return out
         mine = publisher == self.worker_id
         run: list[tuple[int, bytes]] = []
-        member = self.roster.get
         for ev in events:
             kind = ev[0]
-            if kind == R.CHAT or kind == R.ME:
-                m = member(publisher, ev[1])
-                if m is None:
-                    continue
-                if kind == R.CHAT:
-                    line = m.prefix + ev[2] + CRLF
-                else:
-                    line = b"* " + m.prefix[:-2] + b" " + ev[2] + CRLF
-                run.append((ev[1] if mine else -1, line))
+            if kind == R.CHAT:
+                run.append((ev[1] if mine else -1, ev[3] + b": " + ev[2] + CRLF))
+            elif kind == R.ME:
+                run.append((ev[1] if mine else -1, b"* " + ev[3] + b" " + ev[2] + CRLF))
             else:
                 if run:
                     self._flush_run(run, out)
                     run = []
-                self._roster_event(publisher, mine, ev, out)
+                self._verdict(mine, ev, out)
         if run:
             self._flush_run(run, out)
         return out
@@ -345,84 +316,85 @@ class ChatCore:
             if rest:
                 out.append(Send(s, rest))
 
-    def _roster_event(self, publisher: str, mine: bool, ev: tuple[Any, ...], out: list[Effect]) -> None:
+    def _verdict(self, mine: bool, ev: tuple[Any, ...], out: list[Effect]) -> None:
+        """One of the broker's verdicts (or a SNAPSHOT): tell everyone, act for our own clients."""
         kind = ev[0]
-        if kind not in R.ROSTER_KINDS and kind != R.SNAPSHOT:
-            return
+        announce = self.settings.announce_joins
         if kind == R.SNAPSHOT:
             if ev[1] == self.worker_id and ev[2] == self.nonce:
                 out.extend(self._load_snapshot(ev[3]))
             return
-        outcome = self.roster.apply(publisher, ev)
-        announce = self.settings.announce_joins
-        if kind == R.JOIN:
-            user = self.local.get(ev[1]) if mine else None
-            if outcome.accepted and outcome.member is not None:
-                nick = outcome.member.nick
-                refused = self._over_limit(user) if user is not None and user.state == PENDING else []
-                if refused:
-                    out.extend(refused)
-                elif user is not None and user.state != ACTIVE:
-                    out.extend(self._entered(user, nick))
-                # A client that lost its name in a broker restart rejoins under a new one:
-                # for everyone else that is a rename.
-                if len(ev) > 5:
-                    out.append(Broadcast(encode_line(f"*** {ev[5]} is now known as {nick}"),
-                                         frozenset((ev[1],)) if mine else EMPTY))
-                elif announce:
-                    out.append(Broadcast(encode_line(f"*** {nick} joined"),
-                                         frozenset((ev[1],)) if mine else EMPTY))
-            elif user is not None and user.state != ACTIVE and self.roster.get(self.worker_id, user.conn) is None:
-                # Someone claimed the random name first: draw another one and claim again.
-                user.nick = self._free_nick()
-                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip, *ev[5:])))
-        elif kind == R.NICK:
-            user = self.local.get(ev[1]) if mine else None
-            m = outcome.member
-            if outcome.accepted and m is not None:
-                if user is not None:
-                    user.nick = m.nick
-                    out.append(Send(user.conn, encode_line(f"*** You are now known as {m.nick}")))
-                out.append(Broadcast(encode_line(f"*** {outcome.old_nick} is now known as {m.nick}"),
-                                     frozenset((ev[1],)) if mine else EMPTY))
-            elif user is not None and m is not None:
-                out.append(self._error(user.conn, f"nickname {ev[2]} is already taken"))
-            # (m is None: the client lost its name in a broker restart and is told so on rejoining.)
-            if user is not None and user.claiming:
-                user.claiming = False
-                out.extend(self._run_backlog(user))
-        elif kind == R.LEAVE:
-            if outcome.accepted and outcome.member is not None and announce:
-                reason = f" ({ev[2]})" if ev[2] else ""
-                out.append(Broadcast(encode_line(f"*** {outcome.member.nick} left{reason}")))
-        elif kind == R.GONE:
-            if outcome.gone and announce:
-                out.append(Broadcast(b"".join(encode_line(f"*** {m.nick} left (connection lost)")
-                                              for m in outcome.gone)))
-        elif kind == R.ADOPT:
+        if kind == R.GONE:
+            nicks = ev[2] if len(ev) > 2 else ()
+            if nicks and announce:
+                out.append(Broadcast(b"".join(encode_line(f"*** {n} left (connection lost)") for n in nicks)))
+            return
+        if kind == R.ADOPTED:
             user = self.local.get(ev[3]) if mine else None
-            if user is not None and outcome.accepted:
-                user.state = ACTIVE
+            if user is not None:
+                if ev[4]:
+                    user.state = ACTIVE
+                else:
+                    # The name was lost while the client moved (a broker restart): it claims another.
+                    user.state = REJOINING
+                    old, user.nick = user.nick, self._free_nick()
+                    out.append(Publish(self._join(user, old)))
+            return
+        if kind not in _VERDICTS:
+            return
+        conn = ev[1]
+        user = self.local.get(conn) if mine else None
+        exclude = frozenset((conn,)) if mine else EMPTY
+        if kind == R.JOINED:
+            nick, old = ev[2], ev[3]
+            if user is not None and user.state != ACTIVE:
+                out.extend(self._entered(user, nick))
+            # A client that lost its name in a broker restart rejoins under a new one:
+            # for everyone else that is a rename.
+            if old:
+                out.append(Broadcast(encode_line(f"*** {old} is now known as {nick}"), exclude))
+            elif announce:
+                out.append(Broadcast(encode_line(f"*** {nick} joined"), exclude))
+        elif kind == R.REFUSED:
+            if user is None or user.state == ACTIVE:
+                return
+            why = ev[3]
+            if why == R.TAKEN_WHY:
+                # Someone holds the random name: draw another one and claim again.
+                user.nick = self._free_nick()
+                out.append(Publish(self._join(user, ev[4])))
+                return
+            notice = "server full" if why == R.FULL else "too many connections from your address"
+            del self.local[conn]
+            out.extend([Send(conn, encode_line(f"*** Error: {notice}")), Close(conn)])
+        elif kind == R.RENAMED:
+            old, new = ev[2], ev[3]
+            if user is not None:
+                user.nick = new
+                out.append(Send(conn, encode_line(f"*** You are now known as {new}")))
+            out.append(Broadcast(encode_line(f"*** {old} is now known as {new}"), exclude))
+            if user is not None:
+                out.extend(self._answered(user))
+        elif kind == R.TAKEN:
+            if user is not None:
+                if ev[3]:  # (not known: the client lost its name in a broker restart and is told on rejoining)
+                    out.append(self._error(conn, f"nickname {ev[2]} is already taken"))
+                out.extend(self._answered(user))
+        elif kind == R.LEFT:
+            if announce:
+                reason = f" ({ev[3]})" if ev[3] else ""
+                out.append(Broadcast(encode_line(f"*** {ev[2]} left{reason}")))
+        elif kind == R.REPLY:
+            if user is not None:
+                out.append(Send(conn, encode_line(ev[2])))
+                out.extend(self._answered(user))
 
-    def _over_limit(self, user: LocalUser) -> list[Effect]:
-        """Refuse a new client whose JOIN won its name but came after the limits were reached.
-
-        connect() checks the limits against the roster, which does not yet hold the clients
-        other workers are admitting at the same moment. Their JOINs and ours meet in bus
-        order, where every replica counts the same members: the first ones up to the limit
-        stay, and the worker of any later one closes it here. Other workers may show it
-        joining and leaving.
-        """
-        s = self.settings
-        if s.max_clients and len(self.roster) > s.max_clients:
-            notice, reason = "server full", "server full"
-        elif s.max_clients_per_ip and self.roster.per_ip.get(user.ip, 0) > s.max_clients_per_ip:
-            notice, reason = "too many connections from your address", "too many connections from one address"
-        else:
+    def _answered(self, user: LocalUser) -> list[Effect]:
+        """The client's claim or question came back: what it said meanwhile goes on."""
+        if not user.claiming:
             return []
-        self.local.pop(user.conn, None)
-        return [Send(user.conn, encode_line(f"*** Error: {notice}")), Close(user.conn),
-                Publish((R.LEAVE, user.conn, reason))]
+        user.claiming = False
+        return self._run_backlog(user)
 
     def _entered(self, user: LocalUser, nick: str) -> list[Effect]:
         """The client's claim won: it gets its welcome (or rename notice) and joins the room."""
@@ -442,7 +414,7 @@ class ChatCore:
     def _run_backlog(self, user: LocalUser) -> list[Effect]:
         """Process what the client sent while waiting, until it has to wait again."""
         effects: list[Effect] = []
-        while user.backlog and not user.waiting and user.conn in self.local:
+        while user.backlog and not self._holds(user) and user.conn in self.local:
             item = user.backlog.pop(0)
             if isinstance(item, int):
                 effects.extend(self.line_too_long(user.conn, item))
@@ -450,40 +422,37 @@ class ChatCore:
                 effects.extend(self.line(user.conn, item, self.clock))
         if not user.backlog:
             user.backlog = None
-        if user.leaving is not None and not user.waiting and self.local.get(user.conn) is user:
+        if user.leaving is not None and not self._holds(user) and self.local.get(user.conn) is user:
             del self.local[user.conn]
             effects += [Publish((R.LEAVE, user.conn, user.leaving)), Close(user.conn)]
         return effects
 
     def _load_snapshot(self, members: list[Any]) -> list[Effect]:
-        self.roster.load(members)
+        """Our place in the order: `members` are our clients the broker's roster holds by name."""
         self.ready = True
         self.syncing = False
         self.nonce = 0  # later copies of this snapshot (answers to repeated HELLOs) are stale
+        kept = {int(t[0]): str(t[1]) for t in members}
         out: list[Effect] = []
-        for user in self.local.values():
+        for user in list(self.local.values()):
             if user.state != ACTIVE:
                 continue  # its JOIN is sent after our HELLO, so it is decided after this point
-            m = self.roster.get(self.worker_id, user.conn)
-            if m is None:
+            nick = kept.get(user.conn)
+            if nick is None:
                 # After a broker restart a client whose name went to someone else while the bus
-                # was down claims a fresh one; everyone else is in the snapshot already.
+                # was down claims a fresh one; everyone else kept theirs.
                 user.state = REJOINING
-                self.claims[user.conn] = user
                 old, user.nick = user.nick, self._free_nick()
-                out.append(Publish((R.JOIN, user.conn, user.nick, user.since, user.ip, old)))
+                out.append(Publish(self._join(user, old)))
             else:
-                user.nick = m.nick
+                user.nick = nick
         if self.missed:
             self.missed = False
             out.extend(self.messages_lost())
+        for user in list(self.local.values()):
+            if user.backlog or user.leaving is not None:
+                out.extend(self._run_backlog(user))  # lines held while the cluster resynced
         return out
 
 
-def _duration(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    return f"{s // 3600}h {s % 3600 // 60}m"
+_VERDICTS = frozenset({R.JOINED, R.REFUSED, R.RENAMED, R.TAKEN, R.LEFT, R.REPLY})

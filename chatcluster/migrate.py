@@ -15,7 +15,7 @@ there keeps a copy of everything it broadcasts to its room. When the clients
 arrive, each gets the giver's queue, then that copy, and joins the room: every
 message after P comes through the taker, every one up to P through the giver.
 
-The taker publishes ADOPT for each client (every roster replica moves the
+The taker publishes ADOPT for each client (the broker's roster moves the
 nickname to it) before anything the client says, so the client's next line is
 attributed to its new connection everywhere. It answers the giver once its
 ADOPTs are back from the broker; only then does the giver exit, so the
@@ -180,7 +180,7 @@ class Giver:
         if not any(ev[0] == R.HANDOFF and ev[2] == self.token for ev in events):
             return
         w = self.w
-        settled = all(u.state == C.ACTIVE for u in w.core.local.values())
+        settled = all(u.state == C.ACTIVE and not u.claiming for u in w.core.local.values())
         quiet = all(ev[0] == R.PING for ev in w.outgoing)
         if self.clean and settled and quiet:
             self.give()
@@ -262,7 +262,7 @@ class Giver:
                 w.read(c)  # edges that came while frozen were not acted on
 
     def lost(self, why: str) -> None:
-        """The clients were sent but not adopted: they are gone; say so in every roster."""
+        """The clients were sent but not adopted: they are gone; say so in the roster."""
         w = self.w
         log.error("worker %d: handing over failed after its clients were sent (%s); %d clients are "
                   "disconnected", w.worker_no, why, len(self.given))
@@ -512,9 +512,11 @@ class Taker:
             self.maybe_install()
         elif publisher == w.worker_id and self.awaiting:
             for ev in events:
-                if ev[0] == R.ADOPT and ev[3] in self.awaiting:
+                if ev[0] == R.ADOPTED and ev[3] in self.awaiting:
                     self.awaiting.discard(ev[3])
-                    self.adopted_back(ev[3])
+                    if not ev[4]:  # the chat core has the client claim a new name
+                        log.warning("worker %d: the roster refused the adoption of conn %d; it gets a new "
+                                    "nickname", w.worker_no, ev[3])
             if not self.awaiting and self.installed:
                 self.finish_ok()
 
@@ -550,7 +552,7 @@ class Taker:
             data = st.out + tail
             if data:
                 w.queue(c, data)
-            # Published before anything the client says: every replica moves the name first.
+            # Published before anything the client says: the roster moves the name first.
             w.outgoing.append((R.ADOPT, self.source, st.conn, conn))
             self.awaiting.add(conn)
             placed.append((c, st))
@@ -563,18 +565,6 @@ class Taker:
             resume_input(w, c, st)
         if not self.awaiting:
             self.finish_ok()
-
-    def adopted_back(self, conn: int) -> None:
-        """Our ADOPT came back; if the roster refused it (the name was lost meanwhile), claim a new one."""
-        w = self.w
-        user = w.core.local.get(conn)
-        if user is None or w.core.roster.get(w.worker_id, conn) is not None:
-            return
-        log.warning("worker %d: the roster refused the adoption of %s (conn %d); it gets a new nickname",
-                    w.worker_no, user.nick, conn)
-        user.state = C.REJOINING
-        user.nick = w.core._free_nick()
-        w.outgoing.append((R.JOIN, conn, user.nick, user.since, user.ip))
 
     def finish_ok(self) -> None:
         self.w.beat(S.READY)  # the supervisor counts the clients kept as soon as the giver exits

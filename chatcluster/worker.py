@@ -201,7 +201,7 @@ class Worker:
     # -- boot ---------------------------------------------------------------------------------
 
     def boot(self, timeout: float = 15.0) -> None:
-        """Prove the bus path end to end and learn the roster, then open the listening socket."""
+        """Prove the bus path end to end (HELLO, answered in order), then open the listening socket."""
         self.beat(S.BOOTING)
         deadline = time.monotonic() + timeout
         while not self.core.ready:
@@ -224,8 +224,7 @@ class Worker:
             self.ep.register(self.listener.fileno(), EPOLLIN)
         self.ep.register(self.bus.fd, EPOLLIN | EPOLLET)
         self.beat(S.READY)
-        log.info("worker %d (%s) ready on %s:%d, %d users in the roster", self.worker_no,
-                 self.worker_id, self.cfg.host, self.cfg.port, len(self.core.roster))
+        log.info("worker %d (%s) ready on %s:%d", self.worker_no, self.worker_id, self.cfg.host, self.cfg.port)
 
     def open_listener(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
@@ -348,12 +347,7 @@ class Worker:
                 self.queue(c, SHUTDOWN_LINE)
                 c.closing = True
                 continue
-            effects = self.core.connect(conn, c.ip, wall)
-            if any(type(e) is C.Close for e in effects):
-                # Refused by a client limit (max_clients, max_clients_per_ip): log what it is told.
-                told = b"".join(e.data for e in effects if type(e) is C.Send).decode(errors="replace").strip()
-                log.info("worker %d: refusing %s (conn %d): %s", self.worker_no, c.ip, conn, told)
-            self.apply(effects)
+            self.apply(self.core.connect(conn, c.ip, wall))
 
     def shed_connection(self, exc: OSError) -> None:
         """Out of descriptors: refuse one waiting connection cleanly and keep serving.
@@ -662,12 +656,25 @@ class Worker:
                 elif publisher == REPLAY:
                     self.apply(self.core.on_bus(payload[0], payload[1], replay=True))
                 else:
-                    self.apply(self.core.on_bus(publisher, payload))
+                    effects = self.core.on_bus(publisher, payload)
+                    if len(effects) > 1 and publisher == self.worker_id:
+                        self.log_refusals(effects)
+                    self.apply(effects)
                     if self.handoff is not None:
                         self.handoff.after_batch(publisher, payload)  # an upgrade's cut point?
             if self.core.undelivered > undelivered:
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
                             "and were not delivered", self.worker_no, self.core.undelivered - undelivered)
+
+    def log_refusals(self, effects: list[C.Effect]) -> None:
+        """Log each client the broker refused by a client limit (max_clients, max_clients_per_ip):
+        its error line followed by its Close."""
+        for before, e in zip(effects, effects[1:], strict=False):
+            if (type(e) is C.Close and type(before) is C.Send and before.conn == e.conn
+                    and before.data.startswith(b"*** Error: ")):
+                c = self.by_conn.get(e.conn)
+                log.info("worker %d: refusing %s (conn %d): %s", self.worker_no, c.ip if c else "?", e.conn,
+                         before.data.decode(errors="replace").strip())
 
     # -- housekeeping, reload, stop -----------------------------------------------------------
 

@@ -827,6 +827,7 @@ class OneWorker:
 
     def __init__(self) -> None:
         self.core = C.ChatCore("w1", rng=random.Random(7))
+        self.roster = R.Roster()  # the broker's, deciding what comes back
         self.room: set[int] = set()
         self.received: dict[int, bytearray] = {}
         self.core.hello()  # draws the nonce the snapshot must carry
@@ -850,10 +851,10 @@ class OneWorker:
             self.run_bus(published)
 
     def run_bus(self, events: list[tuple[object, ...]]) -> None:
-        self.run(self.core.on_bus("w1", events))
+        self.run(self.core.on_bus("w1", self.roster.decide_batch("w1", events)))  # type: ignore[arg-type]
 
     def nick(self, conn: int) -> str:
-        m = self.core.roster.get("w1", conn)
+        m = self.roster.get("w1", conn)
         return m.nick if m else ""
 
 

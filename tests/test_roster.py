@@ -246,3 +246,64 @@ def test_replicas_applying_the_same_order_agree_whatever_the_order() -> None:
         folded = [m.nick.lower() for m in replicas[0].by_key.values()]
         assert len(folded) == len(set(folded))
         assert set(replicas[0].by_fold) == set(folded)
+
+
+# -- the broker's verdicts ------------------------------------------------------------------------
+
+
+def claim(conn: int, nick: str, ip: str = "127.0.0.1", old: str = "", limit: int = 0, per_ip: int = 0) -> tuple:
+    return (R.JOIN, conn, nick, 1000.0, ip, old, limit, per_ip)
+
+
+def test_a_winning_claim_becomes_joined_and_a_losing_one_refused_with_its_old_name() -> None:
+    r = R.Roster()
+    assert r.decide("w1", claim(1, "Ann")) == (R.JOINED, 1, "Ann", "")
+    assert r.decide("w2", claim(4, "ANN", old="Was")) == (R.REFUSED, 4, "ANN", R.TAKEN_WHY, "Was")
+    assert r.decide("w2", claim(4, "Bo", old="Was")) == (R.JOINED, 4, "Bo", "Was")
+
+
+def test_claims_over_the_limits_they_carry_are_refused_and_take_no_place() -> None:
+    r = R.Roster()
+    assert r.decide("w1", claim(1, "a", limit=2))[0] == R.JOINED
+    assert r.decide("w2", claim(1, "b", limit=2))[0] == R.JOINED
+    assert r.decide("w2", claim(2, "c", limit=2)) == (R.REFUSED, 2, "c", R.FULL, "")
+    assert r.decide("w1", claim(2, "d", ip="10.0.0.1", per_ip=1))[0] == R.JOINED
+    assert r.decide("w2", claim(3, "e", ip="10.0.0.1", per_ip=1)) == (R.REFUSED, 3, "e", R.PER_IP, "")
+    assert len(r) == 3 and r.holder("c") is None and r.holder("e") is None
+
+
+def test_renames_and_departures_are_decided_with_the_names_receivers_need() -> None:
+    r = R.Roster()
+    r.decide("w1", claim(1, "old"))
+    r.decide("w2", claim(1, "other"))
+    assert r.decide("w1", (R.NICK, 1, "new")) == (R.RENAMED, 1, "old", "new")
+    assert r.decide("w1", (R.NICK, 1, "OTHER")) == (R.TAKEN, 1, "OTHER", 1)
+    assert r.decide("w1", (R.NICK, 9, "free")) == (R.TAKEN, 9, "free", 0)  # no such member
+    assert r.decide("w1", (R.LEAVE, 1, "bye")) == (R.LEFT, 1, "new", "bye")
+    assert r.decide("w1", (R.LEAVE, 1, "bye")) is None  # nothing to tell
+    assert r.decide("broker", (R.GONE, "w2")) == (R.GONE, "w2", ["other"])
+
+
+def test_who_and_whois_are_answered_from_the_roster_at_their_place_in_the_order() -> None:
+    r = R.Roster()
+    r.decide("w1", claim(1, "bob"))
+    r.decide("w2", claim(1, "Ann"))
+    assert r.decide("w1", (R.WHO, 1)) == (R.REPLY, 1, "*** 2 users online: Ann, bob")
+    text = r.decide("w2", (R.WHOIS, 1, "BOB", 1000.0 + 75))[2]
+    assert text == "*** bob is on worker w1, connected since 1970-01-01 00:16:40 UTC (1m 15s ago)"
+    assert r.decide("w2", (R.WHOIS, 1, "nobody", 0.0)) == (R.REPLY, 1, "*** Error: no such nickname nobody")
+
+
+def test_chat_passes_unchanged_and_hello_and_resync_leave_nothing() -> None:
+    r = R.Roster()
+    chat = (R.CHAT, 1, b"hi", b"Ann")
+    assert r.decide_batch("w1", [chat, (R.HELLO, 5), (R.RESYNC, [("w1", 2, "x", 0.0, "::1")])]) == [chat]
+    assert r.snapshot_for("w1", 5) == (R.SNAPSHOT, "w1", 5, [(2, "x")])
+    assert r.snapshot_for("w2", 6) == (R.SNAPSHOT, "w2", 6, [])
+
+
+def test_adopt_is_decided_accepted_or_not() -> None:
+    r = R.Roster()
+    r.decide("w1", claim(4, "mover"))
+    assert r.decide("w2", (R.ADOPT, "w1", 4, 11)) == (R.ADOPTED, "w1", 4, 11, 1)
+    assert r.decide("w3", (R.ADOPT, "w1", 4, 12)) == (R.ADOPTED, "w1", 4, 12, 0)
