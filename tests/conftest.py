@@ -8,6 +8,7 @@ for a condition until a deadline, never for a fixed time.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -27,6 +28,18 @@ from chatcluster import stats as S
 
 WAIT = 15.0  # generous: the suite must pass on a loaded 2-core machine
 REPO = Path(__file__).resolve().parent.parent
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the test process dies.
+
+    Teardown kills every cluster a test starts, but a test run that is itself killed
+    (SIGKILL, a CI time-out) runs no teardown; without this the cluster would outlive it.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -153,7 +166,8 @@ class Cluster:
     def start(self, wait: bool = True) -> Cluster:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True, cwd=REPO)
+                                     start_new_session=True, cwd=REPO,
+                                     preexec_fn=_stop_with_parent)
         if wait:
             self.wait_ready()
         return self
