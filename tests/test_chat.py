@@ -936,10 +936,11 @@ def test_roster_events_of_a_replayed_batch_still_count() -> None:
     assert len(net.broker.roster) == 5
 
 
-def test_a_name_claimed_twice_across_a_restart_is_kept_by_one_and_the_other_is_told() -> None:
-    net, (ann, ben, cy, dee) = restart_net()
-    # Ann gives up "Zed" and Ben takes it, but w1 never saw Ann's rename come back: after the
-    # restart w1 and w2 both re-announce a member called zed.
+def zed_on_both_sides_of_a_restart(net: Net, ann: Client, ben: Client) -> None:
+    """Ann gives up "Zed" and Ben takes it, but w1 has not yet seen Ann's rename come back.
+
+    After a broker restart w1 and w2 then both re-announce a member called zed.
+    """
     net.say(ann, "/nick Zed")
     net.say(ann, "/nick Yan", settle=False)
     net.flush("w1")
@@ -950,6 +951,11 @@ def test_a_name_claimed_twice_across_a_restart_is_kept_by_one_and_the_other_is_t
     net.step_broker()
     net.read_bus("w2")
     net.read_bus("w3")
+
+
+def test_a_name_claimed_twice_across_a_restart_is_kept_by_one_and_the_other_is_told() -> None:
+    net, (ann, ben, cy, dee) = restart_net()
+    zed_on_both_sides_of_a_restart(net, ann, ben)
     assert ben.lines[-1] == "*** You are now known as zed"
     net.kill_broker(undelivered={"w1": 2})
     net.settle()
@@ -969,17 +975,8 @@ def test_a_name_claimed_twice_across_a_restart_is_kept_by_one_and_the_other_is_t
 
 def test_lines_said_while_the_cluster_resyncs_wait_for_the_verdict_on_the_name() -> None:
     net, (ann, ben, cy, dee) = restart_net()
-    # As above: after the restart Ann's stale "Zed" wins, and Ben, who is zed now, loses his name.
-    net.say(ann, "/nick Zed")
-    net.say(ann, "/nick Yan", settle=False)
-    net.flush("w1")
-    net.step_broker()
-    net.read_bus("w2")
-    net.say(ben, "/nick zed", settle=False)
-    net.flush("w2")
-    net.step_broker()
-    net.read_bus("w2")
-    net.read_bus("w3")
+    # After the restart Ann's stale "Zed" wins, and Ben, who is zed now, loses his name.
+    zed_on_both_sides_of_a_restart(net, ann, ben)
     net.kill_broker(undelivered={"w1": 2})
     net.read_bus("w1")  # w1 sees the new broker and resyncs first: Ann's "Zed" wins
     net.step_broker()
