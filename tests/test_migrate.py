@@ -183,16 +183,22 @@ def test_a_giver_that_cannot_reach_its_successor_keeps_serving(rig: Rig) -> None
     assert c.nick
 
 
+def begin_handoff(old: W.Worker, new: W.Worker) -> migrate.Giver:
+    """Start `old` handing over to `new`: its HELLO goes out with the listener, which `new` takes."""
+    old.handoff_requested = True
+    turn(old)
+    giver = old.handoff
+    assert isinstance(giver, migrate.Giver)
+    until(lambda: new.listener is not None, new)
+    return giver
+
+
 def test_a_successor_that_goes_away_before_the_clients_are_sent_leaves_them_with_the_giver(rig: Rig) -> None:
     old = rig.worker(1)
     new = rig.worker(2, succeeds=("w1", os.getpid()))
     a = rig.client(old)
     b = rig.client(old)
-    old.handoff_requested = True
-    turn(old)  # HELLO, with the listener
-    giver = old.handoff
-    assert isinstance(giver, migrate.Giver)
-    until(lambda: new.listener is not None, new)
+    giver = begin_handoff(old, new)
     until(lambda: select.select([giver.sock], [], [], 0)[0], timeout=5)
     giver.on_fd(giver.sock.fileno())  # ACCEPT: frozen, its marker not published yet
     assert old.frozen
@@ -208,11 +214,7 @@ def test_a_claim_published_after_the_marker_moves_the_cut_to_a_later_marker(rig:
     new = rig.worker(2, succeeds=("w1", os.getpid()))
     a = rig.client(old)
     b = rig.client(old)
-    old.handoff_requested = True
-    turn(old)  # HELLO, with the listener
-    giver = old.handoff
-    assert isinstance(giver, migrate.Giver)
-    until(lambda: new.listener is not None, new)
+    giver = begin_handoff(old, new)
     taker = new.handoff
     assert isinstance(taker, migrate.Taker)
     t = rig.client(new)
