@@ -529,6 +529,20 @@ def results_name(benchmark: str, server: str, quick: bool, default_server: str =
     return f"{name}-quick" if quick else name
 
 
+def write_result(name: str, benchmark: str, busy_before: Any, fields: dict[str, Any]) -> Path:
+    """Write a benchmark's result file: its own `fields` framed by what every result records."""
+    return write_json(
+        name,
+        {
+            "benchmark": benchmark,
+            **fields,
+            "machine": machine_info(),
+            "machine_busy_pct_before": busy_before,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
+
+
 def write_json(name: str, data: dict[str, Any]) -> Path:
     """Write `benchmarks/results/<name>.json` and return its path."""
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -154,17 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         ],
         ["", "value", "note"],
     )
-    path = _common.write_json(
+    path = _common.write_result(
         args.json,
+        "capacity",
+        busy_before,
         {
-            "benchmark": "capacity",
             "args": vars(args),
-            "machine": _common.machine_info(),
-            "machine_busy_pct_before": busy_before,
             "summary": summary,
             "load": out,
             "targets": {"clients": TARGET_CLIENTS, "bytes_per_connection": TARGET_BYTES_PER_CONNECTION},
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
     print(f"\nwrote {path}")

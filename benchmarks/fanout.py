@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from typing import Any
 
 import _common
@@ -187,18 +186,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{kind}: {r['connect_failed']} failed connects {r['connect_errors']}, "
                 f"{r['bad_welcome']} unexpected first lines, {r['closed_by_server']} closed by the server"
             )
-    path = _common.write_json(
+    path = _common.write_result(
         args.json,
+        "fanout",
+        busy_before,
         {
-            "benchmark": "fanout",
             "args": vars(args),
-            "machine": _common.machine_info(),
-            "machine_busy_pct_before": busy_before,
             "results": results,
             "ratio_lines_per_s": ratio,
             "target_ratio": TARGET_RATIO,
             "failures": failures,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
     print(f"\nwrote {path}")

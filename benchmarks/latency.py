@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -261,17 +260,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.server == "chatcluster"
         else "asyncio baseline: p99 delivery latency vs connected clients",
     )
-    path = _common.write_json(
+    path = _common.write_result(
         args.json,
+        "latency",
+        busy_before,
         {
-            "benchmark": "latency",
             "args": {k: v for k, v in vars(args).items() if k != "setting_list"},
-            "machine": _common.machine_info(),
-            "machine_busy_pct_before": busy_before,
             "results": results,
             "failures": failures,
             "plot": args.plot if plotted else None,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
     print(f"\nwrote {path}" + (f" and {args.plot}" if plotted else ""))

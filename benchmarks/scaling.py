@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -189,19 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.plot),
         f"{args.server}: CPU per message and latency as the room grows ({args.rate:g} lines/s, {args.workers} workers)",
     )
-    path = _common.write_json(
+    path = _common.write_result(
         args.json,
+        "scaling",
+        busy_before,
         {
-            "benchmark": "scaling",
             "args": {k: v for k, v in vars(args).items() if k != "sizes"},
-            "machine": _common.machine_info(),
-            "machine_busy_pct_before": busy_before,
             "results": results,
             "worst_ratio_per_doubling": worst_ratio,
             "target_ratio_per_doubling": TARGET_RATIO,
             "failures": failures,
             "plot": args.plot if plotted else None,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
     print(f"\nwrote {path}" + (f" and {args.plot}" if plotted else ""))
