@@ -40,8 +40,12 @@ from _common import REPO_ROOT, print_table
 
 sys.path.insert(0, str(REPO_ROOT))
 
-from chatcluster import bus, chat, protocol, roster  # noqa: E402
+from chatcluster import broker, chat, protocol, wire  # noqa: E402
+from chatcluster import events as E  # noqa: E402
 from chatcluster import worker as W  # noqa: E402
+from chatcluster.client import Client  # noqa: E402
+from chatcluster.output import Output  # noqa: E402
+from chatcluster.registry import Registry  # noqa: E402
 
 LINE = b"#-1,1234:" + b"x" * 50 + b"\n"
 
@@ -60,20 +64,20 @@ def best_of(fn: Callable[[], object], repeat: int, number: int) -> float:
 def per_message(number: int) -> dict[str, float]:
     """Seconds per line for each step a line takes once, however many receive it."""
     core = chat.ChatCore("w1")
-    core.on_bus(bus.BROKER, [(roster.SNAPSHOT, "w1", core.hello()[1], [])])
+    core.on_bus(broker.BROKER, [E.Snapshot("w1", core.hello().nonce, [])])
     core.connect(1, "127.0.0.2", time.time())
-    core.on_bus("w1", [(roster.JOINED, 1, core.local[1].nick, "")])  # the broker's verdict
+    core.on_bus("w1", [E.Joined(1, core.local[1].nick, "")])  # the broker's verdict
     reader = protocol.LineReader(512)
     text = LINE.decode().rstrip("\n")
     events = core.line(1, text)
     batch = [e.event for e in events if isinstance(e, chat.Publish)]
-    payload = bus.encode("w1", 1, batch)
-    theirs = [(roster.CHAT, 7, batch[0][2], b"Other")]  # the same line said on worker w2
+    payload = wire.encode("w1", 1, batch)
+    theirs = [E.Chat(7, batch[0].text, b"Other")]  # the same line said on worker w2
     return {
         "parse the line (LineReader.feed)": best_of(lambda: reader.feed(LINE), 5, number),
         "chat rules (ChatCore.line)": best_of(lambda: core.line(1, text), 5, number),
-        "encode the bus batch": best_of(lambda: bus.encode("w1", 1, batch), 5, number),
-        "decode the bus batch (each worker)": best_of(lambda: bus.decode(payload), 5, number),
+        "encode the bus batch": best_of(lambda: wire.encode("w1", 1, batch), 5, number),
+        "decode the bus batch (each worker)": best_of(lambda: wire.decode(payload), 5, number),
         "make the broadcast (ChatCore.on_bus, each worker)": best_of(lambda: core.on_bus("w2", theirs), 5, number),
     }
 
@@ -93,30 +97,26 @@ class _NullSocket:
 
 def per_recipient_python(clients: int, rounds: int) -> dict[str, float]:
     """Nanoseconds of Python per recipient: queueing a broadcast, and the flush around send()."""
-    w = W.Worker.__new__(W.Worker)  # only the parts apply() and flush_dirty() use
-    w.clients, w.by_conn, w.room, w.dirty, w.outgoing = {}, {}, {}, [], []
-    w.bytes_out = w.lines_out = 0
-    w.cfg = types.SimpleNamespace(max_sendq_bytes=1 << 20)
-    w.collect = None
+    registry: Registry[Client, object] = Registry()
+    output = Output(registry, types.SimpleNamespace(max_sendq_bytes=1 << 20), lambda c, why: None, 1)
     for i in range(clients):
-        c = W.Client(_NullSocket(100_000 + i), i + 1, "127.0.0.2", None, None, 0.0)  # type: ignore[arg-type]
-        w.clients[c.fd] = c
-        w.by_conn[c.conn] = c
-        w.room[c.conn] = c
-    effects: list[chat.Effect] = [chat.Broadcast(b"Nick: " + LINE[:-1] + b"\r\n")]
+        c = Client(_NullSocket(100_000 + i), registry.new_conn(), "127.0.0.2", None, None, 0.0)  # type: ignore[arg-type]
+        registry.add(c)
+        registry.enter(c)
+    line = b"Nick: " + LINE[:-1] + b"\r\n"
     best_queue = best_flush = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
-        w.apply(effects)
+        output.broadcast(line, chat.EMPTY)
         t1 = time.perf_counter()
-        while w.dirty:
-            w.flush_dirty(W.FLUSH_SLICE)
+        while output.dirty:
+            output.flush_dirty(W.FLUSH_SLICE)
         t2 = time.perf_counter()
         best_queue = min(best_queue, t1 - t0)
         best_flush = min(best_flush, t2 - t1)
     return {
-        "queue the broadcast for one client (Worker.apply)": best_queue / clients,
-        "flush one client, send() excluded (Worker.flush_dirty)": best_flush / clients,
+        "queue the broadcast for one client (Output.broadcast)": best_queue / clients,
+        "flush one client, send() excluded (Output.flush_dirty)": best_flush / clients,
     }
 
 

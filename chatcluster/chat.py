@@ -8,21 +8,24 @@ of other clients comes from the bus order, including its own worker's clients,
 so every client on every worker sees one order. A worker knows only its own
 clients: the cluster roster is the broker's (see roster.py), which decides
 every claim and answers /who in bus order; chat lines carry their sender's
-nickname. The randomness for nicknames is injected, the clock is passed in;
-no sockets here.
+nickname. Its clients (connections, the room, each one's chat state) live in
+one `Registry` shared with the worker. The randomness for nicknames is
+injected, the clock is passed in; no sockets here.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from . import roster as R
-from .protocol import encode_line
+from . import events as E
+from .protocol import CRLF, encode_line
+from .registry import Registry
+from .roster import nick_problem
 
 EMPTY: frozenset[int] = frozenset()
-CRLF = b"\r\n"
 NICK_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 HELP = (
@@ -36,8 +39,6 @@ HELP = (
     "*** A line starting with // is sent as text with one / removed",
 )
 LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
-# Bus events a client would see something of.
-VISIBLE_KINDS = frozenset({R.CHAT, R.ME, R.JOINED, R.RENAMED, R.LEFT, R.GONE})
 
 
 # Effects -------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ VISIBLE_KINDS = frozenset({R.CHAT, R.ME, R.JOINED, R.RENAMED, R.LEFT, R.GONE})
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    event: tuple[Any, ...]
+    event: E.Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +105,19 @@ class LocalUser:
         self.backlog.append(item)
 
 
+class ChatConfig(Protocol):
+    """The settings the chat rules read; the worker passes its one live settings object."""
+
+    welcome: str
+    announce_joins: bool
+    max_clients: int
+    max_clients_per_ip: int
+
+
 @dataclass(slots=True)
 class ChatSettings:
+    """Chat settings on their own, for a chat core without a worker around it."""
+
     welcome: str = "*** Welcome to chatcluster! Your nickname is {nick}. Type /help for commands."
     announce_joins: bool = True
     max_clients: int = 0
@@ -115,12 +127,12 @@ class ChatSettings:
 class ChatCore:
     """One worker's view of the chat: its own clients; the roster is the broker's."""
 
-    def __init__(self, worker_id: str, settings: ChatSettings | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, worker_id: str, settings: ChatConfig | None = None,
+                 rng: random.Random | None = None, registry: Registry[Any, LocalUser] | None = None) -> None:
         self.worker_id = worker_id
-        self.settings = settings or ChatSettings()
+        self.settings: ChatConfig = settings or ChatSettings()
         self.rng = rng or random.Random()
-        self.local: dict[int, LocalUser] = {}
+        self.registry: Registry[Any, LocalUser] = Registry() if registry is None else registry
         self.ready = False  # True once the broker answered our HELLO
         self.nonce = 0
         self.syncing = False  # waiting for a snapshot after a broker restart
@@ -128,20 +140,26 @@ class ChatCore:
         self.undelivered = 0  # events for clients that arrived while resyncing, so never shown
         self.missed = False  # some of them arrived during the current resync
         self.clock = 0.0  # the latest time a caller passed in, for lines answered later
+        self.unreadable = 0  # bus events of an unknown kind or shape: counted, logged by the worker
+
+    @property
+    def local(self) -> Mapping[int, LocalUser]:
+        """This worker's clients' chat state by connection number (read-only: see Registry)."""
+        return self.registry.user_map
 
     # -- boot and bus recovery ---------------------------------------------------------------
 
-    def hello(self) -> tuple[Any, ...]:
-        """The HELLO event asking the broker for our snapshot (sent as a control batch)."""
+    def hello(self) -> E.Hello:
+        """The Hello event asking the broker for our snapshot (sent as a control batch)."""
         if not self.nonce:
             self.nonce = self.rng.randrange(1, 1 << 62)
-        return (R.HELLO, self.nonce)
+        return E.Hello(self.nonce)
 
     @property
     def waiting_for_snapshot(self) -> bool:
         return not self.ready or self.syncing
 
-    def bus_restarted(self) -> list[tuple[Any, ...]]:
+    def bus_restarted(self) -> list[E.Event]:
         """A new broker: the control batch that re-announces our clients and asks for a snapshot.
 
         The new broker rebuilds the roster from every worker's RESYNC; our snapshot says which
@@ -150,11 +168,11 @@ class ChatCore:
         the snapshot the clients' lines wait: a client may yet lose its name.
         """
         members = [(self.worker_id, u.conn, u.nick, u.since, u.ip)
-                   for u in self.local.values() if u.state == ACTIVE]
+                   for u in self.registry.users() if u.state == ACTIVE]
         self.syncing = True
         self.lost_told = False
         self.nonce = 0
-        return [(R.RESYNC, members), self.hello()]
+        return [E.Resync(members), self.hello()]
 
     def messages_lost(self) -> list[Effect]:
         """Tell the room that bus traffic was lost; once per broker epoch is enough."""
@@ -168,20 +186,29 @@ class ChatCore:
     def connect(self, conn: int, ip: str, now: float) -> list[Effect]:
         """A new client claims a random name; the broker decides it, and the client limits, in bus order."""
         user = LocalUser(conn, ip, now, self._free_nick())
-        self.local[conn] = user
+        self.registry.set_user(conn, user)
         return [Publish(self._join(user, ""))]
 
-    def _join(self, user: LocalUser, old: str) -> tuple[Any, ...]:
+    def adopt(self, conn: int, ip: str, since: float, nick: str) -> None:
+        """A client handed over by another worker in an upgrade: it keeps its name (the taker publishes
+        the Adopt that moves it in the roster) and needs no welcome."""
+        self.registry.set_user(conn, LocalUser(conn, ip, since, nick, state=ACTIVE))
+
+    def forget(self, conn: int) -> None:
+        """The client was handed to another worker: it lives on there, so no Leave."""
+        self.registry.drop_user(conn)
+
+    def _join(self, user: LocalUser, old: str) -> E.Join:
         s = self.settings
         if old:  # a client that lost its name is not a new connection: no limits for it
-            return (R.JOIN, user.conn, user.nick, user.since, user.ip, old, 0, 0)
-        return (R.JOIN, user.conn, user.nick, user.since, user.ip, "", s.max_clients, s.max_clients_per_ip)
+            return E.Join(user.conn, user.nick, user.since, user.ip, old, 0, 0)
+        return E.Join(user.conn, user.nick, user.since, user.ip, "", s.max_clients, s.max_clients_per_ip)
 
     def _holds(self, user: LocalUser) -> bool:
         return user.waiting or self.syncing
 
     def disconnect(self, conn: int, reason: str = "") -> list[Effect]:
-        user = self.local.get(conn)
+        user = self.registry.user(conn)
         if user is None or user.leaving is not None:
             return []
         if self._holds(user) and user.backlog:
@@ -189,13 +216,13 @@ class ChatCore:
             # lines go out once the bus has decided on its name, then it leaves and is closed.
             user.leaving = reason
             return []
-        del self.local[conn]
-        # Published even for a pending client: LEAVE follows its JOIN in bus order, so the
+        self.registry.drop_user(conn)
+        # Published even for a pending client: Leave follows its Join in bus order, so the
         # broker removes it again whether or not the claim was accepted.
-        return [Publish((R.LEAVE, conn, reason))]
+        return [Publish(E.Leave(conn, reason))]
 
     def line_too_long(self, conn: int, limit: int) -> list[Effect]:
-        user = self.local.get(conn)
+        user = self.registry.user(conn)
         if user is not None and self._holds(user):
             user.hold(limit)  # answered in the order sent, after the pending reply
             return []
@@ -204,7 +231,7 @@ class ChatCore:
     def line(self, conn: int, text: str, now: float = 0.0) -> list[Effect]:
         if now:
             self.clock = now
-        user = self.local.get(conn)
+        user = self.registry.user(conn)
         if user is None:
             return []
         if self._holds(user):
@@ -213,10 +240,10 @@ class ChatCore:
         if not text.strip():
             return []
         if text.startswith("//"):
-            return [Publish((R.CHAT, conn, text[1:].encode(), user.nick.encode()))]
+            return [Publish(E.Chat(conn, text[1:].encode(), user.nick.encode()))]
         if text.startswith("/"):
             return self._command(user, text, now or self.clock)
-        return [Publish((R.CHAT, conn, text.encode(), user.nick.encode()))]
+        return [Publish(E.Chat(conn, text.encode(), user.nick.encode()))]
 
     def _command(self, user: LocalUser, text: str, now: float) -> list[Effect]:
         word, _, rest = text[1:].partition(" ")
@@ -228,35 +255,35 @@ class ChatCore:
         if cmd == "me":
             if not arg:
                 return [self._error(conn, "usage: /me ACTION")]
-            return [Publish((R.ME, conn, rest.lstrip().encode(), user.nick.encode()))]
+            return [Publish(E.Me(conn, rest.lstrip().encode(), user.nick.encode()))]
         if cmd == "who":
             # The broker answers from the roster in bus order; later lines wait for the answer.
             user.claiming = True
-            return [Publish((R.WHO, conn))]
+            return [Publish(E.Who(conn))]
         if cmd == "whois":
             if not arg:
                 return [self._error(conn, "usage: /whois NICK")]
             user.claiming = True
-            return [Publish((R.WHOIS, conn, arg, now))]
+            return [Publish(E.Whois(conn, arg, now))]
         if cmd == "help":
             return [Send(conn, b"".join(encode_line(h) for h in HELP))]
         if cmd == "quit":
-            self.local.pop(conn, None)
-            return [Send(conn, encode_line("*** Goodbye")), Close(conn), Publish((R.LEAVE, conn, arg))]
+            self.registry.drop_user(conn)
+            return [Send(conn, encode_line("*** Goodbye")), Close(conn), Publish(E.Leave(conn, arg))]
         return [self._error(conn, f"unknown command /{word}. Type /help for commands.")]
 
     def _nick(self, user: LocalUser, new: str) -> list[Effect]:
         conn = user.conn
         if not new:
             return [self._error(conn, "usage: /nick NAME")]
-        problem = R.nick_problem(new)
+        problem = nick_problem(new)
         if problem:
             return [self._error(conn, problem)]
         if new == user.nick:
             return [Send(conn, encode_line(f"*** You are already known as {new}"))]
         # The broker decides the claim in bus order: another worker may claim the same name first.
         user.claiming = True
-        return [Publish((R.NICK, conn, new))]
+        return [Publish(E.Nick(conn, new))]
 
     def _error(self, conn: int, reason: str) -> Send:
         return Send(conn, encode_line(f"*** Error: {reason}"))
@@ -268,7 +295,7 @@ class ChatCore:
 
     # -- bus side ----------------------------------------------------------------------------
 
-    def on_bus(self, publisher: str, events: list[tuple[Any, ...]], replay: bool = False) -> list[Effect]:
+    def on_bus(self, publisher: str, events: list[E.Event], replay: bool = False) -> list[Effect]:
         """Apply one bus batch, in order, and say what each local client receives.
 
         `replay` marks a batch this worker saw before a broker restart and now sees again: its
@@ -279,11 +306,11 @@ class ChatCore:
             # Before our snapshot nothing is ours to act on: what the clients would have seen
             # of it is lost to them, and they are told so once the snapshot is in.
             for i, ev in enumerate(events):
-                if ev[0] == R.SNAPSHOT and ev[1] == self.worker_id and ev[2] == self.nonce:
-                    out.extend(self._load_snapshot(ev[3]))
+                if type(ev) is E.Snapshot and ev.worker == self.worker_id and ev.nonce == self.nonce:
+                    out.extend(self._load_snapshot(ev.members))
                     out.extend(self.on_bus(publisher, events[i + 1:], replay))
                     return out
-                if self.ready and not replay and ev[0] in VISIBLE_KINDS:
+                if self.ready and not replay and type(ev) in E.VISIBLE:
                     self.undelivered += 1
                     self.missed = True
             return out
@@ -292,11 +319,10 @@ class ChatCore:
         mine = publisher == self.worker_id
         run: list[tuple[int, bytes]] = []
         for ev in events:
-            kind = ev[0]
-            if kind == R.CHAT:
-                run.append((ev[1] if mine else -1, ev[3] + b": " + ev[2] + CRLF))
-            elif kind == R.ME:
-                run.append((ev[1] if mine else -1, b"* " + ev[3] + b" " + ev[2] + CRLF))
+            if type(ev) is E.Chat:
+                run.append((ev.conn if mine else -1, ev.nick + b": " + ev.text + CRLF))
+            elif type(ev) is E.Me:
+                run.append((ev.conn if mine else -1, b"* " + ev.nick + b" " + ev.text + CRLF))
             else:
                 if run:
                     self._flush_run(run, out)
@@ -307,7 +333,8 @@ class ChatCore:
         return out
 
     def _flush_run(self, run: list[tuple[int, bytes]], out: list[Effect]) -> None:
-        senders = {c for c, _ in run if c >= 0 and c in self.local}
+        users = self.registry
+        senders = {c for c, _ in run if c >= 0 and users.user(c) is not None}
         everything = b"".join(line for _, line in run)
         out.append(Broadcast(everything, frozenset(senders) if senders else EMPTY))
         for s in senders:
@@ -316,78 +343,89 @@ class ChatCore:
             if rest:
                 out.append(Send(s, rest))
 
-    def _verdict(self, mine: bool, ev: tuple[Any, ...], out: list[Effect]) -> None:
-        """One of the broker's verdicts (or a SNAPSHOT): tell everyone, act for our own clients."""
-        kind = ev[0]
-        announce = self.settings.announce_joins
-        if kind == R.SNAPSHOT:
-            if ev[1] == self.worker_id and ev[2] == self.nonce:
-                out.extend(self._load_snapshot(ev[3]))
+    def _verdict(self, mine: bool, ev: E.Event, out: list[Effect]) -> None:
+        """One of the broker's verdicts (or a Snapshot): tell everyone, act for our own clients."""
+        handler = _VERDICTS.get(type(ev))
+        if handler is not None:
+            handler(self, mine, ev, out)
+        elif type(ev) in E.UNREADABLE:
+            self.unreadable += 1
+
+    def _on_snapshot(self, _mine: bool, ev: E.Snapshot, out: list[Effect]) -> None:
+        if ev.worker == self.worker_id and ev.nonce == self.nonce:
+            out.extend(self._load_snapshot(ev.members))
+
+    def _on_gone(self, _mine: bool, ev: E.Gone, out: list[Effect]) -> None:
+        if ev.nicks and self.settings.announce_joins:
+            out.append(Broadcast(b"".join(encode_line(f"*** {n} left (connection lost)") for n in ev.nicks)))
+
+    def _on_adopted(self, mine: bool, ev: E.Adopted, out: list[Effect]) -> None:
+        user = self.registry.user(ev.conn) if mine else None
+        if user is not None:
+            if ev.accepted:
+                user.state = ACTIVE
+            else:
+                # The name was lost while the client moved (a broker restart): it claims another.
+                user.state = REJOINING
+                old, user.nick = user.nick, self._free_nick()
+                out.append(Publish(self._join(user, old)))
+
+    def _mine(self, mine: bool, conn: int) -> tuple[LocalUser | None, frozenset[int]]:
+        """The verdict's client if it is ours, and who to leave out of the broadcast about it."""
+        if not mine:
+            return None, EMPTY
+        return self.registry.user(conn), frozenset((conn,))
+
+    def _on_joined(self, mine: bool, ev: E.Joined, out: list[Effect]) -> None:
+        user, exclude = self._mine(mine, ev.conn)
+        if user is not None and user.state != ACTIVE:
+            out.extend(self._entered(user, ev.nick))
+        # A client that lost its name in a broker restart rejoins under a new one:
+        # for everyone else that is a rename.
+        if ev.old:
+            out.append(Broadcast(encode_line(f"*** {ev.old} is now known as {ev.nick}"), exclude))
+        elif self.settings.announce_joins:
+            out.append(Broadcast(encode_line(f"*** {ev.nick} joined"), exclude))
+
+    def _on_refused(self, mine: bool, ev: E.Refused, out: list[Effect]) -> None:
+        user, _ = self._mine(mine, ev.conn)
+        if user is None or user.state == ACTIVE:
             return
-        if kind == R.GONE:
-            nicks = ev[2] if len(ev) > 2 else ()
-            if nicks and announce:
-                out.append(Broadcast(b"".join(encode_line(f"*** {n} left (connection lost)") for n in nicks)))
+        if ev.why == E.TAKEN_WHY:
+            # Someone holds the random name: draw another one and claim again.
+            user.nick = self._free_nick()
+            out.append(Publish(self._join(user, ev.old)))
             return
-        if kind == R.ADOPTED:
-            user = self.local.get(ev[3]) if mine else None
-            if user is not None:
-                if ev[4]:
-                    user.state = ACTIVE
-                else:
-                    # The name was lost while the client moved (a broker restart): it claims another.
-                    user.state = REJOINING
-                    old, user.nick = user.nick, self._free_nick()
-                    out.append(Publish(self._join(user, old)))
-            return
-        if kind not in _VERDICTS:
-            return
-        conn = ev[1]
-        user = self.local.get(conn) if mine else None
-        exclude = frozenset((conn,)) if mine else EMPTY
-        if kind == R.JOINED:
-            nick, old = ev[2], ev[3]
-            if user is not None and user.state != ACTIVE:
-                out.extend(self._entered(user, nick))
-            # A client that lost its name in a broker restart rejoins under a new one:
-            # for everyone else that is a rename.
-            if old:
-                out.append(Broadcast(encode_line(f"*** {old} is now known as {nick}"), exclude))
-            elif announce:
-                out.append(Broadcast(encode_line(f"*** {nick} joined"), exclude))
-        elif kind == R.REFUSED:
-            if user is None or user.state == ACTIVE:
-                return
-            why = ev[3]
-            if why == R.TAKEN_WHY:
-                # Someone holds the random name: draw another one and claim again.
-                user.nick = self._free_nick()
-                out.append(Publish(self._join(user, ev[4])))
-                return
-            notice = "server full" if why == R.FULL else "too many connections from your address"
-            del self.local[conn]
-            out.extend([Send(conn, encode_line(f"*** Error: {notice}")), Close(conn)])
-        elif kind == R.RENAMED:
-            old, new = ev[2], ev[3]
-            if user is not None:
-                user.nick = new
-                out.append(Send(conn, encode_line(f"*** You are now known as {new}")))
-            out.append(Broadcast(encode_line(f"*** {old} is now known as {new}"), exclude))
-            if user is not None:
-                out.extend(self._answered(user))
-        elif kind == R.TAKEN:
-            if user is not None:
-                if ev[3]:  # (not known: the client lost its name in a broker restart and is told on rejoining)
-                    out.append(self._error(conn, f"nickname {ev[2]} is already taken"))
-                out.extend(self._answered(user))
-        elif kind == R.LEFT:
-            if announce:
-                reason = f" ({ev[3]})" if ev[3] else ""
-                out.append(Broadcast(encode_line(f"*** {ev[2]} left{reason}")))
-        elif kind == R.REPLY:
-            if user is not None:
-                out.append(Send(conn, encode_line(ev[2])))
-                out.extend(self._answered(user))
+        notice = "server full" if ev.why == E.FULL else "too many connections from your address"
+        self.registry.drop_user(ev.conn)
+        out.extend([Send(ev.conn, encode_line(f"*** Error: {notice}")), Close(ev.conn)])
+
+    def _on_renamed(self, mine: bool, ev: E.Renamed, out: list[Effect]) -> None:
+        user, exclude = self._mine(mine, ev.conn)
+        if user is not None:
+            user.nick = ev.new
+            out.append(Send(ev.conn, encode_line(f"*** You are now known as {ev.new}")))
+        out.append(Broadcast(encode_line(f"*** {ev.old} is now known as {ev.new}"), exclude))
+        if user is not None:
+            out.extend(self._answered(user))
+
+    def _on_taken(self, mine: bool, ev: E.Taken, out: list[Effect]) -> None:
+        user, _ = self._mine(mine, ev.conn)
+        if user is not None:
+            if ev.known:  # (not known: the client lost its name in a broker restart and is told on rejoining)
+                out.append(self._error(ev.conn, f"nickname {ev.new} is already taken"))
+            out.extend(self._answered(user))
+
+    def _on_left(self, _mine: bool, ev: E.Left, out: list[Effect]) -> None:
+        if self.settings.announce_joins:
+            reason = f" ({ev.reason})" if ev.reason else ""
+            out.append(Broadcast(encode_line(f"*** {ev.nick} left{reason}")))
+
+    def _on_reply(self, mine: bool, ev: E.Reply, out: list[Effect]) -> None:
+        user, _ = self._mine(mine, ev.conn)
+        if user is not None:
+            out.append(Send(ev.conn, encode_line(ev.text)))
+            out.extend(self._answered(user))
 
     def _answered(self, user: LocalUser) -> list[Effect]:
         """The client's claim or question came back: what it said meanwhile goes on."""
@@ -414,7 +452,7 @@ class ChatCore:
     def _run_backlog(self, user: LocalUser) -> list[Effect]:
         """Process what the client sent while waiting, until it has to wait again."""
         effects: list[Effect] = []
-        while user.backlog and not self._holds(user) and user.conn in self.local:
+        while user.backlog and not self._holds(user) and self.registry.user(user.conn) is not None:
             item = user.backlog.pop(0)
             if isinstance(item, int):
                 effects.extend(self.line_too_long(user.conn, item))
@@ -422,9 +460,9 @@ class ChatCore:
                 effects.extend(self.line(user.conn, item, self.clock))
         if not user.backlog:
             user.backlog = None
-        if user.leaving is not None and not self._holds(user) and self.local.get(user.conn) is user:
-            del self.local[user.conn]
-            effects += [Publish((R.LEAVE, user.conn, user.leaving)), Close(user.conn)]
+        if user.leaving is not None and not self._holds(user) and self.registry.user(user.conn) is user:
+            self.registry.drop_user(user.conn)
+            effects += [Publish(E.Leave(user.conn, user.leaving)), Close(user.conn)]
         return effects
 
     def _load_snapshot(self, members: list[Any]) -> list[Effect]:
@@ -434,7 +472,7 @@ class ChatCore:
         self.nonce = 0  # later copies of this snapshot (answers to repeated HELLOs) are stale
         kept = {int(t[0]): str(t[1]) for t in members}
         out: list[Effect] = []
-        for user in list(self.local.values()):
+        for user in list(self.registry.users()):
             if user.state != ACTIVE:
                 continue  # its JOIN is sent after our HELLO, so it is decided after this point
             nick = kept.get(user.conn)
@@ -449,10 +487,15 @@ class ChatCore:
         if self.missed:
             self.missed = False
             out.extend(self.messages_lost())
-        for user in list(self.local.values()):
+        for user in list(self.registry.users()):
             if user.backlog or user.leaving is not None:
                 out.extend(self._run_backlog(user))  # lines held while the cluster resynced
         return out
 
 
-_VERDICTS = frozenset({R.JOINED, R.REFUSED, R.RENAMED, R.TAKEN, R.LEFT, R.REPLY})
+# How each verdict of the broker (and a Snapshot) reaches this worker's clients. Chat and Me are
+# handled inline in on_bus (the hot path); Ping, Handoff and the requests leave nothing to tell.
+_VERDICTS: dict[type[E.Event], Any] = {
+    E.Snapshot: ChatCore._on_snapshot, E.Gone: ChatCore._on_gone, E.Adopted: ChatCore._on_adopted,
+    E.Joined: ChatCore._on_joined, E.Refused: ChatCore._on_refused, E.Renamed: ChatCore._on_renamed,
+    E.Taken: ChatCore._on_taken, E.Left: ChatCore._on_left, E.Reply: ChatCore._on_reply}

@@ -21,8 +21,9 @@ attributed to its new connection everywhere. It answers the giver once its
 ADOPTs are back from the broker; only then does the giver exit, so the
 supervisor's GONE for it can never remove a moved client. If the giver cannot
 reach its successor, or nothing is sent within GIVE_TIMEOUT, it keeps serving
-its clients as before. This module knows the worker's structures; the worker
-only calls into it.
+its clients as before. The worker drives this module through the
+`worker.HandoffHooks` interface (`HOOKS` here) and never imports it; this
+module uses the worker's client setup and teardown (`attach`, `detach`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import chat as C
-from . import roster as R
+from . import events as E
 from . import stats as S
+from .client import Client, bucket_of, reader_of
 from .handoff import (
     ACCEPT,
     ACK,
@@ -60,7 +62,7 @@ from .handoff import (
 )
 
 if TYPE_CHECKING:
-    from .worker import Client, Worker
+    from .worker import Worker
 
 log = logging.getLogger("chatcluster.migrate")
 
@@ -72,9 +74,11 @@ ACK_TIMEOUT = 20.0  # a giver that sent its clients and hears nothing back by th
 
 def export_client(w: Worker, c: Client, now: float) -> ClientState:
     """A client's state for the wire. Input held back by flood control is the unparsed rest of a read."""
-    user = w.core.local[c.conn]
+    user = w.registry.user(c.conn)
+    assert user is not None
     out = b"".join(c.out) if c.out else b""
-    return ClientState(conn=c.conn, ip=c.ip, nick=user.nick, since=user.since, reader=c.reader, bucket=c.bucket,
+    return ClientState(conn=c.conn, ip=c.ip, nick=user.nick, since=user.since, reader=reader_of(c, w.settings),
+                       bucket=bucket_of(c, w.settings, now),
                        out=out, lines=[], unread=bytes(c.pending), eof=c.eof, idle=max(0.0, now - c.last_rx))
 
 
@@ -105,7 +109,7 @@ class Giver:
     def start(cls, w: Worker) -> Giver | None:
         """Connect to the successor and offer the listening socket; None if there is nobody to give to."""
         path = socket_path(w.runtime_dir, w.worker_id)
-        if w.stopping is not None:
+        if w.stop is not None:
             log.warning("worker %d: asked to hand over its clients while stopping; ignored", w.worker_no)
             return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -123,7 +127,7 @@ class Giver:
         sock.setblocking(False)
         giver = cls(w, sock, time.monotonic())
         w.ep.register(sock.fileno(), select.EPOLLIN)
-        log.info("worker %d: handing over to its successor, %d clients", w.worker_no, len(w.clients))
+        log.info("worker %d: handing over to its successor, %d clients", w.worker_no, len(w.registry))
         return giver
 
     # -- events from the worker ---------------------------------------------------------------
@@ -154,34 +158,36 @@ class Giver:
 
     def tick(self, now: float) -> None:
         if self.state in (GREETING, FROZEN):
-            if self.w.stop_signal or self.w.stopping is not None:
+            if self.w.stop_signal or self.w.stop is not None:
                 self.resume("the worker was told to stop")
             elif now > self.deadline:
                 self.resume(f"no handoff point within {GIVE_TIMEOUT:.0f} s")
         elif self.state == SENT and now > self.deadline:
             self.lost(f"no answer from {self.taker} within {ACK_TIMEOUT:.0f} s")
 
-    def published(self, events: list[tuple[Any, ...]]) -> None:
+    def begin(self) -> None:
+        pass  # connected and greeted in start()
+
+    def published(self, events: list[E.Event]) -> None:
         """Every batch the worker publishes: anything for the clients after the marker spoils the cut."""
         if self.state != FROZEN:
             return
         for ev in events:
-            kind = ev[0]
-            if kind == R.HANDOFF and ev[2] == self.token:
+            if type(ev) is E.Handoff and ev.token == self.token:
                 self.marker_out = True
                 self.clean = True
-            elif self.marker_out and kind != R.PING and kind != R.HANDOFF:
+            elif self.marker_out and type(ev) is not E.Ping and type(ev) is not E.Handoff:
                 self.clean = False
 
-    def after_batch(self, publisher: str, events: list[tuple[Any, ...]]) -> None:
+    def after_batch(self, publisher: str, events: list[E.Event]) -> None:
         """Called after the worker applied a bus batch; our marker coming back is the cut point P."""
         if self.state != FROZEN or publisher != self.w.worker_id or not self.marker_out:
             return
-        if not any(ev[0] == R.HANDOFF and ev[2] == self.token for ev in events):
+        if not any(type(ev) is E.Handoff and ev.token == self.token for ev in events):
             return
         w = self.w
-        settled = all(u.state == C.ACTIVE and not u.claiming for u in w.core.local.values())
-        quiet = all(ev[0] == R.PING for ev in w.outgoing)
+        settled = all(u.state == C.ACTIVE and not u.claiming for u in w.registry.users())
+        quiet = all(type(ev) is E.Ping for ev in w.outgoing)
         if self.clean and settled and quiet:
             self.give()
         else:
@@ -194,9 +200,7 @@ class Giver:
     def freeze(self) -> None:
         """The successor has the listener: stop accepting and reading, and mark the cut in the bus order."""
         w = self.w
-        if w.listener is not None:
-            w.ep.unregister(w.listener.fileno())
-            self.listener, w.listener = w.listener, None
+        self.listener = w.unlisten()
         w.frozen = True
         # Flood-control timers would feed held lines to the chat core; they resume with the taker.
         self.saved_timers, w.timers = w.timers, []
@@ -207,21 +211,24 @@ class Giver:
         self.token += 1
         self.marker_out = False
         self.clean = True
-        self.w.outgoing.append((R.HANDOFF, self.taker, self.token))
+        self.w.outgoing.append(E.Handoff(self.taker, self.token))
 
     def give(self) -> None:
         w = self.w
         now = time.monotonic()
         states: list[dict[str, Any]] = []
         socks: list[socket.socket] = []
-        for c in list(w.clients.values()):
-            user = w.core.local.get(c.conn)
-            if c.closing or user is None:
+        for c in list(w.registry.clients()):
+            if c.closing or w.registry.user(c.conn) is None:
                 continue  # leaving anyway: it is flushed and closed here
             states.append(state_to_wire(export_client(w, c, now), now))
             socks.append(c.sock)
             self.given.append((c.conn, c.sock))
-            detach(w, c)
+            # Gone from here without a Leave: it lives on at the taker. The socket stays open
+            # until the taker has it, so its number is not reused meanwhile.
+            w.detach(c)
+            w.core.forget(c.conn)
+            c.closing = True
         try:
             self.sock.settimeout(SEND_TIMEOUT)
             for batch in batches(states):
@@ -243,22 +250,21 @@ class Giver:
         self.close_given()
         log.info("worker %d: %s adopted %d clients; exiting", w.worker_no, self.taker, adopted)
         self.finish()
-        w.stopping = time.monotonic() + w.cfg.graceful_timeout  # only clients already leaving remain
+        w.exit_after_handoff()  # only clients already leaving remain
 
     def resume(self, why: str) -> None:
         """Nothing was handed over: serve the clients as before."""
         w = self.w
         log.error("worker %d: handing over its clients failed (%s); it keeps serving them", w.worker_no, why)
         if self.listener is not None:
-            w.listener = self.listener
-            w.ep.register(w.listener.fileno(), select.EPOLLIN)
+            w.listen(self.listener)
             self.listener = None
         w.timers.extend(self.saved_timers)
         heapq.heapify(w.timers)
         w.frozen = False
         self.finish()
-        for c in list(w.clients.values()):
-            if c.fd in w.clients and not c.closing and not c.throttled:
+        for c in list(w.registry.clients()):
+            if c in w.registry and not c.closing and not c.throttled:
                 w.read(c)  # edges that came while frozen were not acted on
 
     def lost(self, why: str) -> None:
@@ -267,10 +273,10 @@ class Giver:
         log.error("worker %d: handing over failed after its clients were sent (%s); %d clients are "
                   "disconnected", w.worker_no, why, len(self.given))
         for conn, _ in self.given:
-            w.outgoing.append((R.LEAVE, conn, "connection lost"))
+            w.outgoing.append(E.Leave(conn, "connection lost"))
         self.close_given()
         self.finish()
-        w.stopping = time.monotonic() + w.cfg.graceful_timeout
+        w.exit_after_handoff()
 
     def close_given(self) -> None:
         for _, sock in self.given:
@@ -305,25 +311,6 @@ def batches(states: list[dict[str, Any]]) -> list[slice]:
     if start < len(states):
         out.append(slice(start, len(states)))
     return out
-
-
-def detach(w: Worker, c: Client) -> None:
-    """Take a client out of every structure of the worker, without a LEAVE: it lives on elsewhere.
-
-    The socket stays open (the caller holds it) until the successor has it, so its number
-    is not reused while epoll or the dirty list might still mention it.
-    """
-    try:
-        w.ep.unregister(c.fd)
-    except OSError:
-        pass
-    w.clients.pop(c.fd, None)
-    w.by_conn.pop(c.conn, None)
-    w.room.pop(c.conn, None)
-    w.core.local.pop(c.conn, None)
-    c.out = None
-    c.outlen = 0
-    c.closing = True
 
 
 # -- the taker: a new worker adopting its predecessor's clients -------------------------------
@@ -448,8 +435,7 @@ class Taker:
                     os.close(fd)
                 listener.setblocking(False)
                 if w.listener is None:
-                    w.listener = listener
-                    w.ep.register(listener.fileno(), select.EPOLLIN)
+                    w.listen(listener)
                 else:
                     listener.close()  # it opened its own after all; one is enough
             self.got_listener = True
@@ -488,7 +474,10 @@ class Taker:
         """A broadcast to the room, after a marker: the adopted clients must get it too."""
         self.copy.append(data)
 
-    def published(self, events: list[tuple[Any, ...]]) -> None:
+    def begin(self) -> None:
+        self.boot()
+
+    def published(self, events: list[E.Event]) -> None:
         pass  # what we publish is ordered after the cut point anyway
 
     def tick(self, now: float) -> None:
@@ -502,21 +491,21 @@ class Taker:
             except PermissionError:
                 pass
 
-    def after_batch(self, publisher: str, events: list[tuple[Any, ...]]) -> None:
+    def after_batch(self, publisher: str, events: list[E.Event]) -> None:
         w = self.w
         if publisher == self.source and not self.installed:
             for ev in events:
-                if ev[0] == R.HANDOFF and ev[1] == w.worker_id:
-                    self.marks[int(ev[2])] = len(self.copy)
+                if type(ev) is E.Handoff and ev.new_worker == w.worker_id:
+                    self.marks[int(ev.token)] = len(self.copy)
                     w.collect = self.collect
             self.maybe_install()
         elif publisher == w.worker_id and self.awaiting:
             for ev in events:
-                if ev[0] == R.ADOPTED and ev[3] in self.awaiting:
-                    self.awaiting.discard(ev[3])
-                    if not ev[4]:  # the chat core has the client claim a new name
+                if type(ev) is E.Adopted and ev.conn in self.awaiting:
+                    self.awaiting.discard(ev.conn)
+                    if not ev.accepted:  # the chat core has the client claim a new name
                         log.warning("worker %d: the roster refused the adoption of conn %d; it gets a new "
-                                    "nickname", w.worker_no, ev[3])
+                                    "nickname", w.worker_no, ev.conn)
             if not self.awaiting and self.installed:
                 self.finish_ok()
 
@@ -527,33 +516,26 @@ class Taker:
 
     def install(self, tail: bytes) -> None:
         """Make every received client ours: its queue, then what the room got since P, then live."""
-        from .worker import CLIENT_EVENTS, Client
-
         w = self.w
         self.installed = True
         self.copy = []
         w.collect = None
         now = time.monotonic()
         placed: list[tuple[Client, ClientState]] = []
+        s = w.settings
         for st, fd in self.incoming:
-            sock = socket.socket(fileno=fd)
-            sock.setblocking(False)
-            conn = w.next_conn
-            w.next_conn += 1
-            c = Client(sock, conn, st.ip, st.reader, st.bucket, now)
+            c = w.attach(socket.socket(fileno=fd), st.ip, now, reader=st.reader, bucket=st.bucket)
             c.last_rx = now - st.idle
-            c.reader.max_line_bytes = w.cfg.max_line_bytes
-            c.bucket.configure(w.cfg.flood_rate, w.cfg.flood_burst)
-            w.clients[c.fd] = c
-            w.by_conn[conn] = c
-            w.ep.register(c.fd, CLIENT_EVENTS)
-            w.core.local[conn] = C.LocalUser(conn, st.ip, st.since, st.nick, state=C.ACTIVE)
-            w.room[conn] = c
+            st.reader.max_line_bytes = s.max_line_bytes
+            st.bucket.configure(s.flood_rate, s.flood_burst)
+            conn = c.conn
+            w.core.adopt(conn, st.ip, st.since, st.nick)
+            w.registry.enter(c)
             data = st.out + tail
             if data:
-                w.queue(c, data)
+                w.output.queue(c, data)
             # Published before anything the client says: the roster moves the name first.
-            w.outgoing.append((R.ADOPT, self.source, st.conn, conn))
+            w.outgoing.append(E.Adopt(self.source, st.conn, conn))
             self.awaiting.add(conn)
             placed.append((c, st))
         self.incoming = []
@@ -589,8 +571,7 @@ class Taker:
         if not self.got_listener and w.listener is None:
             log.warning("worker %d: %s exited without handing over; listening on a new socket",
                         w.worker_no, self.source)
-            w.listener = w.open_listener()
-            w.ep.register(w.listener.fileno(), select.EPOLLIN)
+            w.listen()
             self.got_listener = True
         if not self.installed:
             self.drop_connection(f"{self.source} exited")
@@ -629,6 +610,19 @@ def resume_input(w: Worker, c: Client, st: ClientState) -> None:
     """
     if st.lines:
         w.process(c, list(st.lines))
-    if c.fd in w.clients and not c.closing:
+    if c in w.registry and not c.closing:
         c.pending = st.unread
         w.read(c)
+
+
+class Hooks:
+    """migrate's side of worker.HandoffHooks."""
+
+    def giver(self, worker: Worker) -> Giver | None:
+        return Giver.start(worker)
+
+    def taker(self, worker: Worker, source: str, source_pid: int) -> Taker:
+        return Taker(worker, source, source_pid)
+
+
+HOOKS = Hooks()

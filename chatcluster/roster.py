@@ -5,9 +5,9 @@ holds the roster: it applies the roster requests of that order (claims of a
 name, renames, departures, moves, /who) with `decide()` and puts its verdict
 in the request's place in the stream, so every worker sees the same verdicts
 at the same point: the first claim of a name in bus order wins, without a
-lock server and without a copy of the roster in every worker. This module also
-declares the bus event tuples (plain tuples so `marshal` encodes them
-cheaply). It is pure: no sockets, no clock, no randomness.
+lock server and without a copy of the roster in every worker. The events
+themselves are declared in `events`. It is pure: no sockets, no clock, no
+randomness.
 """
 
 from __future__ import annotations
@@ -15,42 +15,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-# Bus events are tuples whose first item is one of these kinds.
-CHAT = 0  # (CHAT, conn, text_bytes, nick_bytes): the sender's nickname travels with its line
-ME = 1  # (ME, conn, text_bytes, nick_bytes)
-# (JOIN, conn, nick, since_unix, ip, old_nick, max_clients, max_clients_per_ip): claim a name for a
-# new client (old_nick "") or for one that lost its name (old_nick set; no limits apply then)
-JOIN = 2
-NICK = 3  # (NICK, conn, new_nick): claim a new nickname
-LEAVE = 4  # (LEAVE, conn, reason)
-HELLO = 5  # (HELLO, nonce): a booting worker asks where its view starts; also proves its bus path
-# (SNAPSHOT, worker_id, nonce, [(conn, nick), ...]): the answer to HELLO, with the roster's members
-# of that worker at this point (none for a new worker; after a broker restart, those kept)
-SNAPSHOT = 6
-RESYNC = 7  # (RESYNC, members): a worker re-announces its clients after the broker restarted
-GONE = 8  # (GONE, worker_id[, nicks]): a worker process died; its clients (these names) are gone
-PING = 9  # (PING,): keeps the bus path checked while a worker is idle
-ADOPT = 10  # (ADOPT, old_worker, old_conn, conn): a client moved here from another worker
-# (HANDOFF, new_worker, token): where in the order a worker hands its clients to new_worker
-# (see handoff.py); the roster does not change
-HANDOFF = 11
-WHO = 12  # (WHO, conn): a client asks who is online
-WHOIS = 13  # (WHOIS, conn, nick, now_unix): a client asks about one nickname
-# Verdicts: the broker replaces each request above by its verdict, in the same place of the order.
-JOINED = 14  # (JOINED, conn, nick, old_nick): the claim won
-REFUSED = 15  # (REFUSED, conn, nick, why, old_nick): why is TAKEN_WHY, FULL or PER_IP
-RENAMED = 16  # (RENAMED, conn, old_nick, new_nick)
-TAKEN = 17  # (TAKEN, conn, new_nick, known): the rename lost (known 0: the client had no name)
-LEFT = 18  # (LEFT, conn, nick, reason)
-ADOPTED = 19  # (ADOPTED, old_worker, old_conn, conn, accepted)
-REPLY = 20  # (REPLY, conn, text): the answer to WHO or WHOIS, for one client of the publisher
-
-ROSTER_KINDS = frozenset({JOIN, NICK, LEAVE, HELLO, RESYNC, GONE, ADOPT, WHO, WHOIS})
-TAKEN_WHY, FULL, PER_IP = "taken", "full", "address"
+from . import events as E
+from .events import FULL, PER_IP, TAKEN_WHY
+from .textfmt import duration
 
 MAX_NICK = 24
 NICK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -181,38 +152,16 @@ class Roster:
         for t in members:
             self._add(_member(str(t[0]), int(t[1]), str(t[2]), float(t[3]), str(t[4])))
 
-    def decide(self, publisher: str, ev: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def decide(self, publisher: str, ev: E.Event) -> E.Event | None:
         """Apply one event of `publisher` and return what takes its place in the stream (None: nothing).
 
-        Events that are not roster requests pass unchanged; HELLO and RESYNC leave nothing
-        behind (the broker answers HELLO with a SNAPSHOT of its own).
+        Events that are not roster requests pass unchanged; Hello and Resync leave nothing
+        behind (the broker answers Hello with a Snapshot of its own).
         """
-        kind = ev[0]
-        if kind not in ROSTER_KINDS:
-            return ev
-        if kind == JOIN:
-            return self._decide_join(publisher, ev)
-        if kind == NICK:
-            conn, new = ev[1], ev[2]
-            out = self.apply(publisher, ev)
-            if out.accepted and out.member is not None:
-                return (RENAMED, conn, out.old_nick, new)
-            return (TAKEN, conn, new, int(out.member is not None))
-        if kind == LEAVE:
-            out = self.apply(publisher, ev)
-            return (LEFT, ev[1], out.member.nick, ev[2]) if out.member is not None else None
-        if kind == GONE:
-            return (GONE, ev[1], [m.nick for m in self.apply(publisher, ev).gone])
-        if kind == ADOPT:
-            return (ADOPTED, ev[1], ev[2], ev[3], int(self.apply(publisher, ev).accepted))
-        if kind == WHO:
-            return (REPLY, ev[1], self.who_text())
-        if kind == WHOIS:
-            return (REPLY, ev[1], self.whois_text(ev[2], ev[3]))
-        self.apply(publisher, ev)  # RESYNC, HELLO
-        return None
+        decide = _DECIDE.get(type(ev))
+        return ev if decide is None else decide(self, publisher, ev)
 
-    def decide_batch(self, publisher: str, events: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    def decide_batch(self, publisher: str, events: list[E.Event]) -> list[E.Event]:
         decided = []
         for ev in events:
             d = self.decide(publisher, ev)
@@ -220,23 +169,45 @@ class Roster:
                 decided.append(d)
         return decided
 
-    def _decide_join(self, publisher: str, ev: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        conn, nick, ip = ev[1], ev[2], ev[4]
-        old = ev[5] if len(ev) > 5 else ""
-        max_clients, per_ip = (ev[6], ev[7]) if len(ev) > 7 else (0, 0)
-        if self.get(publisher, conn) is not None:
+    def _decide_join(self, publisher: str, ev: E.Join) -> E.Event | None:
+        if self.get(publisher, ev.conn) is not None:
             return None  # a second claim for a member: nothing to decide
-        if max_clients and len(self) >= max_clients:
-            return (REFUSED, conn, nick, FULL, old)
-        if per_ip and self.per_ip.get(ip, 0) >= per_ip:
-            return (REFUSED, conn, nick, PER_IP, old)
+        if ev.max_clients and len(self) >= ev.max_clients:
+            return E.Refused(ev.conn, ev.nick, FULL, ev.old)
+        if ev.max_clients_per_ip and self.per_ip.get(ev.ip, 0) >= ev.max_clients_per_ip:
+            return E.Refused(ev.conn, ev.nick, PER_IP, ev.old)
         if not self.apply(publisher, ev).accepted:
-            return (REFUSED, conn, nick, TAKEN_WHY, old)
-        return (JOINED, conn, nick, old)
+            return E.Refused(ev.conn, ev.nick, TAKEN_WHY, ev.old)
+        return E.Joined(ev.conn, ev.nick, ev.old)
 
-    def snapshot_for(self, worker: str, nonce: int) -> tuple[Any, ...]:
-        """The answer to a HELLO of `worker`: its members as the roster has them now."""
-        return (SNAPSHOT, worker, nonce, [(m.conn, m.nick) for m in self.members_of(worker)])
+    def _decide_nick(self, publisher: str, ev: E.Nick) -> E.Event:
+        out = self.apply(publisher, ev)
+        if out.accepted and out.member is not None:
+            return E.Renamed(ev.conn, out.old_nick, ev.new)
+        return E.Taken(ev.conn, ev.new, int(out.member is not None))
+
+    def _decide_leave(self, publisher: str, ev: E.Leave) -> E.Event | None:
+        out = self.apply(publisher, ev)
+        return E.Left(ev.conn, out.member.nick, ev.reason) if out.member is not None else None
+
+    def _decide_gone(self, publisher: str, ev: E.Gone) -> E.Event:
+        return E.Gone(ev.worker, [m.nick for m in self.apply(publisher, ev).gone])
+
+    def _decide_adopt(self, publisher: str, ev: E.Adopt) -> E.Event:
+        return E.Adopted(ev.old_worker, ev.old_conn, ev.conn, int(self.apply(publisher, ev).accepted))
+
+    def _decide_who(self, _publisher: str, ev: E.Who) -> E.Event:
+        return E.Reply(ev.conn, self.who_text())
+
+    def _decide_whois(self, _publisher: str, ev: E.Whois) -> E.Event:
+        return E.Reply(ev.conn, self.whois_text(ev.nick, ev.now))
+
+    def _decide_quietly(self, publisher: str, ev: E.Event) -> None:
+        self.apply(publisher, ev)  # Resync, Hello: nothing takes their place
+
+    def snapshot_for(self, worker: str, nonce: int) -> E.Snapshot:
+        """The answer to a Hello of `worker`: its members as the roster has them now."""
+        return E.Snapshot(worker, nonce, [(m.conn, m.nick) for m in self.members_of(worker)])
 
     def who_text(self) -> str:
         nicks = sorted((m.nick for m in self.members()), key=lambda n: (n.lower(), n))
@@ -248,50 +219,49 @@ class Roster:
         if m is None:
             return f"*** Error: no such nickname {nick}"
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.since))
-        return f"*** {m.nick} is on worker {m.worker}, connected since {since} ({_duration(now - m.since)} ago)"
+        return f"*** {m.nick} is on worker {m.worker}, connected since {since} ({duration(now - m.since)} ago)"
 
-    def apply(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+    def apply(self, publisher: str, ev: E.Event) -> Outcome:
         """Apply one roster event published by `publisher`, in bus order."""
-        handler = _APPLY.get(ev[0])
+        handler = _APPLY.get(type(ev))
         return handler(self, publisher, ev) if handler else Outcome(accepted=False)
 
-    def _join(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
-        conn, nick, since, ip = ev[1:5]
-        if self.get(publisher, conn) is not None or nick_problem(nick) or nick.lower() in self.by_fold:
+    def _join(self, publisher: str, ev: E.Join) -> Outcome:
+        nick = ev.nick
+        if self.get(publisher, ev.conn) is not None or nick_problem(nick) or nick.lower() in self.by_fold:
             return Outcome(accepted=False)
-        m = _member(publisher, conn, nick, since, ip)
+        m = _member(publisher, ev.conn, nick, ev.since, ev.ip)
         self._add(m)
         return Outcome(member=m)
 
-    def _nick(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
-        _, conn, new = ev
-        m = self.get(publisher, conn)
-        if m is None or nick_problem(new) or not self.is_free_for(new, publisher, conn):
+    def _nick(self, publisher: str, ev: E.Nick) -> Outcome:
+        m = self.get(publisher, ev.conn)
+        if m is None or nick_problem(ev.new) or not self.is_free_for(ev.new, publisher, ev.conn):
             return Outcome(accepted=False, member=m)
         self._remove(m)
-        renamed = m._replace(nick=new)
+        renamed = m._replace(nick=ev.new)
         self._add(renamed)
         return Outcome(member=renamed, old_nick=m.nick)
 
-    def _leave(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
-        m = self.get(publisher, ev[1])
+    def _leave(self, publisher: str, ev: E.Leave) -> Outcome:
+        m = self.get(publisher, ev.conn)
         if m is None:
             return Outcome(accepted=False)
         self._remove(m)
         return Outcome(member=m)
 
-    def _gone(self, _publisher: str, ev: tuple[Any, ...]) -> Outcome:
-        gone = tuple(self.members_of(ev[1]))
+    def _gone(self, _publisher: str, ev: E.Gone) -> Outcome:
+        gone = tuple(self.members_of(ev.worker))
         for m in gone:
             self._remove(m)
         return Outcome(gone=gone)
 
-    def _resync(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
+    def _resync(self, publisher: str, ev: E.Resync) -> Outcome:
         """The publisher's members are exactly these now; a name taken meanwhile is refused."""
         for m in self.members_of(publisher):
             self._remove(m)
         rejected: list[MemberTuple] = []
-        for t in ev[1]:
+        for t in ev.members:
             entry = (publisher, int(t[1]), str(t[2]), float(t[3]), str(t[4]))
             if entry[2].lower() in self.by_fold:
                 rejected.append(entry)
@@ -299,25 +269,20 @@ class Roster:
                 self._add(_member(*entry))
         return Outcome(rejected=tuple(rejected))
 
-    def _adopt(self, publisher: str, ev: tuple[Any, ...]) -> Outcome:
-        _, old_worker, old_conn, conn = ev
-        m = self.get(old_worker, old_conn)
-        if m is None or self.get(publisher, conn) is not None:
+    def _adopt(self, publisher: str, ev: E.Adopt) -> Outcome:
+        m = self.get(ev.old_worker, ev.old_conn)
+        if m is None or self.get(publisher, ev.conn) is not None:
             return Outcome(accepted=False)
         self._remove(m)
-        moved = _member(publisher, conn, m.nick, m.since, m.ip)
+        moved = _member(publisher, ev.conn, m.nick, m.since, m.ip)
         self._add(moved)
         return Outcome(member=moved)
 
 
-def _duration(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    return f"{s // 3600}h {s % 3600 // 60}m"
-
-
-_APPLY = {JOIN: Roster._join, NICK: Roster._nick, LEAVE: Roster._leave, GONE: Roster._gone,
-          RESYNC: Roster._resync, ADOPT: Roster._adopt}
+_DECIDE: dict[type[E.Event], Callable[[Roster, str, Any], E.Event | None]] = {
+    E.Join: Roster._decide_join, E.Nick: Roster._decide_nick, E.Leave: Roster._decide_leave,
+    E.Gone: Roster._decide_gone, E.Adopt: Roster._decide_adopt, E.Who: Roster._decide_who,
+    E.Whois: Roster._decide_whois, E.Resync: Roster._decide_quietly, E.Hello: Roster._decide_quietly}
+_APPLY: dict[type[E.Event], Callable[[Roster, str, Any], Outcome]] = {
+    E.Join: Roster._join, E.Nick: Roster._nick, E.Leave: Roster._leave, E.Gone: Roster._gone,
+    E.Resync: Roster._resync, E.Adopt: Roster._adopt}

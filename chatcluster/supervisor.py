@@ -211,7 +211,7 @@ class Supervisor:
             os._exit(code)
 
     def start_broker(self) -> None:
-        from .bus import run_broker
+        from .roles import run_broker
 
         if self.broker_control >= 0:
             os.close(self.broker_control)
@@ -228,7 +228,7 @@ class Supervisor:
     def spawn_worker(self, slot: int | None = None, replacing: int = 0,
                      succeeds: tuple[str, int] | None = None) -> WorkerProc:
         """Fork a worker; `succeeds` (id, pid) names the old worker it takes over from in an upgrade."""
-        from . import worker
+        from .roles import run_worker
 
         used = {w.slot for w in self.workers.values()}
         if slot is None:
@@ -240,7 +240,7 @@ class Supervisor:
         def body() -> int:
             if cfg.cpu_affinity:
                 pin_to_cpu(slot, no)
-            return worker.main(cfg, no, f"w{no}", slot, generation, runtime_dir, stats, succeeds)
+            return run_worker(cfg, no, f"w{no}", slot, generation, runtime_dir, stats, succeeds)
 
         self.stats.write(slot, 0, S.BOOTING, no, generation, time.time(), time.monotonic(), 0, 0, 0, 0, 0, 0, 0, 0)
         pid = self._fork(f"worker {no}", body)

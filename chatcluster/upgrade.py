@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import sdnotify
-from .bus import WIRE_VERSION
+from .wire import WIRE_VERSION
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor, WorkerProc
@@ -168,11 +168,11 @@ def check_new_code(state_path: str) -> int:
 
 def incompatibility(state: dict[str, Any]) -> str | None:
     """In the NEW code: what an upgrade cannot bridge. The broker and the stats file stay in use."""
-    from . import bus
     from . import stats as S
+    from . import wire
 
-    if state.get("bus_wire") != bus.WIRE_VERSION:
-        return (f"it speaks bus wire version {bus.WIRE_VERSION}, the running broker {state.get('bus_wire')} "
+    if state.get("bus_wire") != wire.WIRE_VERSION:
+        return (f"it speaks bus wire version {wire.WIRE_VERSION}, the running broker {state.get('bus_wire')} "
                 f"(an upgrade keeps the broker)")
     try:
         S.StatsFile(os.path.join(state["runtime_dir"], "stats")).close()

@@ -1,20 +1,23 @@
-"""The event loop of one worker process: sockets in, sockets out, nothing else.
+"""The event loop of one worker process: accept, read, write, and the bus; I/O, not policy.
 
 One `select.epoll` watches the worker's own SO_REUSEPORT listening socket
 (level-triggered, so a pending connection is never forgotten), its clients
 (edge-triggered for reading and writing, registered once), and the bus
-socket's FD. Each pass of the loop reads every readable client until EAGAIN,
-hands the lines to `ChatCore`, publishes what the clients said as one bus
-batch, drains the bus, and finally gives every client with pending output a
-single `send()` of everything queued for it. Chat rules live in `chat`; this
-module only moves bytes and enforces the per-connection limits.
+socket's FD. Each pass of the loop reads the readable clients, hands their
+lines to the chat core (`chat`), publishes what they said as one bus batch,
+drains the bus, and gives the clients with pending output one `send()` each.
+The rules live elsewhere, each in a module of its own: the chat rules in
+`chat`, carrying out their effects in `dispatch`, output queues and the send
+queue limit in `output`, descriptor exhaustion in `shedding`, the phases of a
+stop in `stopping`, the settings in `settings`, and who is connected in
+`registry`. Handing clients over in an upgrade is `migrate`'s, which plugs in
+through the `HandoffHooks` it implements; this module does not import it.
 """
 
 from __future__ import annotations
 
 import errno
 import heapq
-import json
 import logging
 import os
 import select
@@ -23,17 +26,23 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
 from . import chat as C
-from . import migrate
+from . import dispatch
+from . import events as E
 from . import stats as S
-from .bus import GAP, REPLAY, RESTARTED, BusClient, Endpoints
+from .bus import BusClient, Endpoints
+from .client import Client, bucket_of, reader_of
 from .config import Config
-from .protocol import DEFAULT_MAX_LINE_BYTES, Line, LineReader, TokenBucket, encode_line
-from .roster import PING
+from .output import Output
+from .protocol import Line, LineReader, TokenBucket, encode_line
+from .registry import Registry
+from .settings import LiveSettings, read_live_config
+from .shedding import LISTEN_PAUSE, Shedder
+from .stopping import SHUTDOWN_LINE, Stop
 
 log = logging.getLogger("chatcluster.worker")
 
@@ -52,101 +61,46 @@ EXIT_BOOT_FAILED = 3
 # A closing client gets this long to take what is queued for it: one that never reads
 # must not keep its descriptor for ever.
 CLOSE_LINGER = 10.0
-# How long the listener rests when a connection can be neither accepted nor shed.
-LISTEN_PAUSE = 0.1
 
 EPOLLIN, EPOLLOUT, EPOLLET = select.EPOLLIN, select.EPOLLOUT, select.EPOLLET
 EPOLLERR, EPOLLHUP, EPOLLRDHUP = select.EPOLLERR, select.EPOLLHUP, select.EPOLLRDHUP
 CLIENT_EVENTS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 READ_EVENTS = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 
-SHUTDOWN_LINE = encode_line("*** Server is shutting down")
-SLOW_READER_LINE = b"\r\n" + encode_line("*** Error: disconnected: you are not reading fast enough")
 IDLE_LINE = encode_line("*** Error: disconnected: idle for too long")
 
 
-class Client:
-    """One connection, kept small while idle (most of them are): `out` is None while nothing
-    is queued, and the line reader and flood-control bucket are made when first needed, with
-    the settings in `Client.limits` (the worker sets them at start and on reload)."""
+class Handoff(Protocol):
+    """A giver or a taker of an upgrade (see migrate), as the loop drives it."""
 
-    __slots__ = ("sock", "fd", "conn", "ip", "_reader", "_bucket", "out", "outlen", "pending",
-                 "throttled", "eof", "closing", "last_rx")
+    fds: set[int]
 
-    # (max_line_bytes, flood_rate, flood_burst) for readers and buckets made from now on.
-    limits: tuple[int, float, int] = (DEFAULT_MAX_LINE_BYTES, 0.0, 1)
+    def begin(self) -> None: ...
 
-    def __init__(self, sock: socket.socket, conn: int, ip: str, reader: LineReader | None,
-                 bucket: TokenBucket | None, now: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.conn = conn
-        self.ip = ip
-        self._reader = reader
-        self._bucket = bucket
-        self.out: list[bytes] | None = None
-        self.outlen = 0
-        self.pending = b""  # bytes read but not parsed yet: the client is out of flood-control tokens
-        # Not read until a timer in Worker.timers fires: out of tokens, or still waiting for its
-        # welcome line (lines sent before it wait in the kernel, which pushes back on the sender).
-        self.throttled = False
-        self.eof = False
-        self.closing = False
-        self.last_rx = now
+    def on_fd(self, fd: int) -> None: ...
 
-    @property
-    def reader(self) -> LineReader:
-        if self._reader is None:
-            self._reader = LineReader(self.limits[0])
-        return self._reader
+    def tick(self, now: float) -> None: ...
 
-    @reader.setter
-    def reader(self, reader: LineReader) -> None:
-        self._reader = reader
+    def published(self, events: list[E.Event]) -> None: ...
 
-    @property
-    def bucket(self) -> TokenBucket:
-        if self._bucket is None:
-            self._bucket = TokenBucket(self.limits[1], self.limits[2], time.monotonic())
-        return self._bucket
-
-    @bucket.setter
-    def bucket(self, bucket: TokenBucket) -> None:
-        self._bucket = bucket
+    def after_batch(self, publisher: str, events: list[E.Event]) -> None: ...
 
 
-class SharedOut(list[bytes]):
-    """Output queued for many clients at once, read-only.
+class HandoffHooks(Protocol):
+    """How an upgrade plugs into the worker: implemented by migrate, passed in by the process entry."""
 
-    A broadcast gives every client of the room that had nothing queued the same list, and
-    the clients that had one same list queued the same longer one, instead of a list each:
-    one list per client per line was most of the worker's garbage, thousands of short-lived
-    containers per line, enough to set off full garbage collections that stopped the worker
-    for tens of milliseconds in a large room. A client's own output goes into a copy (see
-    Worker.queue), and the bytes are joined once for all the clients that send them.
-    """
+    def giver(self, worker: Worker) -> Handoff | None:
+        """Hand everything to our successor (USR2); None if there is nobody to hand to."""
 
-    __slots__ = ("joined",)
-
-    def __init__(self, chunks: tuple[bytes, ...]) -> None:
-        super().__init__(chunks)
-        self.joined: bytes | None = None
-
-    def join(self) -> bytes:
-        if self.joined is None:
-            self.joined = self[0] if len(self) == 1 else b"".join(self)
-        return self.joined
-
-    def plus(self, data: bytes) -> SharedOut:
-        """This output followed by `data` (joined first once it is a long run of chunks)."""
-        return SharedOut((*self, data) if len(self) < 32 else (self.join(), data))
+    def taker(self, worker: Worker, source: str, source_pid: int) -> Handoff:
+        """At boot: take over the listener and clients of worker `source` (pid `source_pid`)."""
 
 
 class Worker:
     def __init__(self, cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int,
-                 runtime_dir: str, stats: S.StatsFile, succeeds: tuple[str, int] | None = None) -> None:
-        self.cfg = cfg
-        Client.limits = (cfg.max_line_bytes, cfg.flood_rate, cfg.flood_burst)
+                 runtime_dir: str, stats: S.StatsFile, succeeds: tuple[str, int] | None = None,
+                 hooks: HandoffHooks | None = None) -> None:
+        self.settings = LiveSettings(cfg)
         self.worker_no = worker_no
         self.worker_id = worker_id
         self.slot = slot
@@ -155,53 +109,40 @@ class Worker:
         self.stats = stats
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.bus = BusClient(self.ctx, Endpoints.in_dir(runtime_dir), worker_id)
-        self.core = C.ChatCore(worker_id, self._chat_settings(cfg))
+        self.registry: Registry[Client, C.LocalUser] = Registry()
+        self.core = C.ChatCore(worker_id, self.settings, registry=self.registry)
+        self.output = Output(self.registry, self.settings, self.close, worker_no)
+        self.shedder = Shedder(worker_no)
         self.ep = select.epoll()
         self.listener: socket.socket | None = None
-        self.clients: dict[int, Client] = {}  # by fd
-        self.by_conn: dict[int, Client] = {}
-        self.room: dict[int, Client] = {}  # clients that have their welcome line, by conn
-        self.dirty: list[Client] = []
-        self.outgoing: list[tuple[Any, ...]] = []
+        self.outgoing: list[E.Event] = []
         self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
         self.lingering: list[tuple[float, int]] = []  # (deadline, conn) for closing clients
-        self.listen_resume = 0.0  # when a listener paused by shed_connection() polls again
-        self.next_conn = 1
+        self.listen_resume = 0.0  # when a listener paused by the shedder polls again
         self.started = time.time()
         self.last_publish = 0.0
         self.last_beat = 0.0
         self.last_hello = 0.0
-        self.last_emfile_log = 0.0
-        self.stopping: float | None = None  # deadline of a graceful stop
+        self.stop: Stop | None = None
         self.stop_signal = 0
-        self.draining_until: float | None = None  # first phase of a stop: let the bus catch up
         self.reload_pending = False
         self.parent_pid = os.getppid()
         self.config_version = 0  # the supervisor's reload count we last applied, shown in our stats slot
         # Upgrades (see migrate.py): `succeeds` is the (id, pid) of the worker whose listener and
         # clients this one takes over; `handoff` is the giver or taker while that goes on.
         self.succeeds = succeeds
-        self.handoff: migrate.Giver | migrate.Taker | None = None
+        self.hooks = hooks
+        self.handoff: Handoff | None = None
         self.handoff_requested = False
         self.frozen = False  # a giver past its cut point: read nothing more
         self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
         self.lines_in = 0
-        self.lines_out = 0
-        self.bytes_out = 0
-        self.dropped = 0
-        # One descriptor held in reserve: when accept() fails with EMFILE, closing it lets us
-        # accept and immediately close the waiting connection instead of spinning on it.
-        self.spare_fd: int | None = os.open(os.devnull, os.O_RDONLY)
-
-    @staticmethod
-    def _chat_settings(cfg: Config) -> C.ChatSettings:
-        return C.ChatSettings(welcome=cfg.welcome, announce_joins=cfg.announce_joins,
-                              max_clients=cfg.max_clients, max_clients_per_ip=cfg.max_clients_per_ip)
+        self.sink = _Sink(self)
 
     # -- boot ---------------------------------------------------------------------------------
 
     def boot(self, timeout: float = 15.0) -> None:
-        """Prove the bus path end to end (HELLO, answered in order), then open the listening socket."""
+        """Prove the bus path end to end (Hello, answered in order), then open the listening socket."""
         self.beat(S.BOOTING)
         deadline = time.monotonic() + timeout
         while not self.core.ready:
@@ -214,34 +155,46 @@ class Worker:
                 self.last_hello = now
             if self.bus.sub.poll(50, zmq.POLLIN):
                 self.handle_bus()
-        if self.succeeds is not None:
+        if self.succeeds is not None and self.hooks is not None:
             # An upgrade: the predecessor hands us its listening socket (its queue of waiting
             # connections with it), then its clients.
-            self.handoff = migrate.Taker(self, *self.succeeds)
-            self.handoff.boot()
+            self.handoff = self.hooks.taker(self, *self.succeeds)
+            self.handoff.begin()
         else:
-            self.listener = self.open_listener()
-            self.ep.register(self.listener.fileno(), EPOLLIN)
+            self.listen()
         self.ep.register(self.bus.fd, EPOLLIN | EPOLLET)
         self.beat(S.READY)
-        log.info("worker %d (%s) ready on %s:%d", self.worker_no, self.worker_id, self.cfg.host, self.cfg.port)
+        log.info("worker %d (%s) ready on %s:%d", self.worker_no, self.worker_id, self.settings.host,
+                 self.settings.port)
 
     def open_listener(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
+        host, port = self.settings.host, self.settings.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
-            sock.bind((self.cfg.host, self.cfg.port))
+            sock.bind((host, port))
         except OSError as exc:
             sock.close()
             hint = ("; another program holds the port: stop it or choose another with --port"
                     if exc.errno == errno.EADDRINUSE else "")
-            log.error("worker %d cannot listen on %s:%d: %s%s", self.worker_no, self.cfg.host,
-                      self.cfg.port, exc.strerror, hint)
+            log.error("worker %d cannot listen on %s:%d: %s%s", self.worker_no, host, port, exc.strerror, hint)
             raise SystemExit(EXIT_BOOT_FAILED) from None
-        sock.listen(self.cfg.backlog)
+        sock.listen(self.settings.backlog)
         sock.setblocking(False)
+        return sock
+
+    def listen(self, sock: socket.socket | None = None) -> None:
+        """Accept on `sock` (a listener handed over by a predecessor), or on a new one of our own."""
+        self.listener = sock if sock is not None else self.open_listener()
+        self.ep.register(self.listener.fileno(), EPOLLIN)
+
+    def unlisten(self) -> socket.socket | None:
+        """Stop accepting; the listener is returned, not closed (a giver hands it on)."""
+        sock, self.listener = self.listener, None
+        if sock is not None:
+            self.ep.unregister(sock.fileno())
         return sock
 
     # -- the loop -----------------------------------------------------------------------------
@@ -253,50 +206,53 @@ class Worker:
         signal.signal(signal.SIGHUP, self._on_reload_signal)
         signal.signal(signal.SIGUSR2, self._on_handoff_signal)
         self.boot()
-        poll = self.ep.poll
-        clients = self.clients
-        while True:
-            timeout = self._poll_timeout()
-            try:
-                events = poll(timeout)
-            except InterruptedError:
-                events = []
-            for fd, ev in events:
-                c = clients.get(fd)
-                if c is None:
-                    # The listener can change hands during an upgrade: compare with the current one.
-                    if self.listener is not None and fd == self.listener.fileno():
-                        self.accept()
-                    elif self.handoff is not None and fd in self.handoff.fds:
-                        self.handoff.on_fd(fd)
-                    continue
-                if ev & READ_EVENTS and not c.throttled:
-                    self.read(c)
-                if ev & EPOLLOUT and c.out is not None and c.fd in clients:
-                    self.flush(c)
-            if self.outgoing:
-                self.publish()
-            if self.bus.readable():
-                self.handle_bus()
-            if self.outgoing:
-                self.publish()
-            if self.dirty:
-                self.flush_dirty(FLUSH_SLICE)
-            now = time.monotonic()
-            if self.timers and self.timers[0][0] <= now:
-                self.run_timers(now)
-            self.housekeeping(now)
-            if self.stop_signal:
-                self.begin_stop(now)
-            if self.stopping is not None and (not self.clients or now >= self.stopping):
-                break
+        while not self.step(self._poll_timeout()):
+            pass
         self.finish()
+
+    def step(self, timeout: float, serve_handoff: bool = True) -> bool:
+        """One pass of the loop; True when the worker has stopped. (`serve_handoff=False` leaves the
+        upgrade's sockets unread for a pass, which is how tests reproduce rare interleavings.)"""
+        try:
+            events = self.ep.poll(timeout)
+        except InterruptedError:
+            events = []
+        by_fd = self.registry.by_fd
+        output = self.output
+        for fd, ev in events:
+            c = by_fd(fd)
+            if c is None:
+                # The listener can change hands during an upgrade: compare with the current one.
+                if self.listener is not None and fd == self.listener.fileno():
+                    self.accept()
+                elif serve_handoff and self.handoff is not None and fd in self.handoff.fds:
+                    self.handoff.on_fd(fd)
+                continue
+            if ev & READ_EVENTS and not c.throttled:
+                self.read(c)
+            if ev & EPOLLOUT and c.out is not None and c in self.registry:
+                output.flush(c)
+        if self.outgoing:
+            self.publish()
+        if self.bus.readable():
+            self.handle_bus()
+        if self.outgoing:
+            self.publish()
+        if output.dirty:
+            output.flush_dirty(FLUSH_SLICE)
+        now = time.monotonic()
+        if self.timers and self.timers[0][0] <= now:
+            self.run_timers(now)
+        self.housekeeping(now)
+        if self.stop_signal:
+            self.begin_stop(now)
+        return self.stop is not None and self.stop.over(now, len(self.registry))
 
     def _poll_timeout(self) -> float:
         timeout = HEARTBEAT_EVERY
         if self.timers:
             timeout = min(timeout, max(0.0, self.timers[0][0] - time.monotonic()))
-        if self.dirty or self.outgoing:
+        if self.output.dirty or self.outgoing:
             timeout = 0.0
         return timeout
 
@@ -309,11 +265,64 @@ class Worker:
     def _on_handoff_signal(self, _signum: int, _frame: Any) -> None:
         self.handoff_requested = True  # an upgrade: hand everything to our successor
 
-    # -- clients ------------------------------------------------------------------------------
+    # -- clients: setup and teardown ----------------------------------------------------------
+
+    def attach(self, sock: socket.socket, ip: str, now: float, reader: LineReader | None = None,
+               bucket: TokenBucket | None = None) -> Client:
+        """Make a connected socket one of our clients: accepted here, or handed over by a predecessor
+        with its line reader and flood-control bucket."""
+        sock.setblocking(False)
+        c = Client(sock, self.registry.new_conn(), sys.intern(ip), reader, bucket, now)
+        self.registry.add(c)
+        self.ep.register(c.fd, CLIENT_EVENTS)
+        return c
+
+    def detach(self, c: Client) -> bool:
+        """Take a client out of every structure of the worker; False if it was not ours any more.
+
+        The socket is left open for the caller: close() closes it, a giver hands it on (its number
+        must not be reused while the successor does not have it yet).
+        """
+        if not self.registry.remove(c):
+            return False
+        # Unregister before close: epoll tracks the open file, not the number, so an fd closed
+        # while registered could keep reporting events under a number the kernel reuses.
+        try:
+            self.ep.unregister(c.fd)
+        except OSError:
+            pass
+        c.out = None
+        c.outlen = 0
+        return True
+
+    def close(self, c: Client, reason: str) -> None:
+        """The connection is over: forget it, close the socket, and let the chat core tell the others."""
+        if not self.detach(c):
+            return
+        if not c.eof:
+            # close() with unread input sends a reset, and a reset discards what is still on its
+            # way to the client (a shutdown notice, a goodbye): read the input away first.
+            for _ in range(16):
+                try:
+                    if not c.sock.recv(RECV_SIZE):
+                        break
+                except OSError:
+                    break
+        c.sock.close()
+        self.apply(self.core.disconnect(c.conn, reason))
+
+    def close_when_sent(self, c: Client) -> None:
+        """Close `c` once its queued output is sent, or after CLOSE_LINGER seconds at most."""
+        c.closing = True
+        self.registry.leave_room(c.conn)
+        if c.out is None:
+            self.close(c, "")
+        else:
+            heapq.heappush(self.lingering, (time.monotonic() + CLOSE_LINGER, c.conn))
 
     def accept(self) -> None:
         assert self.listener is not None
-        cfg = self.cfg
+        s = self.settings
         # One reading of the clocks for the whole batch: idle clients then share these floats.
         now = time.monotonic()
         wall = time.time()
@@ -324,64 +333,29 @@ class Worker:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.shed_connection(exc)
+                    if not self.shedder.shed_one(self.listener, exc, now):
+                        # Nothing to free: rest the listener rather than spin on a connection we cannot take.
+                        self.ep.modify(self.listener.fileno(), 0)
+                        self.listen_resume = now + LISTEN_PAUSE
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
-            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if cfg.tcp_keepalive:
+            if s.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, cfg.keepalive_idle)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, cfg.keepalive_interval)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
-            conn = self.next_conn
-            self.next_conn += 1
-            c = Client(sock, conn, sys.intern(addr[0]), None, None, now)
-            c.throttled = True  # until its welcome line: see Enter in apply()
-            self.clients[c.fd] = c
-            self.by_conn[conn] = c
-            self.ep.register(c.fd, CLIENT_EVENTS)
-            if self.stopping is not None:
-                self.queue(c, SHUTDOWN_LINE)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, s.keepalive_idle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, s.keepalive_interval)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count)
+            c = self.attach(sock, addr[0], now)
+            c.throttled = True  # until its welcome line: see entered()
+            if self.stop is not None:
+                self.output.queue(c, SHUTDOWN_LINE)
                 c.closing = True
                 continue
-            self.apply(self.core.connect(conn, c.ip, wall))
+            self.apply(self.core.connect(c.conn, c.ip, wall))
 
-    def shed_connection(self, exc: OSError) -> None:
-        """Out of descriptors: refuse one waiting connection cleanly and keep serving.
-
-        The listener is level-triggered, so a connection left in the accept queue would wake
-        every poll and the loop would spin. Closing the spare descriptor makes room to accept
-        it and close it at once (the client sees the connection closed), one per pass, and
-        the listener goes on accepting normally as soon as descriptors are free again.
-        """
-        now = time.monotonic()
-        if now - self.last_emfile_log >= 1.0:
-            log.warning("worker %d: accept failed (%s); shedding new connections until "
-                        "descriptors free up", self.worker_no, exc.strerror)
-            self.last_emfile_log = now
-        assert self.listener is not None
-        if self.spare_fd is None:
-            self.spare_fd = _open_spare()
-        shed = False
-        if self.spare_fd is not None:
-            os.close(self.spare_fd)
-            self.spare_fd = None
-            try:
-                sock, _ = self.listener.accept()
-                sock.close()
-                shed = True
-                self.dropped += 1
-            except OSError:
-                pass
-            self.spare_fd = _open_spare()
-        if not shed:
-            # Nothing to free (ENOBUFS, ENOMEM, or another descriptor took the spare's place):
-            # rest the listener briefly rather than spin on a connection we cannot take.
-            self.ep.modify(self.listener.fileno(), 0)
-            self.listen_resume = now + LISTEN_PAUSE
+    # -- clients: input -----------------------------------------------------------------------
 
     def read(self, c: Client) -> None:
         """Read until EAGAIN, parsing no more lines than the client's flood budget allows.
@@ -390,9 +364,11 @@ class Worker:
         RECV_SIZE bytes) and is not read again until its timer fires, so TCP pushes back on
         it and none of its lines is lost or reordered. Every line counts, commands too.
         """
-        if c.closing or c.throttled or self.draining_until is not None or self.frozen:
+        if c.closing or c.throttled or self.frozen or (self.stop is not None and self.stop.draining):
             return
-        limited = self.cfg.flood_rate > 0
+        s = self.settings
+        limited = s.flood_rate > 0
+        reader = reader_of(c, s)
         recv = c.sock.recv
         while True:
             if c.pending:
@@ -410,18 +386,18 @@ class Worker:
                     break
                 c.last_rx = time.monotonic()
             now = time.monotonic()
-            budget = c.bucket.available(now) if limited else UNLIMITED
+            budget = bucket_of(c, s, now).available(now) if limited else UNLIMITED
             if budget == 0:
                 c.pending = data
                 c.throttled = True
-                heapq.heappush(self.timers, (now + c.bucket.wait(now), c.conn))
+                heapq.heappush(self.timers, (now + bucket_of(c, s, now).wait(now), c.conn))
                 return
-            events, used = c.reader.feed_some(data, budget)
+            events, used = reader.feed_some(data, budget)
             if used < len(data):
                 c.pending = data[used:]
             if events:
                 self.process(c, events)
-                if c.fd not in self.clients or c.closing:
+                if c.closing or c not in self.registry:
                     return
         if c.eof:
             self.end_of_input(c)
@@ -431,10 +407,11 @@ class Worker:
         core = self.core
         conn = c.conn
         now = time.monotonic()
-        limited = self.cfg.flood_rate > 0
+        s = self.settings
+        bucket = bucket_of(c, s, now) if s.flood_rate > 0 else None
         for ev in events:
-            if limited:
-                c.bucket.take(now)
+            if bucket is not None:
+                bucket.take(now)
             if type(ev) is Line:
                 if not ev.text.strip():
                     continue
@@ -442,190 +419,56 @@ class Worker:
                 self.apply(core.line(conn, ev.text, time.time()))
             else:
                 self.apply(core.line_too_long(conn, ev.limit))
-            if c.closing or c.fd not in self.clients:
+            if c.closing or c not in self.registry:
                 return
 
     def end_of_input(self, c: Client) -> None:
         """The client shut its side: its lines are handled; send what is queued, then close."""
-        self.room.pop(c.conn, None)
+        self.registry.leave_room(c.conn)
         self.apply(self.core.disconnect(c.conn, ""))
-        if c.conn in self.core.local:
+        if self.registry.user(c.conn) is not None:
             return  # some of its lines wait for the bus (a /nick in flight): the core closes it after them
         self.close_when_sent(c)
 
     def run_timers(self, now: float) -> None:
         while self.timers and self.timers[0][0] <= now:
             _, conn = heapq.heappop(self.timers)
-            c = self.by_conn.get(conn)
+            c = self.registry.by_conn(conn)
             if c is None or not c.throttled:
                 continue
             c.throttled = False
             # The edge that said "readable" was consumed while throttled: read now.
             self.read(c)
 
-    def queue(self, c: Client, data: bytes) -> None:
-        out = c.out
-        if out is None:
-            c.out = [data]
-            self.dirty.append(c)
-        elif type(out) is SharedOut:
-            c.out = [*out, data]  # its own copy: the shared list is other clients' output too
-        else:
-            out.append(data)
-        c.outlen += len(data)
-        if c.outlen > self.cfg.max_sendq_bytes and not c.closing:
-            self.enforce_sendq(c)
+    # -- the chat core's effects (through _Sink, see dispatch) ---------------------------------
 
     def apply(self, effects: list[C.Effect]) -> None:
-        for e in effects:
-            t = type(e)
-            if t is C.Broadcast:
-                data = e.data  # type: ignore[union-attr]
-                exclude = e.exclude  # type: ignore[union-attr]
-                dirty = self.dirty
-                n = len(data)
-                count = 0
-                limit = self.cfg.max_sendq_bytes
-                over: list[Client] | None = None
-                fresh: SharedOut | None = None  # for the clients that had nothing queued
-                grown: dict[int, tuple[SharedOut, SharedOut]] = {}  # id(shared) -> (it, it + data)
-                for conn, c in self.room.items():
-                    if exclude and conn in exclude:
-                        continue
-                    out = c.out
-                    if out is None:
-                        if fresh is None:
-                            fresh = SharedOut((data,))
-                        c.out = fresh
-                        dirty.append(c)
-                    elif type(out) is SharedOut:
-                        pair = grown.get(id(out))
-                        if pair is None:
-                            pair = grown[id(out)] = (out, out.plus(data))  # holds `out`: its id stays its own
-                        c.out = pair[1]
-                    else:
-                        out.append(data)
-                    c.outlen += n
-                    count += 1
-                    if c.outlen > limit:
-                        over = [c] if over is None else [*over, c]
-                self.lines_out += count * data.count(b"\n")  # a broadcast may carry a run of lines
-                if over is not None:
-                    for slow in over:
-                        self.enforce_sendq(slow)
-                if self.collect is not None:
-                    self.collect(data)  # clients on their way here from our predecessor get it too
-            elif t is C.Publish:
-                self.outgoing.append(e.event)  # type: ignore[union-attr]
-            elif t is C.Send:
-                c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
-                if c is not None:
-                    self.queue(c, e.data)  # type: ignore[union-attr]
-            elif t is C.Enter:
-                c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
-                if c is not None:
-                    self.room[c.conn] = c
-                    if c.throttled and not c.pending:
-                        # Welcomed: read what it sent meanwhile (accept() held it back).
-                        heapq.heappush(self.timers, (time.monotonic(), c.conn))
-            elif t is C.Close:
-                c = self.by_conn.get(e.conn)  # type: ignore[union-attr]
-                if c is not None:
-                    self.close_when_sent(c)
+        dispatch.apply(effects, self.registry, self.sink)
 
-    def close_when_sent(self, c: Client) -> None:
-        """Close `c` once its queued output is sent, or after CLOSE_LINGER seconds at most."""
-        c.closing = True
-        self.room.pop(c.conn, None)
-        if c.out is None:
-            self.close(c, "")
-        else:
-            heapq.heappush(self.lingering, (time.monotonic() + CLOSE_LINGER, c.conn))
+    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
+        self.output.broadcast(data, exclude)
+        if self.collect is not None:
+            self.collect(data)  # clients on their way here from our predecessor get it too
 
-    def enforce_sendq(self, c: Client) -> None:
-        """More than max_sendq_bytes is queued for `c`: send what the kernel takes, kick if still over.
+    def entered(self, c: Client) -> None:
+        if c.throttled and not c.pending:
+            # Welcomed: read what it sent meanwhile (accept() held it back).
+            heapq.heappush(self.timers, (time.monotonic(), c.conn))
 
-        Checked as output is queued, not only when the kernel refuses some, so one loop pass
-        can never queue much more than the limit for a client that does not read; trying the
-        socket first spares a client that reads but was handed a large batch at once.
-        """
-        if c.out is not None and c.fd in self.clients and c.outlen > self.cfg.max_sendq_bytes:
-            self.flush(c)
+    def bus_restarted(self, control: list[E.Event]) -> None:
+        resent = self.bus.restarted(control)
+        log.warning("worker %d: bus broker restarted; resyncing the roster, resent %d batches",
+                    self.worker_no, resent)
+        self.last_hello = time.monotonic()
 
-    def flush_dirty(self, limit: int = 0) -> None:
-        """Send what is queued for the dirty clients: all of them, or the first `limit` (in order)."""
-        dirty = self.dirty
-        if limit and len(dirty) > limit:
-            batch = dirty[:limit]
-            del dirty[:limit]
-        else:
-            batch, self.dirty = dirty, []
-        for c in batch:
-            if c.out is not None and c.fd in self.clients:
-                self.flush(c)
+    def bus_trouble(self, kind: str, text: str) -> None:
+        log.warning("worker %d: bus %s detected: %s", self.worker_no, kind, text)
 
-    def flush(self, c: Client) -> None:
-        out = c.out
-        assert out is not None
-        if len(out) == 1:
-            data = out[0]
-        elif type(out) is SharedOut:
-            data = out.join()
-        else:
-            data = b"".join(out)
-        try:
-            sent = c.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close(c, "connection lost")
-            return
-        self.bytes_out += sent
-        if sent == len(data):
-            c.out = None
-            c.outlen = 0
-            if c.closing:
-                self.close(c, "")
-            return
-        # The kernel buffer is full: keep the rest; EPOLLOUT (edge) says when to go on.
-        c.out = [data[sent:]]
-        c.outlen = len(data) - sent
-        if c.outlen > self.cfg.max_sendq_bytes and not c.closing:
-            self.kick_slow_reader(c)
-
-    def kick_slow_reader(self, c: Client) -> None:
-        log.warning("worker %d: disconnecting %s (conn %d): %d bytes unsent, over max_sendq_bytes=%d",
-                    self.worker_no, c.ip, c.conn, c.outlen, self.cfg.max_sendq_bytes)
-        self.dropped += 1
-        try:
-            c.sock.send(SLOW_READER_LINE)
-        except OSError:
-            pass
-        self.close(c, "not reading fast enough")
-
-    def close(self, c: Client, reason: str) -> None:
-        if self.clients.pop(c.fd, None) is None:
-            return
-        # Unregister before close: epoll tracks the open file, not the number, so an fd closed
-        # while registered could keep reporting events under a number the kernel reuses.
-        try:
-            self.ep.unregister(c.fd)
-        except OSError:
-            pass
-        if not c.eof:
-            # close() with unread input sends a reset, and a reset discards what is still on its
-            # way to the client (a shutdown notice, a goodbye): read the input away first.
-            for _ in range(16):
-                try:
-                    if not c.sock.recv(RECV_SIZE):
-                        break
-                except OSError:
-                    break
-        c.sock.close()
-        c.out = None
-        self.by_conn.pop(c.conn, None)
-        self.room.pop(c.conn, None)
-        self.apply(self.core.disconnect(c.conn, reason))
+    def batch_done(self, publisher: str, events: list[E.Event], effects: list[C.Effect]) -> None:
+        if len(effects) > 1 and publisher == self.worker_id:
+            self.log_refusals(effects)
+        if self.handoff is not None:
+            self.handoff.after_batch(publisher, events)  # an upgrade's cut point?
 
     # -- bus ----------------------------------------------------------------------------------
 
@@ -637,34 +480,19 @@ class Worker:
             self.handoff.published(events)
 
     def handle_bus(self) -> None:
+        core = self.core
         for _ in range(8):
             items = self.bus.drain(BUS_BATCHES_PER_PASS)
             if not items:
                 break
-            undelivered = self.core.undelivered
-            for publisher, payload in items:
-                if publisher == RESTARTED:
-                    resent = self.bus.restarted(self.core.bus_restarted())
-                    log.warning("worker %d: bus broker restarted; resyncing the roster, resent %d batches",
-                                self.worker_no, resent)
-                    self.last_hello = time.monotonic()
-                elif publisher == GAP:
-                    log.warning("worker %d: bus gap detected: %s", self.worker_no, payload)
-                    if self.core.ready:
-                        # Told before the lines that follow the gap, once per broker epoch.
-                        self.apply(self.core.messages_lost())
-                elif publisher == REPLAY:
-                    self.apply(self.core.on_bus(payload[0], payload[1], replay=True))
-                else:
-                    effects = self.core.on_bus(publisher, payload)
-                    if len(effects) > 1 and publisher == self.worker_id:
-                        self.log_refusals(effects)
-                    self.apply(effects)
-                    if self.handoff is not None:
-                        self.handoff.after_batch(publisher, payload)  # an upgrade's cut point?
-            if self.core.undelivered > undelivered:
+            undelivered, unreadable = core.undelivered, core.unreadable
+            dispatch.feed_bus(core, items, self.registry, self.sink)
+            if core.undelivered > undelivered:
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
-                            "and were not delivered", self.worker_no, self.core.undelivered - undelivered)
+                            "and were not delivered", self.worker_no, core.undelivered - undelivered)
+            if core.unreadable > unreadable:
+                log.warning("worker %d: %d bus events of a kind or shape this code does not know were "
+                            "ignored", self.worker_no, core.unreadable - unreadable)
 
     def log_refusals(self, effects: list[C.Effect]) -> None:
         """Log each client the broker refused by a client limit (max_clients, max_clients_per_ip):
@@ -672,7 +500,7 @@ class Worker:
         for before, e in zip(effects, effects[1:], strict=False):
             if (type(e) is C.Close and type(before) is C.Send and before.conn == e.conn
                     and before.data.startswith(b"*** Error: ")):
-                c = self.by_conn.get(e.conn)
+                c = self.registry.by_conn(e.conn)
                 log.info("worker %d: refusing %s (conn %d): %s", self.worker_no, c.ip if c else "?", e.conn,
                          before.data.decode(errors="replace").strip())
 
@@ -681,7 +509,7 @@ class Worker:
     def housekeeping(self, now: float) -> None:
         while self.lingering and self.lingering[0][0] <= now:
             _, conn = heapq.heappop(self.lingering)
-            c = self.by_conn.get(conn)
+            c = self.registry.by_conn(conn)
             if c is not None and c.closing:
                 log.info("worker %d: closing %s (conn %d) with %d bytes it did not read", self.worker_no,
                          c.ip, c.conn, c.outlen)
@@ -690,10 +518,10 @@ class Worker:
             self.listen_resume = 0.0
             self.ep.modify(self.listener.fileno(), EPOLLIN)
         if now - self.last_beat >= HEARTBEAT_EVERY:
-            self.beat(S.STOPPING if self.stopping is not None else S.READY)
-            if self.cfg.idle_timeout > 0:
+            self.beat(S.STOPPING if self.stop is not None else S.READY)
+            if self.settings.idle_timeout > 0:
                 self.reap_idle(now)
-            if self.stopping is None and os.getppid() != self.parent_pid:
+            if self.stop is None and os.getppid() != self.parent_pid:
                 # Killed outright, the supervisor cannot stop us: do it ourselves, or we would
                 # hold the port and keep serving without anyone watching.
                 log.error("worker %d: the supervisor (pid %d) is gone; stopping", self.worker_no, self.parent_pid)
@@ -701,8 +529,8 @@ class Worker:
         if self.core.syncing and now - self.last_hello > 1.0:
             self.bus.send_control([self.core.hello()])
             self.last_hello = now
-        if now - self.last_publish >= PING_EVERY and self.stopping is None:
-            self.outgoing.append((PING,))
+        if now - self.last_publish >= PING_EVERY and self.stop is None:
+            self.outgoing.append(E.Ping())
         if self.outgoing:
             self.publish()
         if self.reload_pending:
@@ -710,117 +538,137 @@ class Worker:
             self.reload()
         if self.handoff_requested:
             self.handoff_requested = False
-            if self.handoff is None:
-                self.handoff = migrate.Giver.start(self)
+            if self.handoff is None and self.hooks is not None:
+                self.handoff = self.hooks.giver(self)
         if self.handoff is not None:
             self.handoff.tick(now)
-        if self.draining_until is not None and (not self.bus.order.unacked or now >= self.draining_until):
+        if self.stop is not None and self.stop.time_for_goodbye(now, not self.bus.order.unacked):
             self.say_goodbye()
 
     def reap_idle(self, now: float) -> None:
-        limit = self.cfg.idle_timeout
-        for c in [c for c in self.clients.values() if now - c.last_rx > limit and not c.closing]:
+        limit = self.settings.idle_timeout
+        for c in [c for c in self.registry.clients() if now - c.last_rx > limit and not c.closing]:
             log.info("worker %d: disconnecting %s (conn %d): idle for %.0f s", self.worker_no, c.ip,
                      c.conn, now - c.last_rx)
-            self.room.pop(c.conn, None)
-            self.queue(c, IDLE_LINE)
+            self.registry.leave_room(c.conn)
+            self.output.queue(c, IDLE_LINE)
             self.apply(self.core.disconnect(c.conn, "idle"))
             self.close_when_sent(c)
 
+    @property
+    def dropped(self) -> int:
+        """Clients cut by a limit: slow readers, and connections shed when out of descriptors."""
+        return self.output.dropped + self.shedder.shed
+
     def beat(self, state: int) -> None:
         self.last_beat = time.monotonic()
+        out = self.output
         self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
-                         self.last_beat, len(self.room), self.lines_in, self.lines_out, self.bytes_out,
-                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.clients),
+                         self.last_beat, self.registry.room_size(), self.lines_in, out.lines_out, out.bytes_out,
+                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.registry),
                          self.config_version)
 
     def reload(self) -> None:
-        """Apply live settings written by the supervisor to RUNTIME_DIR/config.json."""
-        path = os.path.join(self.runtime_dir, "config.json")
+        """Apply the live settings the supervisor wrote to RUNTIME_DIR/config.json."""
         try:
-            with open(path) as fh:
-                doc = json.load(fh)
-            values, version = doc["values"], int(doc["version"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.error("worker %d: cannot read %s for reload: %s", self.worker_no, path, exc)
+            values, version, path = read_live_config(self.runtime_dir)
+        except (OSError, ValueError) as exc:
+            log.error("worker %d: cannot read the running configuration for reload: %s", self.worker_no, exc)
             return
-        new = Config(values={**self.cfg.values, **values}, source=path)
-        live, _restart = self.cfg.live_changes(new)
-        self.cfg = Config(values={**self.cfg.values, **live}, source=path)
-        self.core.settings = self._chat_settings(self.cfg)
-        Client.limits = (self.cfg.max_line_bytes, self.cfg.flood_rate, self.cfg.flood_burst)
-        for c in self.clients.values():
-            if c._reader is not None:
-                c._reader.max_line_bytes = self.cfg.max_line_bytes
-            if c._bucket is not None:
-                c._bucket.configure(self.cfg.flood_rate, self.cfg.flood_burst)
-        logging.getLogger("chatcluster").setLevel(self.cfg.log_level.upper())
+        live = self.settings.reload(values, path)
+        s = self.settings
+        for c in self.registry.clients():
+            if c.reader is not None:
+                c.reader.max_line_bytes = s.max_line_bytes
+            if c.bucket is not None:
+                c.bucket.configure(s.flood_rate, s.flood_burst)
+        logging.getLogger("chatcluster").setLevel(s.log_level.upper())
         log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
         self.config_version = version
-        self.beat(S.STOPPING if self.stopping is not None else S.READY)  # tells the supervisor at once
+        self.beat(S.STOPPING if self.stop is not None else S.READY)  # tells the supervisor at once
 
     def begin_stop(self, now: float) -> None:
-        """TERM: a graceful stop within graceful_timeout; QUIT: the same within a second.
-
-        First phase: stop accepting and reading, and wait until a marker published now comes
-        back from the bus. Every batch sequenced before it (lines other workers' clients sent
-        before the stop among them) is then queued for our clients. Second phase
-        (`say_goodbye`): they leave the room, get the notice after their pending output, and
-        are closed once it is all sent.
-        """
+        """TERM: a graceful stop within graceful_timeout; QUIT: the same within a second (see stopping)."""
         signum, self.stop_signal = self.stop_signal, 0
-        grace = self.cfg.graceful_timeout if signum == signal.SIGTERM else 1.0
-        # The supervisor kills what is left `grace` seconds after its signal: be done before it.
-        deadline = now + max(grace - 0.5, grace * 0.75)
-        if self.stopping is not None:
-            self.stopping = min(self.stopping, deadline)
-            if self.draining_until is not None:
-                self.draining_until = min(self.draining_until, now + (deadline - now) / 2)
+        if self.stop is not None:
+            self.stop.hurry(signum, now, self.settings.graceful_timeout)
             return
-        self.stopping = deadline
+        self.stop = Stop(signum, now, self.settings.graceful_timeout)
         log.info("worker %d stopping (%s), %d clients, %.1f s to drain", self.worker_no,
-                 signal.Signals(signum).name, len(self.clients), deadline - now)
-        if self.listener is not None:
-            self.ep.unregister(self.listener.fileno())
-            self.listener.close()
-            self.listener = None
-        self.draining_until = now + min(1.0, (deadline - now) / 2)
-        self.outgoing.append((PING,))
+                 signal.Signals(signum).name, len(self.registry), self.stop.deadline - now)
+        listener = self.unlisten()
+        if listener is not None:
+            listener.close()
+        self.outgoing.append(E.Ping())  # the marker: when it is back, the bus has caught up
         self.publish()
         self.beat(S.STOPPING)
 
+    def exit_after_handoff(self) -> None:
+        """An upgrade took our clients: flush the ones that were leaving anyway, then exit."""
+        self.stop = Stop.after_handoff(time.monotonic(), self.settings.graceful_timeout)
+
     def say_goodbye(self) -> None:
-        self.draining_until = None
-        for c in list(self.clients.values()):
-            self.room.pop(c.conn, None)
+        for c in list(self.registry.clients()):
+            self.registry.leave_room(c.conn)
             self.apply(self.core.disconnect(c.conn, "server shutting down"))
             if not c.closing:
-                self.queue(c, SHUTDOWN_LINE)
+                self.output.queue(c, SHUTDOWN_LINE)
                 c.closing = True
         if self.outgoing:
             self.publish()
-        self.flush_dirty()
+        self.output.flush_dirty()
 
     def finish(self) -> None:
-        for c in list(self.clients.values()):
+        for c in list(self.registry.clients()):
             self.close(c, "server shutting down")
         if self.outgoing:
             self.publish()
         self.stats.clear(self.slot)
         self.bus.close()
         self.ctx.term()
+        self.shedder.close()
         log.info("worker %d exits", self.worker_no)
 
 
-def _open_spare() -> int | None:
-    try:
-        return os.open(os.devnull, os.O_RDONLY)
-    except OSError:
-        return None
+class _Sink:
+    """The worker as the dispatch.Sink of its chat core's effects and of the bus's markers.
+
+    A separate object because the Sink's names mean other things on the worker: `publish`
+    there sends the pending batch, `close` closes a connection at once.
+    """
+
+    __slots__ = ("w",)
+
+    def __init__(self, w: Worker) -> None:
+        self.w = w
+
+    def publish(self, event: E.Event) -> None:
+        self.w.outgoing.append(event)
+
+    def send(self, c: Client, data: bytes) -> None:
+        self.w.output.queue(c, data)
+
+    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
+        self.w.broadcast(data, exclude)
+
+    def entered(self, c: Client) -> None:
+        self.w.entered(c)
+
+    def close(self, c: Client) -> None:
+        self.w.close_when_sent(c)
+
+    def bus_restarted(self, control: list[E.Event]) -> None:
+        self.w.bus_restarted(control)
+
+    def bus_trouble(self, kind: str, text: str) -> None:
+        self.w.bus_trouble(kind, text)
+
+    def batch_done(self, publisher: str, events: list[E.Event], effects: list[C.Effect]) -> None:
+        self.w.batch_done(publisher, events, effects)
 
 
 def main(cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int, runtime_dir: str,
-         stats: S.StatsFile, succeeds: tuple[str, int] | None = None) -> int:
-    worker = Worker(cfg, worker_no, worker_id, slot, generation, runtime_dir, stats, succeeds)
+         stats: S.StatsFile, succeeds: tuple[str, int] | None = None, hooks: HandoffHooks | None = None) -> int:
+    worker = Worker(cfg, worker_no, worker_id, slot, generation, runtime_dir, stats, succeeds, hooks)
     worker.run()
     return 0

@@ -1,12 +1,12 @@
 """The chat rules, with two or three ChatCore replicas joined by an in-memory bus.
 
 No sockets and no processes: `Net` is the pure model of the cluster. The broker
-is the real sequencing logic (`bus.Broker`) emitting into one list per worker
+is the real sequencing logic (`broker.Broker`) emitting into one list per worker
 instead of a PUB socket, each worker's bookkeeping is the real
-`bus.OrderTracker`, and client bytes go through the real `protocol.LineReader`.
-Effects are applied the way the worker applies them: Broadcast to the clients
-in the room, Send to one client, Publish batched per pass. Tests compare what
-each client saw, line by line.
+`wire.OrderTracker`, and client bytes go through the real `protocol.LineReader`.
+Effects and bus items go through the worker's own `dispatch.apply` and
+`dispatch.feed_bus`, into a sink that records bytes per client instead of
+writing to sockets. Tests compare what each client saw, line by line.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
-from chatcluster import bus
+from chatcluster import broker as B
 from chatcluster import chat as C
+from chatcluster import dispatch, wire
+from chatcluster import events as E
 from chatcluster.protocol import Line, LineReader
 
 NOW = 1_700_000_000.0
@@ -39,13 +41,17 @@ class ScriptedRng(random.Random):
         return self.script.pop(0) if self.script else super().choice(seq)
 
 
-@dataclass
+@dataclass(eq=False)
 class Client:
     worker: str
     conn: int
     raw: bytearray = field(default_factory=bytearray)
     closed: bool = False
     nick: str = ""
+
+    @property
+    def fd(self) -> int:
+        return self.conn  # no socket here; the registry needs a descriptor number
 
     @property
     def lines(self) -> list[str]:
@@ -55,14 +61,52 @@ class Client:
 @dataclass
 class Replica:
     core: C.ChatCore
-    order: bus.OrderTracker
+    order: wire.OrderTracker
     queue: list[tuple[bytes, bytes]] = field(default_factory=list)  # stamped messages not yet read
-    outgoing: list[tuple[Any, ...]] = field(default_factory=list)
-    room: set[int] = field(default_factory=set)
+    outgoing: list[E.Event] = field(default_factory=list)
     clients: dict[int, Client] = field(default_factory=dict)
     readers: dict[int, LineReader] = field(default_factory=dict)
-    next_conn: int = 1
     lost_told: int = 0
+
+
+class Recorder:
+    """The dispatch.Sink of one worker of the Net: bytes go to the clients' `raw`, not to sockets."""
+
+    def __init__(self, net: Net, w: str) -> None:
+        self.net, self.w = net, w
+        self.rep = net.workers[w]
+
+    def publish(self, event: E.Event) -> None:
+        self.rep.outgoing.append(event)
+
+    def send(self, c: Client, data: bytes) -> None:
+        if not c.closed:
+            c.raw += data
+
+    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
+        for conn, c in self.rep.core.registry.room():
+            if conn not in exclude:
+                c.raw += data
+        if data == C.LOST_NOTICE:
+            self.rep.lost_told += 1
+
+    def entered(self, c: Client) -> None:
+        pass
+
+    def close(self, c: Client) -> None:
+        c.closed = True
+        self.rep.core.registry.remove(c)
+        self.net.apply(self.w, self.rep.core.disconnect(c.conn, ""))
+
+    def bus_restarted(self, control: list[E.Event]) -> None:
+        self.net.inbox.append(wire.encode(self.w, 0, control))
+        self.net.inbox.extend(p for _, p in self.rep.order.unacked)
+
+    def bus_trouble(self, kind: str, text: str) -> None:
+        pass
+
+    def batch_done(self, publisher: str, events: list[E.Event], effects: list[C.Effect]) -> None:
+        pass
 
 
 class Net:
@@ -76,7 +120,7 @@ class Net:
         self.clock = 0.0  # the broker's monotonic clock
         self.inbox: list[bytes] = []  # pushed by workers, not yet read by the broker
         self.workers: dict[str, Replica] = {}
-        self.broker = bus.Broker(self.emit, (), self.clock)
+        self.broker = B.Broker(self.emit, (), self.clock)
         for w in workers:
             self.boot(w)
 
@@ -88,9 +132,9 @@ class Net:
 
     def boot(self, w: str) -> Replica:
         seed = sum(map(ord, w))
-        rep = Replica(C.ChatCore(w, self.settings, self.rngs.get(w) or random.Random(seed)), bus.OrderTracker(w))
+        rep = Replica(C.ChatCore(w, self.settings, self.rngs.get(w) or random.Random(seed)), wire.OrderTracker(w))
         self.workers[w] = rep
-        self.inbox.append(bus.encode(w, 0, [rep.core.hello()]))
+        self.inbox.append(wire.encode(w, 0, [rep.core.hello()]))
         self.settle()
         assert rep.core.ready, f"{w} got no snapshot"
         return rep
@@ -108,20 +152,11 @@ class Net:
         while rep.queue and (limit is None or count < limit):
             header, payload = rep.queue.pop(0)
             count += 1
-            epoch, gseq = bus.HEADER.unpack(header)
+            epoch, gseq = wire.HEADER.unpack(header)
             items: list[tuple[str, Any]] = []
             if not rep.order.accept(epoch, gseq, payload, items):
                 rep.order.accept(epoch, gseq, payload, items)
-            for publisher, body in items:
-                if publisher == bus.RESTARTED:
-                    self.inbox.append(bus.encode(w, 0, rep.core.bus_restarted()))
-                    self.inbox.extend(p for _, p in rep.order.unacked)
-                elif publisher == bus.GAP:
-                    self.apply(w, rep.core.messages_lost())
-                elif publisher == bus.REPLAY:
-                    self.apply(w, rep.core.on_bus(body[0], body[1], replay=True))
-                else:
-                    self.apply(w, rep.core.on_bus(publisher, body))
+            dispatch.feed_bus(rep.core, items, rep.core.registry, Recorder(self, w))
             self.flush(w)
 
     def step_broker(self) -> None:
@@ -147,35 +182,15 @@ class Net:
     # -- effects, as the worker applies them ---------------------------------------------------
 
     def apply(self, w: str, effects: list[C.Effect]) -> None:
-        rep = self.workers[w]
-        for e in effects:
-            if isinstance(e, C.Publish):
-                rep.outgoing.append(e.event)
-            elif isinstance(e, C.Send):
-                c = rep.clients.get(e.conn)
-                if c is not None and not c.closed:
-                    c.raw += e.data
-            elif isinstance(e, C.Broadcast):
-                for conn in rep.room:
-                    if conn not in e.exclude:
-                        rep.clients[conn].raw += e.data
-            elif isinstance(e, C.Enter):
-                rep.room.add(e.conn)
-            elif isinstance(e, C.Close):
-                c = rep.clients[e.conn]
-                c.closed = True
-                rep.room.discard(e.conn)
-                self.apply(w, rep.core.disconnect(e.conn, ""))
-            if isinstance(e, C.Broadcast) and e.data == C.LOST_NOTICE:
-                rep.lost_told += 1
+        dispatch.apply(effects, self.workers[w].core.registry, Recorder(self, w))
 
     # -- clients -----------------------------------------------------------------------------
 
     def connect(self, w: str, ip: str = "127.0.0.1") -> Client:
         rep = self.workers[w]
-        c = Client(w, rep.next_conn)
-        rep.next_conn += 1
+        c = Client(w, rep.core.registry.new_conn())
         rep.clients[c.conn] = c
+        rep.core.registry.add(c)
         rep.readers[c.conn] = LineReader(512)
         self.apply(w, rep.core.connect(c.conn, ip, self.now))
         return c
@@ -213,14 +228,14 @@ class Net:
     def half_close(self, c: Client) -> None:
         """The client shut its sending side: the worker still sends it what is queued."""
         rep = self.workers[c.worker]
-        rep.room.discard(c.conn)
+        rep.core.registry.leave_room(c.conn)
         self.apply(c.worker, rep.core.disconnect(c.conn, ""))
         self.settle()
 
     def hang_up(self, c: Client, reason: str = "") -> None:
         rep = self.workers[c.worker]
         c.closed = True
-        rep.room.discard(c.conn)
+        rep.core.registry.remove(c)
         self.apply(c.worker, rep.core.disconnect(c.conn, reason))
         self.settle()
 
@@ -242,7 +257,7 @@ class Net:
             if n:
                 del self.workers[w].queue[-n:]
         self.clock += 10
-        self.broker = bus.Broker(self.emit, list(self.workers), self.clock)
+        self.broker = B.Broker(self.emit, list(self.workers), self.clock)
         self.broker.nudge(self.clock)
 
     # -- views -------------------------------------------------------------------------------
@@ -789,12 +804,12 @@ def test_a_booting_worker_sees_the_whole_roster_from_its_first_client() -> None:
 def test_a_booting_worker_ignores_everything_before_its_snapshot() -> None:
     net = Net("w1")
     a = net.join("w1", "Ann")
-    rep = Replica(C.ChatCore("w3", net.settings, random.Random(1)), bus.OrderTracker("w3"))
+    rep = Replica(C.ChatCore("w3", net.settings, random.Random(1)), wire.OrderTracker("w3"))
     net.workers["w3"] = rep
     net.say(a, "/nick Anna", settle=False)
     net.flush("w1")
     net.step_broker()  # sequenced before w3 asks: already part of its snapshot
-    net.inbox.append(bus.encode("w3", 0, [rep.core.hello()]))
+    net.inbox.append(wire.encode("w3", 0, [rep.core.hello()]))
     net.settle()
     assert rep.core.ready and not rep.core.undelivered
     c = net.join("w3")
@@ -995,7 +1010,7 @@ def test_a_worker_that_resyncs_late_tells_its_clients_what_it_missed() -> None:
     net.kill_broker()
     net.settle(skip={"w3"})  # w3 hears nothing of the new broker for a while
     assert net.broker.resyncing
-    net.clock += bus.RESYNC_WAIT
+    net.clock += B.RESYNC_WAIT
     net.broker.tick(net.clock)  # the others go on without w3
     net.say(ann, "while w3 was away", settle=False)
     net.settle(skip={"w3"})

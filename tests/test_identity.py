@@ -35,8 +35,8 @@ from chat_support import (
 )
 from conftest import Client, Cluster, wait_for
 
-from chatcluster import bus
-from chatcluster import roster as R
+from chatcluster import bus, wire
+from chatcluster import events as E
 
 FAST = ("--flood-rate", "0")
 HEADROOM = 10.0  # seconds: an assertion bound, far above the 2 s the product promises
@@ -409,8 +409,8 @@ class FaultyPublisher:
         self.name = name
 
     def send(self, pseq: int) -> None:
-        events: list[tuple[object, ...]] = [(R.HELLO, 1)] if pseq == 0 else [(R.PING,)]
-        self.push.send(bus.encode(self.name, pseq, events))
+        events: list[E.Event] = [E.Hello(1)] if pseq == 0 else [E.Ping()]
+        self.push.send(wire.encode(self.name, pseq, events))
 
     def close(self) -> None:
         self.push.close()

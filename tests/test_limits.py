@@ -34,6 +34,7 @@ from limits_support import (
 )
 
 from chatcluster import chat as C
+from chatcluster import events as E
 from chatcluster import roster as R
 
 MiB = 1 << 20
@@ -219,7 +220,7 @@ class BusOrder:
         self.roster = R.Roster()  # the broker's
         for core in self.cores:
             core.hello()
-            core.on_bus("broker", [(R.SNAPSHOT, core.worker_id, core.nonce, [])])
+            core.on_bus("broker", [E.Snapshot(core.worker_id, core.nonce, [])])
 
     def publish(self, core: C.ChatCore, effects: list[Any]) -> None:
         self.effects[core.worker_id] += effects

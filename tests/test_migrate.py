@@ -12,117 +12,21 @@ from __future__ import annotations
 import os
 import random
 import select
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Client, free_port
+from conftest import Client
+from worker_support import Rig, rig_in, turn, until
 
-from chatcluster import config as cfgmod
 from chatcluster import migrate
-from chatcluster import stats as S
 from chatcluster import worker as W
-
-BROKER = "import sys; from chatcluster.bus import run_broker; run_broker(sys.argv[1], int(sys.argv[2]))"
-
-
-class Rig:
-    def __init__(self, tmp: Path) -> None:
-        self.runtime_dir = str(tmp / "rt")
-        os.mkdir(self.runtime_dir, 0o700)
-        self.port = free_port()
-        self.cfg = cfgmod.load(None, {"host": "127.0.0.1", "port": self.port, "flood_rate": 0,
-                                      "announce_joins": False})
-        self.stats = S.StatsFile(os.path.join(self.runtime_dir, "stats"), create=True)
-        r, self.control = os.pipe()
-        self.broker = subprocess.Popen([sys.executable, "-c", BROKER, self.runtime_dir, str(r)], pass_fds=(r,),
-                                       cwd=REPO)
-        os.close(r)
-        self.workers: list[W.Worker] = []
-        self.clients: list[Client] = []
-
-    def worker(self, no: int, succeeds: tuple[str, int] | None = None) -> W.Worker:
-        w = W.Worker(self.cfg, no, f"w{no}", no, 1 if succeeds is None else 2, self.runtime_dir, self.stats,
-                     succeeds)
-        self.workers.append(w)
-        w.boot()
-        return w
-
-    def client(self, *turning: W.Worker) -> Client:
-        c = Client(self.port)
-        self.clients.append(c)
-        until(lambda: any("Welcome" in x for x in c.lines), *turning, clients=[c])
-        c.nick = c.lines[0].split("nickname is ")[1].split(".")[0]
-        return c
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        for w in self.workers:
-            for c in list(w.clients.values()):
-                c.sock.close()
-            if w.listener is not None:
-                w.listener.close()
-            w.bus.close()
-            w.ctx.term()
-        os.close(self.control)  # the broker exits when its control pipe closes
-        try:
-            self.broker.wait(10)
-        except subprocess.TimeoutExpired:
-            self.broker.kill()
-            self.broker.wait()
-        self.stats.close()
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
+    with rig_in(tmp_path) as r:
         yield r
-    finally:
-        r.close()
-
-
-def turn(w: W.Worker, handoff: bool = True) -> None:
-    """One pass of the worker's loop (see Worker.run); `handoff=False` leaves its handoff socket unread."""
-    for fd, ev in w.ep.poll(0.005):
-        c = w.clients.get(fd)
-        if c is None:
-            if w.listener is not None and fd == w.listener.fileno():
-                w.accept()
-            elif handoff and w.handoff is not None and fd in w.handoff.fds:
-                w.handoff.on_fd(fd)
-            continue
-        if ev & W.READ_EVENTS and not c.throttled:
-            w.read(c)
-        if ev & W.EPOLLOUT and c.out is not None and c.fd in w.clients:
-            w.flush(c)
-    if w.outgoing:
-        w.publish()
-    if w.bus.readable():
-        w.handle_bus()
-    if w.outgoing:
-        w.publish()
-    if w.dirty:
-        w.flush_dirty()
-    now = time.monotonic()
-    if w.timers and w.timers[0][0] <= now:
-        w.run_timers(now)
-    w.housekeeping(now)
-
-
-def until(cond: Callable[[], object], *turning: W.Worker, clients: list[Client] = (), handoff: bool = True,
-          timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "the condition was not reached"
-        for w in turning:
-            turn(w, handoff)
-        for c in clients:
-            c.drain_for_quiet()
 
 
 def test_lines_sequenced_between_the_cut_and_the_adoption_reach_the_moved_clients(rig: Rig) -> None:
@@ -137,12 +41,12 @@ def test_lines_sequenced_between_the_cut_and_the_adoption_reach_the_moved_client
     until(lambda: new.listener is not None, old, new)
     # A client of the new worker, accepted on the listener that came over.
     t = rig.client(new)
-    assert t.sock.getsockname() in {c.sock.getpeername() for c in new.clients.values()}
+    assert t.sock.getsockname() in {c.sock.getpeername() for c in new.registry.clients()}
     # The old worker freezes, marks the cut, and when its marker comes back sends its clients away.
     giver = old.handoff
     assert isinstance(giver, migrate.Giver)
     until(lambda: giver.state == migrate.SENT, old, clients=[a, b])
-    assert not old.clients
+    assert not old.registry.clients()
     # The new worker reads the bus past the cut point, delivering a line said after it, before
     # it reads the clients waiting on its handoff socket.
     taker = new.handoff
@@ -153,7 +57,7 @@ def test_lines_sequenced_between_the_cut_and_the_adoption_reach_the_moved_client
     # Now it takes them: each gets what the room got since the cut, then everything live.
     until(lambda: taker.installed, new)
     t.say("after the adoption")
-    until(lambda: old.stopping is not None and new.handoff is None, old, new, clients=[a, b, t])
+    until(lambda: old.stop is not None and new.handoff is None, old, new, clients=[a, b, t])
     for c in (a, b):
         until(lambda c=c: f"{t.nick}: after the adoption" in c.lines, new, clients=[c])
         chat = [x for x in c.lines if ": " in x and not x.startswith("***")]

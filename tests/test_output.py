@@ -28,7 +28,7 @@ def worker(tmp_path: Path) -> Iterator[W.Worker]:
     try:
         yield w
     finally:
-        for c in list(w.clients.values()):
+        for c in list(w.registry.clients()):
             c.sock.close()
         w.bus.close()
         w.ctx.term()
@@ -45,10 +45,9 @@ def join(w: W.Worker, count: int) -> Peers:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.setblocking(False)
-        c = W.Client(ours, conn, "127.0.0.1", None, None, 0.0)
-        w.clients[c.fd] = c
-        w.by_conn[conn] = c
-        w.room[conn] = c
+        c = w.attach(ours, "127.0.0.1", 0.0)
+        assert c.conn == conn
+        w.registry.enter(c)
         peers[conn] = theirs
     return peers
 
@@ -66,14 +65,14 @@ def received(peer: socket.socket) -> bytes:
 
 
 def flush_all(w: W.Worker) -> None:
-    while w.dirty:
-        w.flush_dirty(W.FLUSH_SLICE)
+    while w.output.dirty:
+        w.output.flush_dirty(W.FLUSH_SLICE)
 
 
 def test_a_clients_own_output_goes_between_the_broadcasts_around_it_and_to_it_alone(worker: W.Worker) -> None:
     peers = join(worker, 3)
     worker.apply([C.Broadcast(b"one\r\n")])
-    worker.queue(worker.by_conn[1], b"only for 1\r\n")
+    worker.output.queue(worker.registry.by_conn(1), b"only for 1\r\n")
     worker.apply([C.Broadcast(b"two\r\n", frozenset({2}))])
     flush_all(worker)
     assert received(peers[1]) == b"one\r\nonly for 1\r\ntwo\r\n"
@@ -86,7 +85,7 @@ def test_a_room_larger_than_a_slice_gets_every_line_in_order_when_lines_arrive_b
 ) -> None:
     peers = join(worker, W.FLUSH_SLICE + 10)
     worker.apply([C.Broadcast(b"first\r\n")])
-    worker.flush_dirty(W.FLUSH_SLICE)
+    worker.output.flush_dirty(W.FLUSH_SLICE)
     served = [conn for conn, peer in peers.items() if received(peer) == b"first\r\n"]
     assert served == list(range(1, W.FLUSH_SLICE + 1))  # one slice, in room order
     worker.apply([C.Broadcast(b"second\r\n")])
@@ -103,7 +102,7 @@ def test_many_broadcasts_in_one_pass_reach_every_client_once_and_in_order(worker
         # Client 3 misses every tenth line (as a sender misses its own) and gets a notice of its own at 50.
         worker.apply([C.Broadcast(line, frozenset({3}) if i % 10 == 0 else C.EMPTY)])
         if i == 50:
-            worker.queue(worker.by_conn[3], b"notice\r\n")
+            worker.output.queue(worker.registry.by_conn(3), b"notice\r\n")
     flush_all(worker)
     everything = b"".join(lines)
     for conn in (1, 2, 4, 5):

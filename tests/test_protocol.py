@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatcluster import chat as C
+from chatcluster import events as E
 from chatcluster import roster as R
 from chatcluster.protocol import (
     CRLF,
@@ -831,7 +832,7 @@ class OneWorker:
         self.room: set[int] = set()
         self.received: dict[int, bytearray] = {}
         self.core.hello()  # draws the nonce the snapshot must carry
-        self.run_bus([(R.SNAPSHOT, "w1", self.core.nonce, [])])
+        self.run_bus([E.Snapshot("w1", self.core.nonce, [])])
 
     def run(self, effects: list[C.Effect]) -> None:
         published: list[tuple[object, ...]] = []

@@ -9,11 +9,12 @@ import random
 
 import pytest
 
+from chatcluster import events as E
 from chatcluster import roster as R
 
 
 def join(conn: int, nick: str, ip: str = "127.0.0.1", since: float = 1000.0) -> tuple:
-    return (R.JOIN, conn, nick, since, ip)
+    return E.Join(conn, nick, since, ip)
 
 
 def nicks(r: R.Roster) -> list[str]:
@@ -90,7 +91,7 @@ def test_same_conn_number_on_two_workers_are_two_members() -> None:
 def test_nick_renames_and_frees_the_old_name() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "old"))
-    out = r.apply("w1", (R.NICK, 1, "new"))
+    out = r.apply("w1", E.Nick(1, "new"))
     assert out.accepted and out.old_nick == "old" and out.member is not None and out.member.nick == "new"
     assert r.holder("old") is None and r.holder("NEW") is r.get("w1", 1)
     assert r.get("w1", 1).prefix == b"new: "  # type: ignore[union-attr]
@@ -101,8 +102,8 @@ def test_first_claim_in_bus_order_wins() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "a"))
     r.apply("w2", join(1, "b"))
-    first = r.apply("w2", (R.NICK, 1, "prize"))
-    second = r.apply("w1", (R.NICK, 1, "PRIZE"))
+    first = r.apply("w2", E.Nick(1, "prize"))
+    second = r.apply("w1", E.Nick(1, "PRIZE"))
     assert first.accepted and not second.accepted
     assert second.member is r.get("w1", 1)
     assert nicks(r) == ["a", "prize"]
@@ -111,21 +112,21 @@ def test_first_claim_in_bus_order_wins() -> None:
 def test_own_name_in_another_case_is_allowed() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "bob"))
-    out = r.apply("w1", (R.NICK, 1, "Bob"))
+    out = r.apply("w1", E.Nick(1, "Bob"))
     assert out.accepted and out.old_nick == "bob"
     assert nicks(r) == ["Bob"]
 
 
 def test_nick_of_an_unknown_connection_is_rejected() -> None:
     r = R.Roster()
-    assert not r.apply("w1", (R.NICK, 9, "ghost")).accepted
+    assert not r.apply("w1", E.Nick(9, "ghost")).accepted
     assert r.holder("ghost") is None
 
 
 def test_nick_to_an_invalid_name_is_rejected() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "ok"))
-    assert not r.apply("w1", (R.NICK, 1, "not ok")).accepted
+    assert not r.apply("w1", E.Nick(1, "not ok")).accepted
     assert nicks(r) == ["ok"]
 
 
@@ -135,7 +136,7 @@ def test_nick_to_an_invalid_name_is_rejected() -> None:
 def test_leave_removes_the_member_and_frees_its_name() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "gone", "10.0.0.9"))
-    out = r.apply("w1", (R.LEAVE, 1, "bye"))
+    out = r.apply("w1", E.Leave(1, "bye"))
     assert out.accepted and out.member is not None and out.member.nick == "gone"
     assert len(r) == 0 and r.holder("gone") is None and "10.0.0.9" not in r.per_ip
 
@@ -144,7 +145,7 @@ def test_leave_of_a_connection_whose_join_was_rejected_changes_nothing() -> None
     r = R.Roster()
     r.apply("w1", join(1, "taken"))
     r.apply("w2", join(5, "taken"))  # rejected
-    assert not r.apply("w2", (R.LEAVE, 5, "")).accepted
+    assert not r.apply("w2", E.Leave(5, "")).accepted
     assert nicks(r) == ["taken"]
 
 
@@ -153,7 +154,7 @@ def test_gone_removes_every_member_of_the_dead_worker_only() -> None:
     r.apply("w1", join(1, "a"))
     r.apply("w1", join(2, "b"))
     r.apply("w2", join(1, "c"))
-    out = r.apply("broker", (R.GONE, "w1"))
+    out = r.apply("broker", E.Gone("w1"))
     assert sorted(m.nick for m in out.gone) == ["a", "b"]
     assert nicks(r) == ["c"]
     assert r.apply("w2", join(2, "A")).accepted  # the names are free again
@@ -184,7 +185,7 @@ def test_resync_replaces_the_publishers_members() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "stale"))
     r.apply("w2", join(1, "other"))
-    out = r.apply("w1", (R.RESYNC, [("w1", 2, "fresh", 3.0, "127.0.0.1")]))
+    out = r.apply("w1", E.Resync([("w1", 2, "fresh", 3.0, "127.0.0.1")]))
     assert out.rejected == ()
     assert nicks(r) == ["fresh", "other"]
     assert r.get("w1", 1) is None and r.get("w1", 2) is not None
@@ -193,7 +194,7 @@ def test_resync_replaces_the_publishers_members() -> None:
 def test_resync_entry_whose_name_is_held_by_another_worker_is_rejected() -> None:
     r = R.Roster()
     r.apply("w2", join(1, "Clash"))
-    out = r.apply("w1", (R.RESYNC, [("w1", 1, "clash", 3.0, "127.0.0.1"), ("w1", 2, "fine", 3.0, "127.0.0.1")]))
+    out = r.apply("w1", E.Resync([("w1", 1, "clash", 3.0, "127.0.0.1"), ("w1", 2, "fine", 3.0, "127.0.0.1")]))
     assert [t[2] for t in out.rejected] == ["clash"]
     assert nicks(r) == ["Clash", "fine"]
 
@@ -201,7 +202,7 @@ def test_resync_entry_whose_name_is_held_by_another_worker_is_rejected() -> None
 def test_adopt_moves_a_member_keeping_its_name() -> None:
     r = R.Roster()
     r.apply("w1", join(4, "mover", since=9.0))
-    out = r.apply("w2", (R.ADOPT, "w1", 4, 11))
+    out = r.apply("w2", E.Adopt("w1", 4, 11))
     assert out.accepted
     m = r.get("w2", 11)
     assert r.get("w1", 4) is None and m is not None and m.nick == "mover" and m.since == 9.0
@@ -211,7 +212,7 @@ def test_events_that_are_not_roster_events_change_nothing() -> None:
     r = R.Roster()
     r.apply("w1", join(1, "a"))
     before = r.snapshot()
-    for ev in [(R.CHAT, 1, b"hi"), (R.ME, 1, b"waves"), (R.PING,), (R.HELLO, 5)]:
+    for ev in [E.Chat(1, b"hi", b"Ann"), E.Me(1, b"waves", b"Ann"), E.Ping(), E.Hello(5)]:
         assert not r.apply("w1", ev).accepted
     assert r.snapshot() == before
 
@@ -233,11 +234,11 @@ def test_replicas_applying_the_same_order_agree_whatever_the_order() -> None:
                 conns[w] += 1
                 events.append((w, join(conns[w], rng.choice(names))))
             elif roll < 0.8:
-                events.append((w, (R.NICK, rng.randint(1, conns[w]), rng.choice(names))))
+                events.append((w, E.Nick(rng.randint(1, conns[w]), rng.choice(names))))
             elif roll < 0.95:
-                events.append((w, (R.LEAVE, rng.randint(1, conns[w]), "")))
+                events.append((w, E.Leave(rng.randint(1, conns[w]), "")))
             else:
-                events.append(("broker", (R.GONE, w)))
+                events.append(("broker", E.Gone(w)))
         replicas = [R.Roster() for _ in range(3)]
         for publisher, ev in events:
             outcomes = {r.apply(publisher, ev).accepted for r in replicas}
@@ -252,23 +253,23 @@ def test_replicas_applying_the_same_order_agree_whatever_the_order() -> None:
 
 
 def claim(conn: int, nick: str, ip: str = "127.0.0.1", old: str = "", limit: int = 0, per_ip: int = 0) -> tuple:
-    return (R.JOIN, conn, nick, 1000.0, ip, old, limit, per_ip)
+    return E.Join(conn, nick, 1000.0, ip, old, limit, per_ip)
 
 
 def test_a_winning_claim_becomes_joined_and_a_losing_one_refused_with_its_old_name() -> None:
     r = R.Roster()
-    assert r.decide("w1", claim(1, "Ann")) == (R.JOINED, 1, "Ann", "")
-    assert r.decide("w2", claim(4, "ANN", old="Was")) == (R.REFUSED, 4, "ANN", R.TAKEN_WHY, "Was")
-    assert r.decide("w2", claim(4, "Bo", old="Was")) == (R.JOINED, 4, "Bo", "Was")
+    assert r.decide("w1", claim(1, "Ann")) == (E.JOINED, 1, "Ann", "")
+    assert r.decide("w2", claim(4, "ANN", old="Was")) == (E.REFUSED, 4, "ANN", E.TAKEN_WHY, "Was")
+    assert r.decide("w2", claim(4, "Bo", old="Was")) == (E.JOINED, 4, "Bo", "Was")
 
 
 def test_claims_over_the_limits_they_carry_are_refused_and_take_no_place() -> None:
     r = R.Roster()
-    assert r.decide("w1", claim(1, "a", limit=2))[0] == R.JOINED
-    assert r.decide("w2", claim(1, "b", limit=2))[0] == R.JOINED
-    assert r.decide("w2", claim(2, "c", limit=2)) == (R.REFUSED, 2, "c", R.FULL, "")
-    assert r.decide("w1", claim(2, "d", ip="10.0.0.1", per_ip=1))[0] == R.JOINED
-    assert r.decide("w2", claim(3, "e", ip="10.0.0.1", per_ip=1)) == (R.REFUSED, 3, "e", R.PER_IP, "")
+    assert r.decide("w1", claim(1, "a", limit=2))[0] == E.JOINED
+    assert r.decide("w2", claim(1, "b", limit=2))[0] == E.JOINED
+    assert r.decide("w2", claim(2, "c", limit=2)) == (E.REFUSED, 2, "c", E.FULL, "")
+    assert r.decide("w1", claim(2, "d", ip="10.0.0.1", per_ip=1))[0] == E.JOINED
+    assert r.decide("w2", claim(3, "e", ip="10.0.0.1", per_ip=1)) == (E.REFUSED, 3, "e", E.PER_IP, "")
     assert len(r) == 3 and r.holder("c") is None and r.holder("e") is None
 
 
@@ -276,34 +277,34 @@ def test_renames_and_departures_are_decided_with_the_names_receivers_need() -> N
     r = R.Roster()
     r.decide("w1", claim(1, "old"))
     r.decide("w2", claim(1, "other"))
-    assert r.decide("w1", (R.NICK, 1, "new")) == (R.RENAMED, 1, "old", "new")
-    assert r.decide("w1", (R.NICK, 1, "OTHER")) == (R.TAKEN, 1, "OTHER", 1)
-    assert r.decide("w1", (R.NICK, 9, "free")) == (R.TAKEN, 9, "free", 0)  # no such member
-    assert r.decide("w1", (R.LEAVE, 1, "bye")) == (R.LEFT, 1, "new", "bye")
-    assert r.decide("w1", (R.LEAVE, 1, "bye")) is None  # nothing to tell
-    assert r.decide("broker", (R.GONE, "w2")) == (R.GONE, "w2", ["other"])
+    assert r.decide("w1", E.Nick(1, "new")) == (E.RENAMED, 1, "old", "new")
+    assert r.decide("w1", E.Nick(1, "OTHER")) == (E.TAKEN, 1, "OTHER", 1)
+    assert r.decide("w1", E.Nick(9, "free")) == (E.TAKEN, 9, "free", 0)  # no such member
+    assert r.decide("w1", E.Leave(1, "bye")) == (E.LEFT, 1, "new", "bye")
+    assert r.decide("w1", E.Leave(1, "bye")) is None  # nothing to tell
+    assert r.decide("broker", E.Gone("w2")) == (E.GONE, "w2", ["other"])
 
 
 def test_who_and_whois_are_answered_from_the_roster_at_their_place_in_the_order() -> None:
     r = R.Roster()
     r.decide("w1", claim(1, "bob"))
     r.decide("w2", claim(1, "Ann"))
-    assert r.decide("w1", (R.WHO, 1)) == (R.REPLY, 1, "*** 2 users online: Ann, bob")
-    text = r.decide("w2", (R.WHOIS, 1, "BOB", 1000.0 + 75))[2]
+    assert r.decide("w1", E.Who(1)) == (E.REPLY, 1, "*** 2 users online: Ann, bob")
+    text = r.decide("w2", E.Whois(1, "BOB", 1000.0 + 75))[2]
     assert text == "*** bob is on worker w1, connected since 1970-01-01 00:16:40 UTC (1m 15s ago)"
-    assert r.decide("w2", (R.WHOIS, 1, "nobody", 0.0)) == (R.REPLY, 1, "*** Error: no such nickname nobody")
+    assert r.decide("w2", E.Whois(1, "nobody", 0.0)) == (E.REPLY, 1, "*** Error: no such nickname nobody")
 
 
 def test_chat_passes_unchanged_and_hello_and_resync_leave_nothing() -> None:
     r = R.Roster()
-    chat = (R.CHAT, 1, b"hi", b"Ann")
-    assert r.decide_batch("w1", [chat, (R.HELLO, 5), (R.RESYNC, [("w1", 2, "x", 0.0, "::1")])]) == [chat]
-    assert r.snapshot_for("w1", 5) == (R.SNAPSHOT, "w1", 5, [(2, "x")])
-    assert r.snapshot_for("w2", 6) == (R.SNAPSHOT, "w2", 6, [])
+    chat = E.Chat(1, b"hi", b"Ann")
+    assert r.decide_batch("w1", [chat, E.Hello(5), E.Resync([("w1", 2, "x", 0.0, "::1")])]) == [chat]
+    assert r.snapshot_for("w1", 5) == (E.SNAPSHOT, "w1", 5, [(2, "x")])
+    assert r.snapshot_for("w2", 6) == (E.SNAPSHOT, "w2", 6, [])
 
 
 def test_adopt_is_decided_accepted_or_not() -> None:
     r = R.Roster()
     r.decide("w1", claim(4, "mover"))
-    assert r.decide("w2", (R.ADOPT, "w1", 4, 11)) == (R.ADOPTED, "w1", 4, 11, 1)
-    assert r.decide("w3", (R.ADOPT, "w1", 4, 12)) == (R.ADOPTED, "w1", 4, 12, 0)
+    assert r.decide("w2", E.Adopt("w1", 4, 11)) == (E.ADOPTED, "w1", 4, 11, 1)
+    assert r.decide("w3", E.Adopt("w1", 4, 12)) == (E.ADOPTED, "w1", 4, 12, 0)

@@ -210,7 +210,7 @@ def test_an_upgrade_to_code_speaking_another_bus_wire_version_is_refused(make_cl
     cl = make_cluster(2, env=env)
     a, b = cl.clients_on_distinct_workers(2)
     before = set(cl.worker_pids())
-    patch(package / "bus.py", "WIRE_VERSION = 99")
+    patch(package / "wire.py", "WIRE_VERSION = 99")
     done = upgrade(cl)
     assert done.returncode == 1
     assert "cannot take over this cluster in place: it speaks bus wire version 99" in done.stderr
