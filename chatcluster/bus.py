@@ -57,6 +57,7 @@ class BusClient:
         self.fd: int = self.sub.getsockopt(zmq.FD)
         self.order = OrderTracker(worker_id)
         self._stash: tuple[int, int, bytes] | None = None  # the first message of a new epoch
+        self.drained_bytes = 0  # the size of what the last drain() took
 
     @property
     def gaps(self) -> int:
@@ -81,15 +82,16 @@ class BusClient:
     def readable(self) -> bool:
         return self._stash is not None or bool(self.sub.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
-    def drain(self, limit: int = 256) -> list[tuple[str, Any]]:
-        """Up to `limit` items: (publisher, events), or a RESTARTED, GAP or REPLAY marker.
+    def drain(self, limit: int = 256, max_bytes: int = 1 << 62) -> list[tuple[str, Any]]:
+        """Up to `limit` items, or about `max_bytes` of messages: (publisher, events), or a marker.
 
         Draining stops right after RESTARTED, so the caller answers the new broker before it
-        sees anything of the new epoch.
+        sees anything of the new epoch. What is left stays queued (`readable()` says so).
         """
         out: list[tuple[str, Any]] = []
         sub = self.sub
-        while len(out) < limit:
+        taken = 0
+        while len(out) < limit and taken < max_bytes:
             if self._stash is not None:
                 epoch, gseq, payload = self._stash
                 self._stash = None
@@ -101,6 +103,8 @@ class BusClient:
             if not self.order.accept(epoch, gseq, payload, out):
                 self._stash = (epoch, gseq, payload)
                 break
+            taken += len(payload)
+        self.drained_bytes = taken
         return out
 
     def close(self) -> None:

@@ -47,9 +47,18 @@ from .stopping import SHUTDOWN_LINE, Stop
 log = logging.getLogger("chatcluster.worker")
 
 RECV_SIZE = 65536
-UNLIMITED = sys.maxsize  # the read budget without flood control
+UNLIMITED = sys.maxsize  # the line budget without flood control
+# Bytes read from one client per loop pass. A client that sends as fast as TCP allows would
+# otherwise be read until EAGAIN, which may never come: its worker's loop would stop serving
+# everyone else (and its heartbeat). A client with input left over goes on the `ready` list
+# and is read again in the next pass, after the others (edge-triggered epoll will not say it
+# again); TCP pushes back on it meanwhile.
+READ_BUDGET = RECV_SIZE
 ACCEPTS_PER_WAKE = 256
 BUS_BATCHES_PER_PASS = 512
+# Bus traffic taken in per loop pass, for the same reason: the rest waits in the SUB queue and
+# the loop comes back to it at once (poll with timeout 0 while the bus is readable).
+BUS_BYTES_PER_PASS = 1 << 20
 # Clients given their output per loop pass. A broadcast to a large room is sent in slices, and
 # between two slices the loop reads its clients and drains the bus: a line said meanwhile is
 # published at once and joins the output of the clients not served yet, instead of waiting
@@ -117,6 +126,8 @@ class Worker:
         self.listener: socket.socket | None = None
         self.outgoing: list[E.Event] = []
         self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
+        self.ready: list[Client] = []  # clients that used their read budget with input left over
+        self.ready_conns: set[int] = set()
         self.lingering: list[tuple[float, int]] = []  # (deadline, conn) for closing clients
         self.listen_resume = 0.0  # when a listener paused by the shedder polls again
         self.started = time.time()
@@ -232,6 +243,8 @@ class Worker:
                 self.read(c)
             if ev & EPOLLOUT and c.out is not None and c in self.registry:
                 output.flush(c)
+        if self.ready:
+            self.read_leftovers()
         if self.outgoing:
             self.publish()
         if self.bus.readable():
@@ -249,11 +262,12 @@ class Worker:
         return self.stop is not None and self.stop.over(now, len(self.registry))
 
     def _poll_timeout(self) -> float:
+        # Work left over from the last pass is never left waiting for an event that will not come.
+        if self.output.dirty or self.outgoing or self.ready or self.bus.readable():
+            return 0.0
         timeout = HEARTBEAT_EVERY
         if self.timers:
             timeout = min(timeout, max(0.0, self.timers[0][0] - time.monotonic()))
-        if self.output.dirty or self.outgoing:
-            timeout = 0.0
         return timeout
 
     def _on_stop_signal(self, signum: int, _frame: Any) -> None:
@@ -370,9 +384,13 @@ class Worker:
         limited = s.flood_rate > 0
         reader = reader_of(c, s)
         recv = c.sock.recv
+        budget_left = READ_BUDGET
         while True:
             if c.pending:
                 data, c.pending = c.pending, b""
+            elif budget_left <= 0:
+                self.read_later(c)  # its turn is over for this pass; the rest waits in the kernel
+                return
             else:
                 try:
                     data = recv(RECV_SIZE)
@@ -384,6 +402,7 @@ class Worker:
                 if not data:
                     c.eof = True
                     break
+                budget_left -= len(data)
                 c.last_rx = time.monotonic()
             now = time.monotonic()
             budget = bucket_of(c, s, now).available(now) if limited else UNLIMITED
@@ -401,6 +420,19 @@ class Worker:
                     return
         if c.eof:
             self.end_of_input(c)
+
+    def read_later(self, c: Client) -> None:
+        if c.conn not in self.ready_conns:
+            self.ready_conns.add(c.conn)
+            self.ready.append(c)
+
+    def read_leftovers(self) -> None:
+        """Read the clients that had input left at the end of their turn, in the order they came."""
+        ready, self.ready = self.ready, []
+        self.ready_conns.clear()
+        for c in ready:
+            if c in self.registry and not c.throttled:
+                self.read(c)
 
     def process(self, c: Client, events: list[Any]) -> None:
         """Hand parsed lines to the chat core; read() parsed no more than there are tokens for."""
@@ -481,10 +513,14 @@ class Worker:
 
     def handle_bus(self) -> None:
         core = self.core
+        budget = BUS_BYTES_PER_PASS
         for _ in range(8):
-            items = self.bus.drain(BUS_BATCHES_PER_PASS)
+            if budget <= 0:
+                break  # the rest in the next pass (the loop polls with timeout 0 meanwhile)
+            items = self.bus.drain(BUS_BATCHES_PER_PASS, budget)
             if not items:
                 break
+            budget -= self.bus.drained_bytes
             undelivered, unreadable = core.undelivered, core.unreadable
             dispatch.feed_bus(core, items, self.registry, self.sink)
             if core.undelivered > undelivered:
