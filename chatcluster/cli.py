@@ -266,13 +266,14 @@ def cmd_scale(args: argparse.Namespace) -> int:
     before = stats.header().target
     # The cap as the running supervisor computed it (its CPUs, its allow_many_workers).
     live = read_json(os.path.join(runtime_dir, paths.LIVE_CONFIG)) or {}
-    cap = live.get("worker_cap")
-    if not isinstance(cap, int):
+    cap, cpus = live.get("worker_cap"), live.get("cpus")
+    if not isinstance(cap, int) or not isinstance(cpus, int):  # config.json gone: this process's view
         values = live.get("values") if isinstance(live.get("values"), dict) else cfg.values
-        cap = cfgmod.worker_cap(bool(values.get("allow_many_workers")))
+        cap, cpus = cfgmod.worker_cap(bool(values.get("allow_many_workers"))), cfgmod.usable_cpus()
     if args.count > cap and args.count > before and not args.allow_many:
         raise CliError(f"cannot scale to {args.count} workers; choose between 1 and {cap} "
-                       f"({cfgmod.worker_cap_text()}), or pass --allow-many-workers to go up to {MAX_WORKERS}")
+                       f"({cfgmod.worker_cap_text(cpus)}), or pass --allow-many-workers to go up to "
+                       f"{MAX_WORKERS}")
     request = f"{args.count}{' allow-many' if args.allow_many else ''}\n"
     paths.atomic_write(os.path.join(runtime_dir, paths.SCALE_REQUEST), request, fsync=False)
     send_signal(pid, signal.SIGUSR1)

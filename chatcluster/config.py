@@ -43,7 +43,7 @@ def worker_cap(allow_many: bool, cpus: int | None = None) -> int:
 
 def worker_cap_text(cpus: int | None = None) -> str:
     cpus = cpus or usable_cpus()
-    return f"{WORKERS_PER_CPU} per CPU on the {cpus} CPU{'s' if cpus != 1 else ''} this process may use"
+    return f"{WORKERS_PER_CPU} per CPU on the {cpus} CPU{'s' if cpus != 1 else ''} the cluster may use"
 
 
 @dataclass(frozen=True)

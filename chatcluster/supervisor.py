@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from . import paths, sdnotify
 from . import stats as S
 from . import upgrade as U
-from .config import MAX_WORKERS, Config, ConfigError, load, worker_cap, worker_cap_text
+from .config import MAX_WORKERS, Config, ConfigError, load, usable_cpus, worker_cap, worker_cap_text
 from .paths import StartupError
 from .procs import YOUNG, Backoff, WorkerProc
 from .worker import EXIT_BOOT_FAILED
@@ -141,7 +141,7 @@ class Supervisor:
     def write_live_config(self) -> None:
         """The running configuration, where workers read it on HUP (and `chatcluster scale` the cap)."""
         self._write_json(paths.LIVE_CONFIG, {"version": self.reloads, "values": self.cfg.values,
-                                             "worker_cap": self.worker_cap()})
+                                             "worker_cap": self.worker_cap(), "cpus": usable_cpus()})
 
     def _write_json(self, name: str, value: object, fsync: bool = True) -> None:
         paths.atomic_write(os.path.join(self.runtime_dir, name), json.dumps(value), fsync=fsync)
