@@ -158,8 +158,13 @@ def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
 
 
 def open_stats(runtime_dir: str, pid: int) -> S.StatsFile:
+    path = os.path.join(runtime_dir, paths.STATS)
     try:
-        return S.StatsFile(os.path.join(runtime_dir, paths.STATS))
+        return S.StatsFile(path)
+    except FileNotFoundError:
+        raise CliError(f"chatcluster (pid {pid}) is running but there is no stats file {path}; pass the "
+                       f"--runtime-dir it was started with, or, if a tmp cleaner deleted it, restart the cluster "
+                       f"to see its status") from None
     except (OSError, ValueError) as exc:
         raise CliError(f"chatcluster (pid {pid}) is running but its stats file cannot be read ({exc}); "
                        f"pass the --runtime-dir it was started with, or run as its user") from None
@@ -172,6 +177,15 @@ def send_signal(pid: int, sig: signal.Signals) -> None:
         raise CliError(f"chatcluster (pid {pid}) exited before it could be sent {sig.name}") from None
     except PermissionError:
         raise CliError(f"not allowed to signal chatcluster (pid {pid}); run this as its user or as root") from None
+
+
+def write_request(path: str, text: str) -> None:
+    """A request for the supervisor, beside the signal that announces it.
+
+    Readable by all (in a directory only the cluster's user can enter): root sends requests
+    to a service that runs as another user, which must be able to read them.
+    """
+    paths.atomic_write(path, text, mode=0o644, fsync=False)
 
 
 def wait_until(cond: Callable[[], Any], timeout: float) -> Any:
@@ -275,7 +289,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                        f"({cfgmod.worker_cap_text(cpus)}), or pass --allow-many-workers to go up to "
                        f"{MAX_WORKERS}")
     request = f"{args.count}{' allow-many' if args.allow_many else ''}\n"
-    paths.atomic_write(os.path.join(runtime_dir, paths.SCALE_REQUEST), request, fsync=False)
+    write_request(os.path.join(runtime_dir, paths.SCALE_REQUEST), request)
     send_signal(pid, signal.SIGUSR1)
 
     def reached() -> bool:
@@ -299,7 +313,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     wait = upgrade.CHECK_TIMEOUT + 30.0 + upgrade.HANDOFF_TIMEOUT + 15.0
     _, runtime_dir, pid = locate(args)
     token = os.urandom(8).hex()
-    paths.atomic_write(os.path.join(runtime_dir, paths.UPGRADE_REQUEST), token + "\n", fsync=False)
+    write_request(os.path.join(runtime_dir, paths.UPGRADE_REQUEST), token + "\n")
     send_signal(pid, signal.SIGUSR2)
 
     def answered() -> dict[str, Any] | None:

@@ -414,9 +414,10 @@ class Supervisor:
         that, every worker started from then on would fail to reach the bus. The stats file
         is memory shared by every process and cannot be put back: that is said once.
         """
-        hint = "a tmp cleaner? keep the runtime directory out of it, see docs/deploy.md"
+        found = False
         if not os.path.isdir(self.runtime_dir):
-            log.error("the runtime directory %s was deleted (%s); creating it again", self.runtime_dir, hint)
+            found = True
+            log.error("the runtime directory %s was deleted; creating it again", self.runtime_dir)
             try:
                 self.created_runtime_dir = paths.prepare_runtime_dir(self.runtime_dir) or self.created_runtime_dir
             except (StartupError, OSError) as exc:
@@ -424,29 +425,36 @@ class Supervisor:
                 return
         lost = [path for path in self.pid_files if not os.path.lexists(path)]
         if lost:
-            log.warning("the pid file %s was deleted (%s); writing it again", " and ".join(lost), hint)
+            found = True
+            log.warning("the pid file %s was deleted; writing it again", " and ".join(lost))
             try:
                 self.write_pid_file(only=lost)
             except StartupError as exc:
                 log.error("%s", exc)
         if paths.missing_files(self.runtime_dir, (paths.LIVE_CONFIG,)):
-            log.warning("%s was deleted from %s (%s); writing it again", paths.LIVE_CONFIG, self.runtime_dir, hint)
+            found = True
+            log.warning("%s was deleted from %s; writing it again", paths.LIVE_CONFIG, self.runtime_dir)
             self.write_live_config()
         if self.broker_pid and not self.broker_killed and self.upgrade is None:
             gone = paths.missing_files(self.runtime_dir, paths.BUS_SOCKETS)
             if not gone:
                 self.bus_seen = self.broker_pid
             elif self.bus_seen == self.broker_pid or now - self.broker_started > BUS_BIND_GRACE:
-                log.error("the bus socket%s %s %s deleted from %s (%s); restarting the broker (pid %d) so that "
-                          "it binds %s again", "s" if len(gone) > 1 else "", " and ".join(gone),
-                          "were" if len(gone) > 1 else "was", self.runtime_dir, hint, self.broker_pid,
+                found = True
+                log.error("the bus socket%s %s %s deleted from %s; restarting the broker (pid %d) so that it "
+                          "binds %s again", "s" if len(gone) > 1 else "", " and ".join(gone),
+                          "were" if len(gone) > 1 else "was", self.runtime_dir, self.broker_pid,
                           "them" if len(gone) > 1 else "it")
                 self.broker_killed = "its bus sockets were deleted"
                 self.kill(self.broker_pid, signal.SIGKILL)
         if not self.stats_lost and paths.missing_files(self.runtime_dir, (paths.STATS,)):
-            self.stats_lost = True
-            log.error("the stats file %s was deleted (%s); the cluster goes on serving, but `chatcluster status` "
-                      "cannot show it until it is restarted", os.path.join(self.runtime_dir, paths.STATS), hint)
+            found = self.stats_lost = True
+            log.error("the stats file %s was deleted; the cluster goes on serving, but `chatcluster status` "
+                      "cannot show it until it is restarted", os.path.join(self.runtime_dir, paths.STATS))
+        if found:
+            log.warning("files were deleted from the runtime directory %s while the cluster ran, as a tmp cleaner "
+                        "does; keep the directory out of tmp cleaning (see \"Runtime directory\" in "
+                        "docs/deploy.md)", self.runtime_dir)
 
     def seen_ready(self, proc: WorkerProc) -> bool:
         """Whether the worker is ready, looking at its stats slot in case it became so since the last look."""
