@@ -202,7 +202,7 @@ def alive(pid: int) -> bool:
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
@@ -282,8 +282,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     live = read_json(os.path.join(runtime_dir, paths.LIVE_CONFIG)) or {}
     cap, cpus = live.get("worker_cap"), live.get("cpus")
     if not isinstance(cap, int) or not isinstance(cpus, int):  # config.json gone: this process's view
-        values = live.get("values") if isinstance(live.get("values"), dict) else cfg.values
-        cap, cpus = cfgmod.worker_cap(bool(values.get("allow_many_workers"))), cfgmod.usable_cpus()
+        values = live.get("values")
+        allow_many = values.get("allow_many_workers") if isinstance(values, dict) else cfg.allow_many_workers
+        cap, cpus = cfgmod.worker_cap(bool(allow_many)), cfgmod.usable_cpus()
     if args.count > cap and args.count > before and not args.allow_many:
         raise CliError(f"cannot scale to {args.count} workers; choose between 1 and {cap} "
                        f"({cfgmod.worker_cap_text(cpus)}), or pass --allow-many-workers to go up to "

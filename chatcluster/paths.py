@@ -206,7 +206,7 @@ def resolve_runtime_dir(cfg: Config, env: Mapping[str, str] | None = None) -> st
     """--runtime-dir, else systemd's $RUNTIME_DIRECTORY, else a per-user, per-port private directory."""
     env = os.environ if env is None else env
     if cfg.runtime_dir:
-        return os.path.abspath(cfg.runtime_dir)
+        return os.path.abspath(str(cfg.runtime_dir))
     if env.get("RUNTIME_DIRECTORY"):
         return env["RUNTIME_DIRECTORY"].split(":")[0]
     if env.get("XDG_RUNTIME_DIR"):

@@ -95,6 +95,8 @@ class Supervisor:
     bus_seen: int = 0  # the broker pid whose sockets were last seen in the runtime directory
     stats_lost: bool = False  # the stats file was deleted; said once in the log
     broker_killed: str = ""  # why the supervisor stopped the running broker, for the log when it is reaped
+    pid_files_unwritable: list[str] = field(default_factory=list)  # deleted pid files that could not be rewritten
+    runtime_dir_unusable: bool = False  # it was deleted and could not be created again
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -416,25 +418,42 @@ class Supervisor:
         """
         found = False
         if not os.path.isdir(self.runtime_dir):
-            found = True
-            log.error("the runtime directory %s was deleted; creating it again", self.runtime_dir)
+            new = not self.runtime_dir_unusable
+            if new:
+                log.error("the runtime directory %s was deleted; creating it again", self.runtime_dir)
             try:
                 self.created_runtime_dir = paths.prepare_runtime_dir(self.runtime_dir) or self.created_runtime_dir
             except (StartupError, OSError) as exc:
-                self.halt(f"the runtime directory {self.runtime_dir} was deleted and cannot be created again: {exc}")
+                # The workers and the broker keep serving through the connections they have;
+                # only restarts and the commands need the directory. Said once, tried each time.
+                if new:
+                    log.error("cannot create the runtime directory again (%s); the cluster goes on serving, "
+                              "but a broker or worker that dies cannot be replaced until it exists", exc)
+                self.runtime_dir_unusable = True
                 return
+            self.runtime_dir_unusable = False
+            found = True
         lost = [path for path in self.pid_files if not os.path.lexists(path)]
         if lost:
-            found = True
-            log.warning("the pid file %s was deleted; writing it again", " and ".join(lost))
+            new = lost != self.pid_files_unwritable  # one that cannot be written is said once, tried each time
+            found = found or new
+            if new:
+                log.warning("the pid file %s was deleted; writing it again", " and ".join(lost))
             try:
                 self.write_pid_file(only=lost)
             except StartupError as exc:
-                log.error("%s", exc)
+                if new:
+                    log.error("%s", exc)
+                self.pid_files_unwritable = lost
+            else:
+                self.pid_files_unwritable = []
         if paths.missing_files(self.runtime_dir, (paths.LIVE_CONFIG,)):
             found = True
             log.warning("%s was deleted from %s; writing it again", paths.LIVE_CONFIG, self.runtime_dir)
-            self.write_live_config()
+            try:
+                self.write_live_config()
+            except OSError as exc:
+                log.error("cannot write %s again: %s", os.path.join(self.runtime_dir, paths.LIVE_CONFIG), exc)
         if self.broker_pid and not self.broker_killed and self.upgrade is None:
             gone = paths.missing_files(self.runtime_dir, paths.BUS_SOCKETS)
             if not gone:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -391,3 +392,29 @@ def test_files_deleted_from_the_runtime_dir_are_put_back_and_the_cluster_keeps_w
     result = cli("stop", "--pid-file", str(pid_file))
     assert result.returncode == 0, result.stderr
     assert cluster.wait_exit() == 0
+
+
+def test_a_deleted_runtime_dir_is_created_again_and_stop_still_finds_the_cluster(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(2)
+    cluster.log_path = os.path.normpath(cluster.log_path)  # beside the runtime directory, reached through it
+    a, b = cluster.clients_on_distinct_workers(2)
+    runtime_dir = Path(cluster.runtime_dir)
+    shutil.rmtree(runtime_dir)
+    wait_for(lambda: all((runtime_dir / name).exists() for name in ("chatcluster.pid", "config.json", "bus-in",
+                                                                    "bus-out")),
+             what="the runtime directory and its files to be back")
+    assert os.stat(runtime_dir).st_mode & 0o777 == 0o700
+    a.say("the directory is back")
+    b.wait_line(rf"{a.nick}: the directory is back")
+    # The shared stats file cannot be put back; status says what to do about it.
+    result = cli("status", *at(cluster))
+    assert result.returncode == 1
+    assert result.stderr == (f"chatcluster: error: chatcluster (pid {cluster.pid}) is running but there is no stats "
+                             f"file {runtime_dir}/stats; pass the --runtime-dir it was started with, or, if a tmp "
+                             f"cleaner deleted it, restart the cluster to see its status\n")
+    result = cli("stop", *at(cluster))
+    assert result.returncode == 0, result.stderr
+    assert cluster.wait_exit() == 0
+    assert "the stats file" in cluster.read_log() and not runtime_dir.exists()
