@@ -39,6 +39,7 @@ UPGRADE_REQUEST = "upgrade-request"  # `chatcluster upgrade` puts its token here
 UPGRADE_RESULT = "upgrade.json"
 UPGRADE_CHECK_LOG = "upgrade-check.log"
 UPGRADE_FILES = (UPGRADE_STATE, UPGRADE_REQUEST, UPGRADE_RESULT, UPGRADE_CHECK_LOG)
+HANDOFF_PREFIX = "handoff-"  # + the old worker's id: the socket an upgrade's new worker listens on (handoff.py)
 # Everything the supervisor removes at exit (the pid file is removed only if it is still ours).
 RUNTIME_FILES = (*BUS_SOCKETS, LIVE_CONFIG, STATS, SCALE_REQUEST, RELOAD_RESULT, *UPGRADE_FILES)
 # The longest path a Unix socket address takes (108 bytes with the NUL), with room to spare.

@@ -449,7 +449,7 @@ def abort(sup: Host, why: str) -> None:
             old.retiring = False
             old.retire_deadline = 0.0
     sup.generation = up.old_generation
-    for path in glob.glob(os.path.join(sup.runtime_dir, "handoff-*")):
+    for path in glob.glob(os.path.join(sup.runtime_dir, paths.HANDOFF_PREFIX + "*")):
         with contextlib.suppress(OSError):
             os.unlink(path)
     fail(sup, f"{why}; the running workers keep serving")
