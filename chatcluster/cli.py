@@ -6,38 +6,33 @@ the same --config/--port/--runtime-dir as `start`; --pid-file points at the
 pid file directly) and act on it with signals, then watch the runtime
 directory to report what happened; `status` reads the shared stats file and
 psutil. Every failure is one line on stderr naming the problem and the fix,
-and a non-zero exit.
+and a non-zero exit. The commands that only signal a cluster and read its
+files import neither the supervisor nor the bus (nor so ZeroMQ): `start` and
+`upgrade` import what they need when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, upgrade
+from . import __version__, paths
 from . import config as cfgmod
 from . import stats as S
-from .supervisor import (
-    MAX_WORKERS,
-    StartupError,
-    Supervisor,
-    check_port_free,
-    prepare_runtime_dir,
-    resolve_runtime_dir,
-    running_pid,
-    setup_logging,
-)
+from .config import MAX_WORKERS
+from .paths import StartupError, resolve_runtime_dir, running_pid
+from .textfmt import duration
 
 RELOAD_WAIT = 10.0  # seconds `reload` waits for the supervisor's answer
 SCALE_WAIT = 30.0  # seconds `scale` waits for new workers to boot, on top of the retired ones' drain
-# Seconds `upgrade` waits: the check, the new generation's boot and the handoff each have their own limit.
-UPGRADE_WAIT = upgrade.CHECK_TIMEOUT + 30.0 + upgrade.HANDOFF_TIMEOUT + 15.0
 
 
 class CliError(Exception):
@@ -68,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     locating(sub.add_parser("reload", help="reload the config file of a running cluster (HUP)"))
     locating(sub.add_parser("upgrade", help="replace every process with the installed code, keeping connections"))
     scale = sub.add_parser("scale", help="set the number of workers of a running cluster")
-    scale.add_argument("count", type=int, help=f"number of workers wanted (1 to {MAX_WORKERS})")
+    scale.add_argument("count", type=int, help=f"number of workers wanted (1 to {cfgmod.WORKERS_PER_CPU} per "
+                                              f"CPU, or to {MAX_WORKERS} with --allow-many-workers)")
+    scale.add_argument("--allow-many-workers", dest="allow_many", action="store_true",
+                       help=f"allow more than {cfgmod.WORKERS_PER_CPU} workers per CPU")
     locating(scale)
     return parser
 
@@ -77,30 +75,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: they bring the bus and ZeroMQ, which no other command needs.
+    from . import upgrade
+    from .supervisor import Supervisor, setup_logging
+
     overrides = cfgmod.overrides_from(args)
     cfg = cfgmod.load(args.config, overrides)
     setup_logging(cfg.log_level)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    resumed = upgrade.resumed(cfg)
+    if resumed is not None:
+        # Re-executed by an upgrade: the address, the runtime directory and the pid file are
+        # the ones the cluster runs with, whatever the config file says now; our own workers
+        # hold the port.
+        sup = Supervisor(cfg=resumed.cfg, config_path=args.config, runtime_dir=resumed.runtime_dir,
+                         pid_file=resumed.pid_file, overrides=given, resumed=resumed)
+        return sup.run()
     runtime_dir = resolve_runtime_dir(cfg)
-    created = prepare_runtime_dir(runtime_dir)
+    created = paths.prepare_runtime_dir(runtime_dir)
     try:
-        pid_file = os.path.abspath(cfg.pid_file) if cfg.pid_file else os.path.join(runtime_dir, "chatcluster.pid")
+        pid_file = os.path.abspath(cfg.pid_file) if cfg.pid_file else paths.default_pid_file(runtime_dir)
         if not os.path.isdir(os.path.dirname(pid_file)):
             raise StartupError(f"cannot write the pid file {pid_file}: {os.path.dirname(pid_file)} does not "
                                f"exist; create it or choose another path with --pid-file")
-        for path in dict.fromkeys((pid_file, os.path.join(runtime_dir, "chatcluster.pid"))):
+        for path in dict.fromkeys((pid_file, paths.default_pid_file(runtime_dir))):
             other = running_pid(path)
             if other is not None and other != os.getpid():
                 raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
                                    f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
-        if not upgrade.resuming():  # re-executed by an upgrade, our own workers hold the port
-            check_port_free(cfg.host, cfg.port)
+        check_port_free(cfg.host, cfg.port)
     except StartupError:
         if created:
             os.rmdir(runtime_dir)
         raise
     sup = Supervisor(cfg=cfg, config_path=args.config, runtime_dir=runtime_dir, pid_file=pid_file,
-                     overrides={k: v for k, v in overrides.items() if v is not None}, created_runtime_dir=created)
+                     overrides=given, created_runtime_dir=created)
     return sup.run()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail early, with a clear message, when another program holds the port.
+
+    SO_REUSEADDR, as the workers set it: connections of a cluster stopped a moment ago,
+    still in TIME-WAIT, must not keep it from starting again, while a socket another
+    program listens on still makes the bind fail. No SO_REUSEPORT here on purpose: with
+    it, the bind would succeed beside another program's SO_REUSEPORT listener.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {port} on {host} is in use by another program; choose another "
+                               f"with --port or stop that program") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"address {host} is not an address of this machine; choose another "
+                               f"with --host") from None
+        if exc.errno == errno.EACCES:
+            raise StartupError(f"port {port} is privileged and this user may not bind it; choose a port "
+                               f"above 1023 with --port") from None
+        raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+    finally:
+        probe.close()
 
 
 # -- finding a running cluster ------------------------------------------------------------------
@@ -111,7 +149,7 @@ def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
     overrides: dict[str, Any] = {"port": args.port, "runtime_dir": args.runtime_dir, "pid_file": args.pid_file}
     cfg = cfgmod.load(args.config, overrides)
     runtime_dir = resolve_runtime_dir(cfg)
-    pid_file = cfg.pid_file or os.path.join(runtime_dir, "chatcluster.pid")
+    pid_file = cfg.pid_file or paths.default_pid_file(runtime_dir)
     pid = running_pid(pid_file)
     if pid is None:
         raise CliError(f"no chatcluster is running on port {cfg.port} (no live pid in {pid_file}); "
@@ -121,8 +159,13 @@ def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
 
 
 def open_stats(runtime_dir: str, pid: int) -> S.StatsFile:
+    path = os.path.join(runtime_dir, paths.STATS)
     try:
-        return S.StatsFile(os.path.join(runtime_dir, "stats"))
+        return S.StatsFile(path)
+    except FileNotFoundError:
+        raise CliError(f"chatcluster (pid {pid}) is running but there is no stats file {path}; pass the "
+                       f"--runtime-dir it was started with, or, if a tmp cleaner deleted it, restart the cluster "
+                       f"to see its status") from None
     except (OSError, ValueError) as exc:
         raise CliError(f"chatcluster (pid {pid}) is running but its stats file cannot be read ({exc}); "
                        f"pass the --runtime-dir it was started with, or run as its user") from None
@@ -135,6 +178,15 @@ def send_signal(pid: int, sig: signal.Signals) -> None:
         raise CliError(f"chatcluster (pid {pid}) exited before it could be sent {sig.name}") from None
     except PermissionError:
         raise CliError(f"not allowed to signal chatcluster (pid {pid}); run this as its user or as root") from None
+
+
+def write_request(path: str, text: str) -> None:
+    """A request for the supervisor, beside the signal that announces it.
+
+    Readable by all (in a directory only the cluster's user can enter): root sends requests
+    to a service that runs as another user, which must be able to read them.
+    """
+    paths.atomic_write(path, text, mode=0o644, fsync=False)
 
 
 def wait_until(cond: Callable[[], Any], timeout: float) -> Any:
@@ -151,7 +203,7 @@ def alive(pid: int) -> bool:
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
@@ -175,13 +227,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
                    f"SIG{'QUIT' if args.fast else 'TERM'}; see its log, or kill it with `kill -KILL {pid}`")
 
 
-def read_reload_result(runtime_dir: str) -> dict[str, Any]:
+def read_json(path: str) -> dict[str, Any] | None:
+    """A JSON object the supervisor wrote, or None if there is none (yet) or it does not parse."""
+    data = paths.read_small(path)
     try:
-        with open(os.path.join(runtime_dir, "reload.json")) as fh:
-            result: dict[str, Any] = json.load(fh)
-            return result
-    except (OSError, ValueError):
-        return {"seq": 0}
+        result = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def read_reload_result(runtime_dir: str) -> dict[str, Any]:
+    return read_json(os.path.join(runtime_dir, paths.RELOAD_RESULT)) or {"seq": 0}
+
+
+def print_settings_report(result: dict[str, Any]) -> None:
+    """The settings a reload or an upgrade changed but could not apply, as `reload` has always said it."""
+    if result.get("restart"):
+        changes = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in result["restart"].items())
+        print(f"changed but not applied, a restart is needed: {changes}")
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -202,9 +266,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     source = result["config"] or "the command line (no --config file)"
     applied = ", ".join(f"{k}={v!r}" for k, v in result["applied"].items()) or "no live setting changed"
     print(f"chatcluster (pid {pid}) reloaded {source}: {applied}")
-    if result["restart"]:
-        changes = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in result["restart"].items())
-        print(f"changed but not applied, a restart is needed: {changes}")
+    print_settings_report(result)
     if result.get("unconfirmed"):
         workers = ", ".join(f"worker {no}" for no in result["unconfirmed"])
         print(f"warning: {workers} did not confirm the new settings; see the log")
@@ -217,10 +279,19 @@ def cmd_scale(args: argparse.Namespace) -> int:
     cfg, runtime_dir, pid = locate(args)
     stats = open_stats(runtime_dir, pid)
     before = stats.header().target
-    path = os.path.join(runtime_dir, "scale")
-    with open(path + ".tmp", "w") as fh:
-        fh.write(f"{args.count}\n")
-    os.replace(path + ".tmp", path)
+    # The cap as the running supervisor computed it (its CPUs, its allow_many_workers).
+    live = read_json(os.path.join(runtime_dir, paths.LIVE_CONFIG)) or {}
+    cap, cpus = live.get("worker_cap"), live.get("cpus")
+    if not isinstance(cap, int) or not isinstance(cpus, int):  # config.json gone: this process's view
+        values = live.get("values")
+        allow_many = values.get("allow_many_workers") if isinstance(values, dict) else cfg.allow_many_workers
+        cap, cpus = cfgmod.worker_cap(bool(allow_many)), cfgmod.usable_cpus()
+    if args.count > cap and args.count > before and not args.allow_many:
+        raise CliError(f"cannot scale to {args.count} workers; choose between 1 and {cap} "
+                       f"({cfgmod.worker_cap_text(cpus)}), or pass --allow-many-workers to go up to "
+                       f"{MAX_WORKERS}")
+    request = f"{args.count}{' allow-many' if args.allow_many else ''}\n"
+    write_request(os.path.join(runtime_dir, paths.SCALE_REQUEST), request)
     send_signal(pid, signal.SIGUSR1)
 
     def reached() -> bool:
@@ -238,29 +309,33 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     """USR2 with a token in RUNTIME_DIR/upgrade-request; the supervisor answers in upgrade.json."""
+    from . import upgrade  # its time limits; it brings the bus, which the other commands do without
+
+    # Seconds to wait: the check, the new generation's boot and the handoff each have their own limit.
+    wait = upgrade.CHECK_TIMEOUT + 30.0 + upgrade.HANDOFF_TIMEOUT + 15.0
     _, runtime_dir, pid = locate(args)
     token = os.urandom(8).hex()
-    path = os.path.join(runtime_dir, upgrade.REQUEST_FILE)
-    with open(path + ".tmp", "w") as fh:
-        fh.write(token + "\n")
-    os.replace(path + ".tmp", path)
+    write_request(os.path.join(runtime_dir, paths.UPGRADE_REQUEST), token + "\n")
     send_signal(pid, signal.SIGUSR2)
 
     def answered() -> dict[str, Any] | None:
-        result = upgrade.read_result(runtime_dir)
+        result = read_json(os.path.join(runtime_dir, paths.UPGRADE_RESULT))
         if result is not None and result.get("token") == token:
             return result
         if not alive(pid):
             raise CliError(f"chatcluster (pid {pid}) exited during the upgrade; see its log")
         return None
 
-    result = wait_until(answered, UPGRADE_WAIT)
+    result = wait_until(answered, wait)
     if result is None:
         raise CliError(f"sent USR2 to chatcluster (pid {pid}) but it did not report an outcome within "
-                       f"{UPGRADE_WAIT:.0f} s; see its log")
+                       f"{wait:.0f} s; see its log")
     if not result["ok"]:
         raise CliError(f"upgrade failed: {result['message']}")
     print(f"chatcluster (pid {pid}) upgraded: {result['message']}")
+    if result.get("applied"):
+        print("settings applied: " + ", ".join(f"{k}={v!r}" for k, v in result["applied"].items()))
+    print_settings_report(result)
     return 0
 
 
@@ -348,21 +423,10 @@ def _fmt(key: str, value: Any) -> str:
     if key == "rss_bytes":
         return f"{value / (1 << 20):.1f}M"
     if key == "uptime_s":
-        return _duration(value)
+        return duration(value)
     if key == "cpu_percent":
         return f"{value:.1f}"
     return str(value)
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

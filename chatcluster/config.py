@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import string
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,30 @@ from typing import Any
 
 class ConfigError(Exception):
     """A setting is wrong; the message names the problem and how to fix it."""
+
+
+MAX_WORKERS = 1024  # half the stats file's slots, so that a whole generation can be replaced
+WORKERS_PER_CPU = 4  # more workers than this per CPU only add context switches; allow_many_workers lifts it
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cgroup cpusets and containers restrict them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_cap(allow_many: bool, cpus: int | None = None) -> int:
+    """The most workers a cluster may run: WORKERS_PER_CPU per usable CPU, or MAX_WORKERS when allowed."""
+    if allow_many:
+        return MAX_WORKERS
+    return min(MAX_WORKERS, WORKERS_PER_CPU * (cpus or usable_cpus()))
+
+
+def worker_cap_text(cpus: int | None = None) -> str:
+    cpus = cpus or usable_cpus()
+    return f"{WORKERS_PER_CPU} per CPU on the {cpus} CPU{'s' if cpus != 1 else ''} the cluster may use"
 
 
 @dataclass(frozen=True)
@@ -52,17 +77,40 @@ def _log_level(value: Any) -> str | None:
 
 
 def _welcome(value: Any) -> str | None:
-    if "{nick}" not in value:
-        return "must contain {nick}, where the client's nickname goes"
     if "\n" in value or "\r" in value:
         return "must be a single line"
+    # Every newcomer's welcome is formatted with str.format; a field it cannot fill would
+    # crash the worker that accepted the client. So: formatted once here, and {nick} is the
+    # only field allowed (a format spec such as {nick:>999999999} would be a memory bomb).
+    fix = "(write {{ and }} for literal braces)"
+    try:
+        fields = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+    except ValueError as exc:
+        return f"cannot be formatted ({exc}) {fix}"
+    for name, conv, spec in fields:
+        if name != "nick" or conv or spec:
+            field = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            return f"has the replacement field {field}, but {{nick}} is the only one allowed {fix}"
+    if not fields:
+        return "must contain {nick}, where the client's nickname goes"
+    try:
+        value.format(nick="nick")
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        return f"cannot be formatted ({exc}) {fix}"
     return None
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "0.0.0.0", str, "Address the workers listen on."),
     Setting("port", 12345, int, "TCP port shared by all workers (SO_REUSEPORT).", check=_between(1, 65535)),
-    Setting("workers", 0, int, "Number of worker processes; 0 means one per CPU.", check=_between(0, 1024)),
+    Setting(
+        "workers",
+        0,
+        int,
+        f"Number of worker processes; 0 means one per CPU. At most {WORKERS_PER_CPU} per CPU unless "
+        f"allow_many_workers is set.",
+        check=_between(0, MAX_WORKERS),
+    ),
     Setting("backlog", 4096, int, "Listen backlog of each worker's socket.", check=_between(1, 1 << 20)),
     Setting(
         "runtime_dir",
@@ -203,9 +251,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Pin worker i to CPU i mod ncpu.",
         section="processes",
     ),
+    Setting(
+        "allow_many_workers",
+        False,
+        bool,
+        f"Allow more than {WORKERS_PER_CPU} workers per CPU (workers, scale, TTIN), up to {MAX_WORKERS}.",
+        live=True,
+        section="processes",
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 
 
 @dataclass(frozen=True)
@@ -277,23 +334,42 @@ def coerce(setting: Setting, raw: Any, where: str) -> Any:
 
 
 def read_file(path: str) -> dict[str, Any]:
-    """Read a TOML file into {name: raw value}; sections are only for readability."""
+    """Read a TOML file into {name: raw value}; sections are only for readability.
+
+    A setting may sit at the top or in any of the known sections; an unknown setting or
+    section is refused, since it is most likely a typo that would otherwise go unnoticed.
+    """
     try:
         with open(path, "rb") as fh:
             doc = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; pass an existing file with --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file with --config") from None
     except PermissionError:
         raise ConfigError(f"config file {path} is not readable by this user; fix its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror}); pass a readable TOML file "
+                          f"with --config") from None
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        items = value.items() if isinstance(value, dict) else [(key, value)]
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise ConfigError(f"config file {path}: unknown section [{key}]; the sections are "
+                                  f"{', '.join(f'[{s}]' for s in SECTIONS)} (see config/chatcluster.toml)")
+            items = [(f"{key}.{name}" if isinstance(raw, dict) else name, raw) for name, raw in value.items()]
+        else:
+            items = [(key, value)]
         for name, raw in items:
             if name not in BY_NAME:
+                kind = "section" if isinstance(raw, dict) else "setting"
                 raise ConfigError(
-                    f"config file {path}: unknown setting {name!r}; "
+                    f"config file {path}: unknown {kind} {name!r}; "
                     f"known settings are listed in config/chatcluster.toml"
                 )
             flat[name] = raw
@@ -303,12 +379,22 @@ def read_file(path: str) -> dict[str, Any]:
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the file at `path`, then `overrides` (already typed, from the CLI)."""
     values = {s.name: s.default for s in SETTINGS}
+    where = {s.name: "the defaults" for s in SETTINGS}
     if path:
         for name, raw in read_file(path).items():
             values[name] = coerce(BY_NAME[name], raw, f"config file {path}")
+            where[name] = f"config file {path}"
     for name, raw in (overrides or {}).items():
         if raw is not None:
             values[name] = coerce(BY_NAME[name], raw, BY_NAME[name].flag)
+            where[name] = BY_NAME[name].flag
+    cap = worker_cap(values["allow_many_workers"])
+    if values["workers"] > cap:
+        raise ConfigError(
+            f"{where['workers']}: workers {values['workers']} is more than {cap}, the cap of "
+            f"{worker_cap_text()}; choose fewer, or set allow_many_workers = true "
+            f"(--allow-many-workers) to run up to {MAX_WORKERS}"
+        )
     return Config(values=values, source=path or "defaults")
 
 

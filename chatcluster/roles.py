@@ -13,8 +13,6 @@ from . import broker, migrate, worker
 from . import stats as S
 from .config import Config
 
-EXIT_BOOT_FAILED = worker.EXIT_BOOT_FAILED
-
 
 def run_worker(cfg: Config, worker_no: int, worker_id: str, slot: int, generation: int, runtime_dir: str,
                stats: S.StatsFile, succeeds: tuple[str, int] | None = None) -> int:

@@ -17,6 +17,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from .paths import create_exclusive
+
 # Twice the most workers config allows: a generation being replaced and the new one coexist.
 SLOTS = 2048
 MAGIC = b"CCSTATS3"
@@ -67,7 +69,8 @@ class StatsFile:
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
         if create:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            # A new file, never an existing one opened: anything planted at the name is replaced.
+            fd = create_exclusive(path, 0o600, os.O_RDWR)
             os.ftruncate(fd, SIZE)
         else:
             fd = os.open(path, os.O_RDWR)

@@ -10,7 +10,12 @@ worker whose heartbeat stops is killed and replaced. systemd hears about all
 of it through `sdnotify`. Every process of a cluster belongs to a
 `generation`; USR2 (`chatcluster upgrade`) re-executes the supervisor and
 replaces one generation of workers by the next without dropping a connection
-(see `upgrade`).
+(see `upgrade`). Workers are started a few at a time, so that the loop keeps
+answering signals while many boot, and never more than the CPUs can use
+unless allowed (`allow_many_workers`). Files that vanish from the runtime
+directory while it runs (a tmp cleaner) are written again, and the broker is
+restarted to bind its sockets again. Every path and every write goes through
+`paths`.
 """
 
 from __future__ import annotations
@@ -21,75 +26,37 @@ import logging
 import os
 import select
 import signal
-import socket
-import stat
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import sdnotify
+from . import paths, sdnotify
 from . import stats as S
 from . import upgrade as U
-from .config import Config, ConfigError, load
-from .worker import EXIT_BOOT_FAILED
+from .config import MAX_WORKERS, Config, ConfigError, load, usable_cpus, worker_cap, worker_cap_text
+from .paths import StartupError
+from .procs import EXIT_BOOT_FAILED, YOUNG, Backoff, WorkerProc
 
 log = logging.getLogger("chatcluster.supervisor")
 
-YOUNG = 5.0  # a process that dies younger than this counts towards back-off
-BACKOFF_BASE = 0.25  # delay before the second young restart in a row; doubles after each one
-BACKOFF_MAX = 30.0
 BOOT_TIMEOUT = 30.0  # a worker not accepting connections by then is killed
 FAST_STOP = 1.0  # seconds a fast stop (INT, QUIT) gives the workers
 STATUS_EVERY = 2.0  # seconds between STATUS= updates to systemd
 RELOAD_CONFIRM = 5.0  # seconds a reload waits for every worker to confirm it applied the new settings
 TICK = 0.2  # the main loop wakes at least this often to check heartbeats
-MAX_WORKERS = S.SLOTS // 2  # half the stats slots, so that a whole generation can be replaced
+# Workers booting at once. Each boot costs CPU (a fork, the bus handshake); hundreds at once
+# starved the loop, so signals went unanswered for many seconds. The rest wait their turn.
+SPAWN_STEP = 4
+RUNTIME_CHECK = 2.0  # seconds between looks for files deleted from the runtime directory
+BUS_BIND_GRACE = 10.0  # a broker this old has bound its sockets, even if we never saw them
+assert MAX_WORKERS * 2 <= S.SLOTS  # a whole generation can be replaced
 HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
 # Signals that mean something to the supervisor alone. A child ignores them, so that one sent to
 # the whole process group (`kill -TTIN -- -PGID`, `systemctl kill` without --kill-who=main) cannot
 # stop it (the default action of TTIN and TTOU) or end it (that of HUP, USR1 and USR2). A worker
 # installs its own HUP handler once it can reload.
 CHILD_IGNORES = ("HUP", "TTIN", "TTOU", "USR1", "USR2")
-RUNTIME_FILES = ("bus-in", "bus-out", "config.json", "stats", "scale", "reload.json", *U.FILES)
-
-
-class StartupError(Exception):
-    """The cluster cannot start; the message names the problem and the fix."""
-
-
-@dataclass
-class WorkerProc:
-    pid: int
-    no: int
-    slot: int
-    generation: int
-    started: float
-    ready: bool = False
-    retiring: bool = False
-    retire_deadline: float = 0.0
-    reload_pending: bool = False  # a HUP came while it booted: send it one once it is ready
-    killed: str = ""  # why the supervisor killed it, for the log line when it is reaped
-
-
-@dataclass
-class Backoff:
-    """Restart bookkeeping for a worker position (or the broker): young deaths in a row, next try."""
-
-    failures: int = 0
-    not_before: float = 0.0
-
-    def died(self, age: float, now: float) -> float:
-        """Record a death at `age` seconds; return how long to wait before the next start."""
-        if age >= YOUNG:
-            self.failures = 0
-            delay = 0.0
-        else:
-            self.failures += 1
-            # The first young death is restarted at once, like any crash; only a repeat backs off.
-            delay = 0.0 if self.failures < 2 else min(BACKOFF_BASE * 2 ** (self.failures - 2), BACKOFF_MAX)
-        self.not_before = now + delay
-        return delay
 
 
 @dataclass
@@ -122,6 +89,13 @@ class Supervisor:
     reload_waiting: list[int] = field(default_factory=list)  # pids of the workers told to apply it
     reload_deadline: float = 0.0
     upgrade: U.Upgrade | None = None  # while `chatcluster upgrade` (USR2) is under way
+    resumed: U.Resumed | None = None  # set when re-executed by an upgrade: what to take over
+    next_runtime_check: float = 0.0
+    bus_seen: int = 0  # the broker pid whose sockets were last seen in the runtime directory
+    stats_lost: bool = False  # the stats file was deleted; said once in the log
+    broker_killed: str = ""  # why the supervisor stopped the running broker, for the log when it is reaped
+    pid_files_unwritable: list[str] = field(default_factory=list)  # deleted pid files that could not be rewritten
+    runtime_dir_unusable: bool = False  # it was deleted and could not be created again
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -131,18 +105,19 @@ class Supervisor:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             # After an upgrade's re-exec the workers are running: keep their slots.
-            self.stats = S.StatsFile(os.path.join(self.runtime_dir, "stats"), create=not U.resuming())
+            self.stats = S.StatsFile(os.path.join(self.runtime_dir, paths.STATS), create=self.resumed is None)
             self.write_live_config()
             self.write_pid_file()
             for name in HANDLED:
                 signal.signal(getattr(signal, "SIG" + name), self._on_signal)
             signal.set_wakeup_fd(self.wake_w)
-            if not U.resume(self):
+            if self.resumed is not None:
+                U.resume(self, self.resumed)
+            else:
                 log.info("supervisor starting %d workers on %s:%d (runtime dir %s, pid file %s)", self.target,
                          self.cfg.host, self.cfg.port, self.runtime_dir, self.pid_file)
                 self.start_broker()
-                while len(self.workers) < self.target:
-                    self.spawn_worker()
+                self.maintain(time.monotonic())  # the first workers; the loop starts the rest
             self.loop()
         finally:
             self.cleanup()
@@ -154,27 +129,26 @@ class Supervisor:
     @property
     def pid_files(self) -> list[str]:
         """--pid-file, and always one in the runtime directory, where the `chatcluster` commands look."""
-        return list(dict.fromkeys((self.pid_file, os.path.join(self.runtime_dir, "chatcluster.pid"))))
+        return list(dict.fromkeys((self.pid_file, paths.default_pid_file(self.runtime_dir))))
 
-    def write_pid_file(self) -> None:
-        for path in self.pid_files:
+    def write_pid_file(self, only: list[str] | None = None) -> None:
+        for path in self.pid_files if only is None else only:
             try:
-                with open(path + ".tmp", "w") as fh:
-                    fh.write(f"{os.getpid()}\n")
-                os.replace(path + ".tmp", path)
+                paths.write_pid_file(path, os.getpid())
             except OSError as exc:
                 raise StartupError(f"cannot write the pid file {path}: {exc.strerror}; "
                                    f"choose a writable path with --pid-file") from None
 
     def write_live_config(self) -> None:
-        """The running configuration, where workers read it on HUP."""
-        self._write_json("config.json", {"version": self.reloads, "values": self.cfg.values})
+        """The running configuration, where workers read it on HUP (and `chatcluster scale` the cap)."""
+        self._write_json(paths.LIVE_CONFIG, {"version": self.reloads, "values": self.cfg.values,
+                                             "worker_cap": self.worker_cap(), "cpus": usable_cpus()})
 
-    def _write_json(self, name: str, value: object) -> None:
-        path = os.path.join(self.runtime_dir, name)
-        with open(path + ".tmp", "w") as fh:
-            json.dump(value, fh)
-        os.replace(path + ".tmp", path)
+    def _write_json(self, name: str, value: object, fsync: bool = True) -> None:
+        paths.atomic_write(os.path.join(self.runtime_dir, name), json.dumps(value), fsync=fsync)
+
+    def worker_cap(self) -> int:
+        return worker_cap(self.cfg.allow_many_workers)
 
     def write_header(self) -> None:
         self.stats.write_header(os.getpid(), self.broker_pid, self.generation, self.target, self.cfg.port)
@@ -276,12 +250,17 @@ class Supervisor:
                     return
             else:
                 self.check_workers(now)
+                if now >= self.next_runtime_check:
+                    self.next_runtime_check = now + RUNTIME_CHECK
+                    self.check_runtime_dir(now)
                 self.maintain(now)
             self.write_header()
             self.notify(now)
 
     def next_wake(self, now: float) -> float:
         wake = now + TICK
+        if self.stopping is None and self.spawns_due(now):
+            return 0.0  # more workers to start and room to boot them: the next step at once
         for slot, _ in self.respawns:
             wake = min(wake, self.backoffs[slot].not_before)
         if self.broker_pid == 0 and self.stopping is None:
@@ -350,6 +329,9 @@ class Supervisor:
     def broker_died(self, pid: int, status: int) -> None:
         self.broker_pid = 0
         how = describe_exit(status)
+        if self.broker_killed:
+            how = f"{how} after {self.broker_killed}"
+            self.broker_killed = ""
         if self.stopping is not None:
             log.info("broker (pid %d) %s", pid, how)
             return
@@ -366,19 +348,35 @@ class Supervisor:
         self.exit_code = 1
         self.begin_stop(signal.SIGQUIT)
 
+    def booting(self) -> int:
+        """Workers started and not ready yet (the new generation of an upgrade included)."""
+        return sum(1 for w in self.workers.values() if not w.ready and not w.retiring)
+
+    def spawns_due(self, now: float) -> bool:
+        """Whether `maintain` would start a worker now."""
+        if self.broker_pid == 0 or self.booting() >= SPAWN_STEP:
+            return False
+        live = sum(1 for w in self.workers.values() if not w.retiring)
+        if live + len(self.respawns) < self.target:
+            return True
+        return live < self.target and any(self.backoffs[slot].not_before <= now for slot, _ in self.respawns)
+
     def maintain(self, now: float) -> None:
-        """Bring the broker and the number of live workers to what is wanted."""
+        """Bring the broker and the number of live workers to what is wanted, SPAWN_STEP booting at a time."""
         if self.broker_pid == 0 and self.broker_backoff.not_before <= now:
             self.start_broker()
         live = [w for w in self.workers.values() if not w.retiring]
+        room = SPAWN_STEP - self.booting()
         for slot, dead_no in list(self.respawns):
             if len(live) >= self.target:
                 self.respawns.remove((slot, dead_no))
-            elif self.backoffs[slot].not_before <= now:
+            elif self.backoffs[slot].not_before <= now and room > 0:
                 self.respawns.remove((slot, dead_no))
                 live.append(self.spawn_worker(slot, replacing=dead_no))
-        while len(live) + len(self.respawns) < self.target:
+                room -= 1
+        while len(live) + len(self.respawns) < self.target and room > 0:
             live.append(self.spawn_worker())
+            room -= 1
         # Every new worker of an upgrade has an old one to take over from: scale down after it.
         extra = 0 if self.upgrade is not None else len(live) - self.target
         for proc in sorted(live, key=lambda w: -w.no)[: max(0, extra)]:
@@ -407,6 +405,74 @@ class Supervisor:
             elif view.pid == proc.pid and now - view.heartbeat > self.cfg.worker_timeout:
                 self.kill_worker(proc, f"no heartbeat for {now - view.heartbeat:.1f} s "
                                        f"(worker_timeout={self.cfg.worker_timeout:g})")
+
+    def check_runtime_dir(self, now: float) -> None:
+        """Put back what vanished from the runtime directory (a tmp cleaner, an operator's `rm`).
+
+        The pid files and config.json are written again, so that the `chatcluster` commands
+        and reloads keep working. Only a broker can bind the bus sockets again, so a broker
+        whose sockets are gone is restarted (the broker-restart path loses nothing); without
+        that, every worker started from then on would fail to reach the bus. The stats file
+        is memory shared by every process and cannot be put back: that is said once.
+        """
+        found = False
+        if not os.path.isdir(self.runtime_dir):
+            new = not self.runtime_dir_unusable
+            if new:
+                log.error("the runtime directory %s was deleted; creating it again", self.runtime_dir)
+            try:
+                self.created_runtime_dir = paths.prepare_runtime_dir(self.runtime_dir) or self.created_runtime_dir
+            except (StartupError, OSError) as exc:
+                # The workers and the broker keep serving through the connections they have;
+                # only restarts and the commands need the directory. Said once, tried each time.
+                if new:
+                    log.error("cannot create the runtime directory again (%s); the cluster goes on serving, "
+                              "but a broker or worker that dies cannot be replaced until it exists", exc)
+                self.runtime_dir_unusable = True
+                return
+            self.runtime_dir_unusable = False
+            found = True
+        lost = [path for path in self.pid_files if not os.path.lexists(path)]
+        if lost:
+            new = lost != self.pid_files_unwritable  # one that cannot be written is said once, tried each time
+            found = found or new
+            if new:
+                log.warning("the pid file %s was deleted; writing it again", " and ".join(lost))
+            try:
+                self.write_pid_file(only=lost)
+            except StartupError as exc:
+                if new:
+                    log.error("%s", exc)
+                self.pid_files_unwritable = lost
+            else:
+                self.pid_files_unwritable = []
+        if paths.missing_files(self.runtime_dir, (paths.LIVE_CONFIG,)):
+            found = True
+            log.warning("%s was deleted from %s; writing it again", paths.LIVE_CONFIG, self.runtime_dir)
+            try:
+                self.write_live_config()
+            except OSError as exc:
+                log.error("cannot write %s again: %s", os.path.join(self.runtime_dir, paths.LIVE_CONFIG), exc)
+        if self.broker_pid and not self.broker_killed and self.upgrade is None:
+            gone = paths.missing_files(self.runtime_dir, paths.BUS_SOCKETS)
+            if not gone:
+                self.bus_seen = self.broker_pid
+            elif self.bus_seen == self.broker_pid or now - self.broker_started > BUS_BIND_GRACE:
+                found = True
+                log.error("the bus socket%s %s %s deleted from %s; restarting the broker (pid %d) so that it "
+                          "binds %s again", "s" if len(gone) > 1 else "", " and ".join(gone),
+                          "were" if len(gone) > 1 else "was", self.runtime_dir, self.broker_pid,
+                          "them" if len(gone) > 1 else "it")
+                self.broker_killed = "its bus sockets were deleted"
+                self.kill(self.broker_pid, signal.SIGKILL)
+        if not self.stats_lost and paths.missing_files(self.runtime_dir, (paths.STATS,)):
+            found = self.stats_lost = True
+            log.error("the stats file %s was deleted; the cluster goes on serving, but `chatcluster status` "
+                      "cannot show it until it is restarted", os.path.join(self.runtime_dir, paths.STATS))
+        if found:
+            log.warning("files were deleted from the runtime directory %s while the cluster ran, as a tmp cleaner "
+                        "does; keep the directory out of tmp cleaning (see \"Runtime directory\" in "
+                        "docs/deploy.md)", self.runtime_dir)
 
     def seen_ready(self, proc: WorkerProc) -> bool:
         """Whether the worker is ready, looking at its stats slot in case it became so since the last look."""
@@ -468,24 +534,38 @@ class Supervisor:
         self.scale_to(self.target - 1, "TTOU")
 
     def handle_usr1(self) -> None:
-        """`chatcluster scale N` writes N to RUNTIME_DIR/scale, then sends USR1."""
-        path = os.path.join(self.runtime_dir, "scale")
+        """`chatcluster scale N [--allow-many-workers]` writes `N [allow-many]` to RUNTIME_DIR/scale, then USR1."""
+        path = os.path.join(self.runtime_dir, paths.SCALE_REQUEST)
+        data = paths.read_small(path, 256)
         try:
-            with open(path) as fh:
-                wanted = int(fh.read().strip())
             os.unlink(path)
-        except (OSError, ValueError) as exc:
-            log.error("USR1 without a valid scale request in %s (%s); use `chatcluster scale N`", path, exc)
+        except OSError:
+            pass
+        words = (data or b"").decode(errors="replace").split()
+        try:
+            wanted = int(words[0])
+            if words[1:] not in ([], ["allow-many"]):
+                raise ValueError(f"unexpected {' '.join(words[1:])!r}")
+        except (IndexError, ValueError) as exc:
+            log.error("USR1 without a valid scale request in %s (%s); use `chatcluster scale N`", path,
+                      exc if data is not None else "no such file")
             return
-        self.scale_to(wanted, "scale")
+        self.scale_to(wanted, "scale", allow_many=words[1:] == ["allow-many"])
 
     def handle_usr2(self) -> None:
         """`chatcluster upgrade`: every process moves to the installed code, keeping the connections."""
         U.request(self)
 
-    def scale_to(self, wanted: int, why: str) -> None:
+    def scale_to(self, wanted: int, why: str, allow_many: bool = False) -> None:
         if self.stopping is not None:
             log.warning("%s ignored: the cluster is stopping", why)
+            return
+        cap = MAX_WORKERS if allow_many else self.worker_cap()
+        if wanted > cap and wanted > self.target:
+            # Past the cap is refused, not clamped: hundreds of booting workers starve every CPU.
+            log.warning("%s refused: %d workers is more than %d, the cap of %s; staying at %d (set "
+                        "allow_many_workers, or use `chatcluster scale N --allow-many-workers`, to go further)",
+                        why, wanted, cap, worker_cap_text(), self.target)
             return
         clamped = max(1, min(wanted, MAX_WORKERS))
         if clamped != wanted:
@@ -504,8 +584,8 @@ class Supervisor:
             new = load(self.config_path, self.overrides)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
-            self._write_json("reload.json", {"seq": self.reloads, "ok": False, "config": self.config_path,
-                                             "error": str(exc), "applied": {}, "restart": {}})
+            self._write_json(paths.RELOAD_RESULT, {"seq": self.reloads, "ok": False, "config": self.config_path,
+                                                   "error": str(exc), "applied": {}, "restart": {}}, fsync=False)
             sdnotify.ready(self.status_text())
             return
         live, restart = self.cfg.live_changes(new)
@@ -541,7 +621,7 @@ class Supervisor:
             log.warning("reload: %s did not confirm the new configuration within %.0f s",
                         ", ".join(f"worker {p.no} (pid {p.pid})" for p in pending), RELOAD_CONFIRM)
         self.reload_report["unconfirmed"] = [p.no for p in pending or []]
-        self._write_json("reload.json", self.reload_report)
+        self._write_json(paths.RELOAD_RESULT, self.reload_report, fsync=False)
         self.reload_report = None
         self.reload_waiting = []
         sdnotify.ready(self.status_text())
@@ -613,17 +693,13 @@ class Supervisor:
         for pid in list(self.workers) + ([self.broker_pid] if self.broker_pid else []):
             self.kill(pid, signal.SIGKILL)
         for path in self.pid_files:
-            try:
-                with open(path) as fh:
-                    if fh.read().strip() == str(os.getpid()):
-                        os.unlink(path)
-            except OSError:
-                pass
-        for name in RUNTIME_FILES:
+            paths.remove_pid_file(path, os.getpid())
+        for name in paths.RUNTIME_FILES:
             try:
                 os.unlink(os.path.join(self.runtime_dir, name))
             except OSError:
                 pass
+        paths.remove_temporaries(self.runtime_dir)
         if self.created_runtime_dir:
             try:
                 os.rmdir(self.runtime_dir)
@@ -650,102 +726,7 @@ def pin_to_cpu(index: int, worker_no: int) -> None:
     log.info("worker %d pinned to CPU %d", worker_no, cpu)
 
 
-# -- start-up checks and logging ------------------------------------------------------------
-
-
-def resolve_runtime_dir(cfg: Config, env: dict[str, str] | None = None) -> str:
-    """--runtime-dir, else systemd's $RUNTIME_DIRECTORY, else a per-user, per-port private directory."""
-    env = dict(os.environ) if env is None else env
-    if cfg.runtime_dir:
-        return os.path.abspath(cfg.runtime_dir)
-    if env.get("RUNTIME_DIRECTORY"):
-        return env["RUNTIME_DIRECTORY"].split(":")[0]
-    if env.get("XDG_RUNTIME_DIR"):
-        return os.path.join(env["XDG_RUNTIME_DIR"], f"chatcluster-{cfg.port}")
-    return f"/tmp/chatcluster-{os.getuid()}-{cfg.port}"
-
-
-def prepare_runtime_dir(path: str) -> bool:
-    """Create the private runtime directory, or check that an existing one is ours and private.
-
-    Returns True when it was created here (and so may be removed at exit).
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise StartupError(f"runtime directory {path} cannot be created: {parent} does not exist; "
-                           f"create it or choose another directory with --runtime-dir")
-    if len(os.path.join(path, "bus-out")) > 100:
-        raise StartupError(f"runtime directory {path} is too long for Unix socket paths (max about 90 "
-                           f"characters); choose a shorter one with --runtime-dir")
-    created = False
-    try:
-        os.mkdir(path, 0o700)
-        created = True
-    except FileExistsError:
-        pass
-    except PermissionError:
-        raise StartupError(f"runtime directory {path} cannot be created: permission denied in {parent}; "
-                           f"choose a writable location with --runtime-dir") from None
-    # lstat, not stat: in a shared /tmp a symlink planted by someone else must not be followed.
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StartupError(f"runtime directory {path} exists but is not a directory; remove it or "
-                           f"choose another with --runtime-dir")
-    if st.st_uid != os.getuid():
-        raise StartupError(f"runtime directory {path} belongs to another user (uid {st.st_uid}); "
-                           f"choose another with --runtime-dir")
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StartupError(f"runtime directory {path} is not writable; fix its permissions or choose "
-                           f"another with --runtime-dir")
-    return created
-
-
-def running_pid(pid_file: str) -> int | None:
-    """The pid in `pid_file` if that process is alive and is a chatcluster, else None."""
-    try:
-        with open(pid_file) as fh:
-            pid = int(fh.read().strip())
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            if b"chatcluster" not in fh.read():
-                return None  # a stale pid file whose pid now belongs to another program
-    except OSError:
-        pass  # /proc hidden from us (hidepid): trust the pid file
-    return pid
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail early, with a clear message, when another program holds the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # No SO_REUSEPORT here on purpose: this bind must fail if anyone at all holds the port.
-        probe.bind((host, port))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError(f"port {port} on {host} is in use by another program; choose another "
-                               f"with --port or stop that program") from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise StartupError(f"address {host} is not an address of this machine; choose another "
-                               f"with --host") from None
-        if exc.errno == errno.EACCES:
-            raise StartupError(f"port {port} is privileged and this user may not bind it; choose a port "
-                               f"above 1023 with --port") from None
-        raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}") from None
-    finally:
-        probe.close()
+# -- logging ---------------------------------------------------------------------------------
 
 
 _role = "supervisor"

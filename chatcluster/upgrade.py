@@ -4,8 +4,8 @@
 goes through three phases; the supervisor calls in here from its loop:
 
 1. check: a child interpreter imports the installed code and loads the config
-   with it. If that fails, nothing has changed: the failure is reported and the
-   cluster goes on as it was.
+   with it (`upgrade_check`). If that fails, nothing has changed: the failure is
+   reported and the cluster goes on as it was.
 2. re-exec: the supervisor writes its state (broker, workers, counters) to a
    file in the runtime directory and `execv`s itself in place, as gunicorn
    does on USR2 but keeping its pid, so systemd's main pid, the pid file and
@@ -13,6 +13,9 @@ goes through three phases; the supervisor calls in here from its loop:
    and delivered once the new code has installed its handlers. The new code
    reads the state back, adopts its children, and forks a new generation of
    workers, each paired with an old one whose listener and clients it takes.
+   It keeps the address, runtime directory and pid file it runs with, whatever
+   the config file says now: settings that cannot change live are reported as
+   needing a restart, exactly as a reload reports them, and live ones apply.
 3. handoff: once every new worker is ready, each old one gets USR2 and hands
    its listening socket and its clients over (`migrate`), then exits. The bus
    broker is not replaced: it holds the one order that makes the handoff
@@ -22,7 +25,8 @@ If the new generation cannot start (a worker exits or hangs at boot) it is
 stopped and the old one goes on serving: the supervisor then runs the new code
 but nothing changed for anyone connected. The outcome goes to
 RUNTIME_DIR/upgrade.json, where the `chatcluster upgrade` command waits for it.
-This module knows processes, not chat.
+This module knows processes, not chat; it reaches the supervisor only through
+the `Host` interface, so that the two do not import each other.
 """
 
 from __future__ import annotations
@@ -36,23 +40,20 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import sdnotify
+from . import paths, sdnotify
+from .config import SETTINGS, Config
+from .procs import WorkerProc
+from .stats import StatsFile
 from .wire import WIRE_VERSION
-
-if TYPE_CHECKING:
-    from .supervisor import Supervisor, WorkerProc
 
 log = logging.getLogger("chatcluster.upgrade")
 
 STATE_ENV = "CHATCLUSTER_UPGRADE_STATE"  # names the state file in the re-executed supervisor
-STATE_FORMAT = 1  # of the state file; the new code reads every format up to its own
-STATE_FILE = "upgrade-state.json"
-REQUEST_FILE = "upgrade-request"  # `chatcluster upgrade` puts its token here before sending USR2
-RESULT_FILE = "upgrade.json"
-CHECK_LOG = "upgrade-check.log"
-FILES = (STATE_FILE, REQUEST_FILE, RESULT_FILE, CHECK_LOG)
+# Of the state file; the new code reads every format up to its own. Fields added later
+# (the running settings, the pid file) are optional, so format 1 still describes it.
+STATE_FORMAT = 1
 CHECK_TIMEOUT = 60.0
 HANDOFF_TIMEOUT = 45.0  # old workers still running by then could not hand over and keep serving
 # Signals whose arrival during the exec must not be lost (nor kill the process, their default).
@@ -71,18 +72,54 @@ class Upgrade:
     deadline: float = 0.0
     old_generation: int = 0
     pairs: dict[int, int] = field(default_factory=dict)  # new worker pid -> old worker pid it succeeds
+    applied: dict[str, Any] = field(default_factory=dict)  # live settings the new config file changed
+    restart: dict[str, list[Any]] = field(default_factory=dict)  # name -> [running, in the file]
+
+
+class Host(Protocol):
+    """What an upgrade reads and changes in the supervisor (`supervisor.Supervisor` is the one host)."""
+
+    cfg: Config
+    config_path: str | None
+    overrides: dict[str, object]
+    runtime_dir: str
+    pid_file: str
+    created_runtime_dir: bool
+    workers: dict[int, WorkerProc]
+    target: int
+    broker_pid: int
+    broker_control: int
+    broker_started: float
+    next_no: int
+    generation: int
+    respawns: list[tuple[int, int]]
+    sig_queue: list[int]
+    stopping: float | None
+    announced_ready: bool
+    reloads: int
+    upgrade: Upgrade | None
+    stats: StatsFile
+
+    def check_workers(self, now: float) -> None: ...
+
+    def kill(self, pid: int, sig: int) -> None: ...
+
+    def spawn_worker(self, slot: int | None = None, replacing: int = 0,
+                     succeeds: tuple[str, int] | None = None) -> WorkerProc: ...
+
+    def write_header(self) -> None: ...
+
+    def status_text(self) -> str: ...
 
 
 # -- asking for an upgrade (old code) -------------------------------------------------------------
 
 
-def request(sup: Supervisor) -> None:
+def request(sup: Host) -> None:
     """USR2: validate the installed code in a child before anything changes."""
-    token = ""
-    path = os.path.join(sup.runtime_dir, REQUEST_FILE)
+    path = os.path.join(sup.runtime_dir, paths.UPGRADE_REQUEST)
+    token = (paths.read_small(path, 256) or b"").decode(errors="replace").strip()
     with contextlib.suppress(OSError):
-        with open(path) as fh:
-            token = fh.read().strip()
         os.unlink(path)
     sup.check_workers(time.monotonic())  # notice the workers that became ready since the last tick
     problem = refusal(sup)
@@ -99,7 +136,7 @@ def request(sup: Supervisor) -> None:
     log.info("upgrade requested: checking the installed code (pid %d)", up.check_pid)
 
 
-def refusal(sup: Supervisor) -> str | None:
+def refusal(sup: Host) -> str | None:
     """Why an upgrade cannot start now, or None."""
     if sup.stopping is not None:
         return "the cluster is stopping"
@@ -117,8 +154,8 @@ def refusal(sup: Supervisor) -> str | None:
 CHECK_CODE = """\
 import sys
 sys.path[:] = {path!r}
-from chatcluster.upgrade import check_new_code
-sys.exit(check_new_code({state!r}))
+from chatcluster.upgrade_check import main
+sys.exit(main({state!r}))
 """
 
 
@@ -129,65 +166,37 @@ def spawn_check(runtime_dir: str) -> int:
     environment, so it computes the same sys.path as this process did at start; the child
     uses exactly that path, so it imports exactly what the exec would import.
     """
-    code = CHECK_CODE.format(path=sys.path, state=os.path.join(runtime_dir, STATE_FILE))
-    logpath = os.path.join(runtime_dir, CHECK_LOG)
+    code = CHECK_CODE.format(path=sys.path, state=os.path.join(runtime_dir, paths.UPGRADE_STATE))
+    log_fd = paths.create_exclusive(os.path.join(runtime_dir, paths.UPGRADE_CHECK_LOG))
     env = {k: v for k, v in os.environ.items() if k != STATE_ENV}
-    return os.posix_spawn(sys.executable, [sys.executable, "-c", code], env, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 1, logpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-    ], setsigdef=tuple(BLOCKED))
+    try:
+        return os.posix_spawn(sys.executable, [sys.executable, "-c", code], env, file_actions=[
+            (os.POSIX_SPAWN_DUP2, log_fd, 1),
+            (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        ], setsigdef=tuple(BLOCKED))
+    finally:
+        os.close(log_fd)
 
 
-def check_new_code(state_path: str) -> int:
-    """Run by the check child, in the NEW code: can it run this cluster? 0 if so.
+def check_new_code(state_path: str) -> None:
+    """The check as a supervisor of an earlier release starts it: hand over to `upgrade_check`.
 
-    An import that raises is the most common failure; it ends this process with its
-    traceback, whose last line the supervisor reports.
+    Such a supervisor runs `chatcluster.upgrade.check_new_code` on the installed code.
+    The check imports every module, the importers of this one included, so it lives in
+    `upgrade_check`, which nothing imports; a fresh interpreter with this one's import
+    path runs it, keeping this process's pid, output and exit status.
     """
-    from . import cli, config, handoff, migrate, supervisor, worker  # noqa: F401  (importing is the test)
-
-    try:
-        with open(state_path) as fh:
-            state = parse_state(json.load(fh))
-    except (OSError, ValueError) as exc:
-        print(f"the installed code cannot read the running supervisor's state: {exc}", file=sys.stderr)
-        return 2
-    try:
-        config.load(state["config_path"], state["overrides"])
-    except config.ConfigError as exc:
-        print(f"the configuration does not load with the installed code: {exc}", file=sys.stderr)
-        return 2
-    problem = incompatibility(state)
-    if problem:
-        print(f"the installed code cannot take over this cluster in place: {problem}; restart the cluster "
-              f"to move to it", file=sys.stderr)
-        return 2
-    return 0
-
-
-def incompatibility(state: dict[str, Any]) -> str | None:
-    """In the NEW code: what an upgrade cannot bridge. The broker and the stats file stay in use."""
-    from . import stats as S
-    from . import wire
-
-    if state.get("bus_wire") != wire.WIRE_VERSION:
-        return (f"it speaks bus wire version {wire.WIRE_VERSION}, the running broker {state.get('bus_wire')} "
-                f"(an upgrade keeps the broker)")
-    try:
-        S.StatsFile(os.path.join(state["runtime_dir"], "stats")).close()
-    except (OSError, ValueError) as exc:
-        return f"the running workers' stats file is not one it can use ({exc})"
-    return None
+    os.execv(sys.executable, [sys.executable, "-c", CHECK_CODE.format(path=sys.path, state=state_path)])
 
 
 def check_failure(runtime_dir: str, status: int) -> str:
     """The last line the check child wrote (its exception or config error), for the requester."""
     try:
-        with open(os.path.join(runtime_dir, CHECK_LOG), errors="replace") as fh:
-            lines = [line.strip() for line in fh if line.strip()]
+        text = paths.read_small(os.path.join(runtime_dir, paths.UPGRADE_CHECK_LOG)) or b""
     except OSError:
-        lines = []
+        text = b""
+    lines = [line.strip() for line in text.decode(errors="replace").splitlines() if line.strip()]
     how = f"exit status {os.waitstatus_to_exitcode(status)}"
     if os.WIFSIGNALED(status):
         how = f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
@@ -198,7 +207,7 @@ def check_failure(runtime_dir: str, status: int) -> str:
 # -- the supervisor's hooks ----------------------------------------------------------------------
 
 
-def reaped(sup: Supervisor, pid: int, status: int) -> bool:
+def reaped(sup: Host, pid: int, status: int) -> bool:
     """A child exited; True if it was the check child (the upgrade consumes its status)."""
     up = sup.upgrade
     if up is None or pid != up.check_pid or up.phase != CHECK:
@@ -215,7 +224,7 @@ def reaped(sup: Supervisor, pid: int, status: int) -> bool:
     return True
 
 
-def refusal_to_exec(sup: Supervisor) -> str | None:
+def refusal_to_exec(sup: Host) -> str | None:
     if sup.stopping is not None:
         return "the cluster began to stop"
     if sup.respawns or any(not w.ready and not w.retiring for w in sup.workers.values()):
@@ -223,7 +232,7 @@ def refusal_to_exec(sup: Supervisor) -> str | None:
     return None
 
 
-def worker_died(sup: Supervisor, proc: WorkerProc, how: str) -> bool:
+def worker_died(sup: Host, proc: WorkerProc, how: str) -> bool:
     """A worker died; True if it was one of the new generation at boot (the upgrade fails, no respawn)."""
     up = sup.upgrade
     if up is None or up.phase != BOOT or proc.pid not in up.pairs:
@@ -233,7 +242,7 @@ def worker_died(sup: Supervisor, proc: WorkerProc, how: str) -> bool:
     return True
 
 
-def tick(sup: Supervisor, now: float) -> None:
+def tick(sup: Host, now: float) -> None:
     up = sup.upgrade
     if up is None:
         return
@@ -263,7 +272,7 @@ def tick(sup: Supervisor, now: float) -> None:
 # -- re-exec (old code) and resume (new code) -------------------------------------------------------
 
 
-def capture(sup: Supervisor, up: Upgrade) -> dict[str, Any]:
+def capture(sup: Host, up: Upgrade) -> dict[str, Any]:
     workers = [{"pid": w.pid, "no": w.no, "slot": w.slot, "generation": w.generation, "started": w.started,
                 "ready": w.ready, "retiring": w.retiring, "retire_deadline": w.retire_deadline}
                for w in sup.workers.values()]
@@ -272,7 +281,8 @@ def capture(sup: Supervisor, up: Upgrade) -> dict[str, Any]:
             "broker_control": sup.broker_control, "broker_started": sup.broker_started, "workers": workers,
             "signals": list(sup.sig_queue), "reloads": sup.reloads, "config_path": sup.config_path,
             "overrides": sup.overrides, "created_runtime_dir": sup.created_runtime_dir,
-            "host": sup.cfg.host, "port": sup.cfg.port, "runtime_dir": sup.runtime_dir, "bus_wire": WIRE_VERSION}
+            "host": sup.cfg.host, "port": sup.cfg.port, "runtime_dir": sup.runtime_dir, "pid_file": sup.pid_file,
+            "values": sup.cfg.values, "bus_wire": WIRE_VERSION}
 
 
 def parse_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -286,15 +296,13 @@ def parse_state(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def write_state(sup: Supervisor, up: Upgrade) -> str:
-    path = os.path.join(sup.runtime_dir, STATE_FILE)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(capture(sup, up), fh)
-    os.replace(path + ".tmp", path)
+def write_state(sup: Host, up: Upgrade) -> str:
+    path = os.path.join(sup.runtime_dir, paths.UPGRADE_STATE)
+    paths.atomic_write(path, json.dumps(capture(sup, up)))
     return path
 
 
-def reexec(sup: Supervisor, up: Upgrade) -> None:
+def reexec(sup: Host, up: Upgrade) -> None:
     """Replace this process's code with the installed one, keeping the pid and the children."""
     path = write_state(sup, up)
     log.info("the installed code passed its check; re-executing the supervisor (pid %d)", os.getpid())
@@ -315,28 +323,57 @@ def reexec(sup: Supervisor, up: Upgrade) -> None:
         fail(sup, f"cannot execute {sys.executable}: {exc.strerror}")
 
 
-def resuming() -> bool:
-    """True in a supervisor that was just re-executed by an upgrade."""
-    return STATE_ENV in os.environ
+@dataclass
+class Resumed:
+    """What a re-executed supervisor takes over: its predecessor's state, and the settings it keeps."""
+
+    state: dict[str, Any]
+    cfg: Config  # the running settings, with the live changes of the config file applied
+    runtime_dir: str
+    pid_file: str
+    applied: dict[str, Any]
+    restart: dict[str, list[Any]]
 
 
-def resume(sup: Supervisor) -> bool:
-    """In the re-executed supervisor: take over the old one's children and start the new generation.
+def resumed(new: Config) -> Resumed | None:
+    """In a supervisor just re-executed by an upgrade, before it touches any file: what it takes over.
 
-    Returns False when this is a plain start. Called with the signal handlers installed, so
-    the signals blocked across the exec can be delivered (queued for the loop) right away.
+    None on a plain start. `new` is the configuration as loaded now; the state file says
+    what the cluster runs with. As on a reload, live settings take the new values and
+    the others keep the running ones (reported as needing a restart): above all the
+    address, the runtime directory, where the stats file and the bus sockets are, and the
+    pid file, where the `chatcluster` commands look.
     """
-    from .supervisor import WorkerProc
-
     path = os.environ.pop(STATE_ENV, None)
     if path is None:
-        return False
-    # Before any fork: children inherit the signal mask, and a worker must hear its signals.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
+        return None
     with open(path) as fh:
         state = parse_state(json.load(fh))
     os.unlink(path)
-    up = Upgrade(token=state["token"], began=state["began"], phase=BOOT, old_generation=state["generation"])
+    running = dict(state.get("values") or {})
+    if not running:  # written by a release that saved the address alone
+        running = {**new.values, "host": state["host"], "port": state["port"]}
+    old = Config(values={s.name: running.get(s.name, new.values[s.name]) for s in SETTINGS}, source=new.source)
+    live, restart = old.live_changes(new)
+    runtime_dir = state.get("runtime_dir") or paths.resolve_runtime_dir(old)
+    pid_file = state.get("pid_file") or (os.path.abspath(old.pid_file) if old.pid_file
+                                         else paths.default_pid_file(runtime_dir))
+    return Resumed(state=state, cfg=Config(values={**old.values, **live}, source=new.source),
+                   runtime_dir=runtime_dir, pid_file=pid_file, applied=live,
+                   restart={k: [old.values[k], new.values[k]] for k in restart})
+
+
+def resume(sup: Host, r: Resumed) -> None:
+    """In the re-executed supervisor: take over the old one's children and start the new generation.
+
+    Called with the signal handlers installed, so the signals blocked across the exec
+    can be delivered (queued for the loop) right away.
+    """
+    # Before any fork: children inherit the signal mask, and a worker must hear its signals.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCKED)
+    state = r.state
+    up = Upgrade(token=state["token"], began=state["began"], phase=BOOT, old_generation=state["generation"],
+                 applied=r.applied, restart=r.restart)
     sup.target = state["target"]
     sup.next_no = state["next_no"]
     sup.broker_pid = state["broker_pid"]
@@ -347,11 +384,12 @@ def resume(sup: Supervisor) -> bool:
     sup.created_runtime_dir = state["created_runtime_dir"]
     sup.announced_ready = True
     sup.sig_queue.extend(state["signals"])
-    if (sup.cfg.host, sup.cfg.port) != (state["host"], state["port"]):
-        log.warning("the address changed in the configuration to %s:%d; an upgrade keeps serving %s:%d, "
-                    "a restart moves to the new one", sup.cfg.host, sup.cfg.port, state["host"], state["port"])
-        sup.cfg = type(sup.cfg)(values={**sup.cfg.values, "host": state["host"], "port": state["port"]},
-                                source=sup.cfg.source)
+    source = sup.config_path or "the command line (no --config file)"
+    if r.applied:
+        log.info("upgrade: applied from %s: %s", source, ", ".join(f"{k}={v!r}" for k, v in r.applied.items()))
+    if r.restart:
+        log.warning("changed in %s but not applied, a restart is needed: %s", source,
+                    ", ".join(f"{k} ({was!r} -> {now!r})" for k, (was, now) in r.restart.items()))
     old: list[WorkerProc] = []
     for w in state["workers"]:
         proc = WorkerProc(w["pid"], w["no"], w["slot"], w["generation"], w["started"], ready=w["ready"],
@@ -367,13 +405,12 @@ def resume(sup: Supervisor) -> bool:
         new = sup.spawn_worker(succeeds=(f"w{proc.no}", proc.pid))
         up.pairs[new.pid] = proc.pid
     sup.write_header()
-    return True
 
 
 # -- handoff and outcome (new code) ----------------------------------------------------------------
 
 
-def begin_handoff(sup: Supervisor, up: Upgrade, now: float) -> None:
+def begin_handoff(sup: Host, up: Upgrade, now: float) -> None:
     up.phase = HANDOFF
     up.deadline = now + HANDOFF_TIMEOUT
     log.info("generation %d is ready; the old workers hand their clients over", sup.generation)
@@ -384,18 +421,19 @@ def begin_handoff(sup: Supervisor, up: Upgrade, now: float) -> None:
             sup.kill(old_pid, signal.SIGUSR2)
 
 
-def succeed(sup: Supervisor, up: Upgrade) -> None:
+def succeed(sup: Host, up: Upgrade) -> None:
     new = [sup.workers[pid] for pid in up.pairs if pid in sup.workers]
     clients = sum(sup.stats.read(w.slot).clients for w in new)
     elapsed = time.monotonic() - up.began
     message = (f"generation {sup.generation} serves with the installed code: {len(new)} workers, "
                f"{clients} clients kept, in {elapsed:.1f} s")
     log.info("upgrade complete: %s", message)
-    write_result(sup.runtime_dir, up.token, True, message, sup.generation, clients=clients)
+    write_result(sup.runtime_dir, up.token, True, message, sup.generation, clients=clients,
+                 applied=up.applied, restart=up.restart)
     end(sup)
 
 
-def abort(sup: Supervisor, why: str) -> None:
+def abort(sup: Host, why: str) -> None:
     """The new generation failed to start: stop it; the old one never stopped serving."""
     up = sup.upgrade
     assert up is not None
@@ -411,13 +449,13 @@ def abort(sup: Supervisor, why: str) -> None:
             old.retiring = False
             old.retire_deadline = 0.0
     sup.generation = up.old_generation
-    for path in glob.glob(os.path.join(sup.runtime_dir, "handoff-*")):
+    for path in glob.glob(os.path.join(sup.runtime_dir, paths.HANDOFF_PREFIX + "*")):
         with contextlib.suppress(OSError):
             os.unlink(path)
     fail(sup, f"{why}; the running workers keep serving")
 
 
-def fail(sup: Supervisor, message: str) -> None:
+def fail(sup: Host, message: str) -> None:
     up = sup.upgrade
     assert up is not None
     if up.check_pid:
@@ -427,26 +465,16 @@ def fail(sup: Supervisor, message: str) -> None:
     end(sup)
 
 
-def end(sup: Supervisor) -> None:
+def end(sup: Host) -> None:
     sup.upgrade = None
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join(sup.runtime_dir, STATE_FILE))
+        os.unlink(os.path.join(sup.runtime_dir, paths.UPGRADE_STATE))
     sup.write_header()
     if sup.stopping is None:
         sdnotify.ready(sup.status_text())
 
 
 def write_result(runtime_dir: str, token: str, ok: bool, message: str, generation: int, **extra: Any) -> None:
-    path = os.path.join(runtime_dir, RESULT_FILE)
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"token": token, "ok": ok, "message": message, "generation": generation, **extra}, fh)
-    os.replace(path + ".tmp", path)
-
-
-def read_result(runtime_dir: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(runtime_dir, RESULT_FILE)) as fh:
-            result: dict[str, Any] = json.load(fh)
-            return result
-    except (OSError, ValueError):
-        return None
+    # Read back within seconds by the waiting command: no fsync needed.
+    result = {"token": token, "ok": ok, "message": message, "generation": generation, **extra}
+    paths.atomic_write(os.path.join(runtime_dir, paths.UPGRADE_RESULT), json.dumps(result), fsync=False)

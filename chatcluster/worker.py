@@ -38,6 +38,7 @@ from .bus import BusClient, Endpoints
 from .client import Client, bucket_of, reader_of
 from .config import Config
 from .output import Output
+from .procs import EXIT_BOOT_FAILED
 from .protocol import Line, LineReader, TokenBucket, encode_line
 from .registry import Registry
 from .settings import LiveSettings, read_live_config
@@ -66,7 +67,6 @@ BUS_BYTES_PER_PASS = 1 << 20
 FLUSH_SLICE = 256
 HEARTBEAT_EVERY = 0.25
 PING_EVERY = 0.5
-EXIT_BOOT_FAILED = 3
 # A closing client gets this long to take what is queued for it: one that never reads
 # must not keep its descriptor for ever.
 CLOSE_LINGER = 10.0

@@ -300,3 +300,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+def start_refused(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run `chatcluster start ARGS`, expected to refuse; a cluster that starts anyway is killed, and fails the test."""
+    proc = subprocess.Popen([sys.executable, "-m", "chatcluster", "start", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+                            preexec_fn=_stop_with_parent)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"`chatcluster start {' '.join(args)}` started instead of refusing:\n"
+                             f"{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

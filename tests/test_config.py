@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import free_port, start_refused
 
 from chatcluster import config
 
@@ -105,3 +107,103 @@ def test_unknown_option_exits_non_zero() -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "unrecognized arguments: --no-such-thing" in r.stderr
+
+
+# --- files that are not config files, and what they may contain -------------------------------
+
+
+def start_with(*args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="cc-") as runtime_dir:
+        return start_refused("--host", "127.0.0.1", "--port", str(free_port()), "--runtime-dir", runtime_dir, *args)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("chatcluster: error: config file "), lines[0]
+    return lines[0]
+
+
+def test_a_directory_given_as_config_file_is_a_one_line_error(tmp_path: Path) -> None:
+    line = one_line_error(start_with("--config", str(tmp_path)))
+    assert line == f"chatcluster: error: config file {tmp_path} is a directory; pass a TOML file with --config"
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('welcome = "*** Grüß dich {nick}"\n'.encode("latin-1"))
+    line = one_line_error(start_with("--config", str(path)))
+    assert line == (f"chatcluster: error: config file {path} is not UTF-8 text (byte 0xfc at offset 17); "
+                    f"save it as UTF-8")
+
+
+def test_a_config_file_that_is_not_toml_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "chatcluster.json"
+    path.write_text('{"port": 2000}\n')
+    line = one_line_error(start_with("--config", str(path)))
+    assert f"config file {path} is not valid TOML (" in line and line.endswith("; fix the syntax")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[extra]\n", "unknown section [extra]; the sections are [server], [chat], [limits], [processes]"),
+        ("[extra]\nport = 2000\n", "unknown section [extra]"),
+        ("[server.tls]\ncert = 'x'\n", "unknown section 'server.tls'"),
+        ("[limits]\nmax_lines_bytes = 100\n", "unknown setting 'max_lines_bytes'"),
+    ],
+)
+def test_unknown_sections_and_settings_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(write(tmp_path, text))
+    assert fragment in str(err.value)
+    assert str(tmp_path / "c.toml") in str(err.value)
+
+
+def test_start_with_an_unknown_section_exits_2_naming_it(tmp_path: Path) -> None:
+    line = one_line_error(start_with("--config", write(tmp_path, "[server]\nport = 2000\n[extra]\ncolour = 1\n")))
+    assert "unknown section [extra]" in line
+
+
+@pytest.mark.parametrize(
+    ("welcome", "fragment"),
+    [
+        ("*** Welcome {nick}! Rules: {}", "has the replacement field {}, but {nick} is the only one allowed"),
+        ("*** Welcome {nick}, {x}", "has the replacement field {x}, but {nick} is the only one allowed"),
+        ("*** Welcome {nick} :-}", "cannot be formatted (Single '}' encountered in format string)"),
+        ("*** Welcome {nick:>999999999}", "has the replacement field {nick:>999999999}"),
+        ("*** Welcome {nick.upper}", "has the replacement field {nick.upper}"),
+        ("*** Welcome {{nick}}", "must contain {nick}"),
+    ],
+)
+def test_a_welcome_that_cannot_be_formatted_is_refused(tmp_path: Path, welcome: str, fragment: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, {"welcome": welcome})
+    assert str(err.value).startswith(f"--welcome: welcome {fragment}")
+
+
+def test_a_welcome_with_literal_braces_is_accepted() -> None:
+    cfg = config.load(None, {"welcome": "{{*}} Welcome {nick} {{*}}"})
+    assert cfg.welcome.format(nick="ab") == "{*} Welcome ab {*}"
+
+
+@pytest.mark.parametrize("welcome", ["*** Welcome {nick}! Rules: {}", "*** Hi {nick} {x}", "*** Hi {nick} }"])
+def test_start_with_a_welcome_that_cannot_be_formatted_exits_2(welcome: str) -> None:
+    result = start_with("--workers", "1", "--welcome", welcome)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chatcluster: error: --welcome: welcome "), result.stderr
+
+
+def test_workers_are_capped_per_cpu_unless_allowed() -> None:
+    cap = config.WORKERS_PER_CPU * config.usable_cpus()
+    if cap >= config.MAX_WORKERS:
+        pytest.skip("this machine has so many CPUs that the cap is the absolute maximum")
+    assert config.load(None, {"workers": str(cap)}).workers == cap
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, {"workers": str(cap + 1)})
+    assert str(err.value) == (
+        f"--workers: workers {cap + 1} is more than {cap}, the cap of {config.worker_cap_text()}; choose fewer, "
+        f"or set allow_many_workers = true (--allow-many-workers) to run up to {config.MAX_WORKERS}")
+    assert config.load(None, {"workers": str(cap + 1), "allow_many_workers": True}).workers == cap + 1

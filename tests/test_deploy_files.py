@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from chatcluster import cli, config, supervisor
+from chatcluster import cli, config, paths, supervisor
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "deploy" / "chatcluster.service"
@@ -315,7 +315,7 @@ def test_docker_image_points_the_commands_at_the_runtime_directory_it_creates() 
     runs = " ".join(args for word, args in instructions if word == "RUN")
     assert re.search(rf"install -d -m 0700 -o chatcluster -g chatcluster {re.escape(runtime_dir)}\b", runs)
     cfg = config.load(None)
-    assert supervisor.resolve_runtime_dir(cfg, {"RUNTIME_DIRECTORY": runtime_dir}) == runtime_dir
+    assert paths.resolve_runtime_dir(cfg, {"RUNTIME_DIRECTORY": runtime_dir}) == runtime_dir
 
 
 def test_the_units_runtime_directory_is_the_one_the_docs_name(unit: dict[str, list[str]]) -> None:

@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, WAIT, Client, Cluster, free_port, wait_for
+from conftest import REPO, WAIT, Client, Cluster, free_port, start_refused, wait_for
 
 from chatcluster import stats as S
 
@@ -596,3 +597,146 @@ def test_cpu_affinity_pins_each_worker_to_one_cpu(make_cluster: Callable[..., Cl
     pinned = {v.index: psutil.Process(pid).cpu_affinity() for pid, v in ready_workers(cluster).items()}
     assert pinned == {i: [allowed[i % len(allowed)]] for i in pinned}
     assert sorted(pinned) == [0, 1]
+
+
+# --- what the server writes, and where --------------------------------------------------------
+
+
+def test_a_port_another_program_listens_on_is_refused_even_when_it_allows_address_reuse(tmp_path: Path) -> None:
+    # The start-up check binds with SO_REUSEADDR so that TIME-WAIT does not block a restart;
+    # a listener still blocks it, whatever options that listener set.
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = start_refused("--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+                               "--runtime-dir", str(tmp_path / "rt"))
+    assert result.returncode == 1
+    assert result.stderr == (f"chatcluster: error: port {port} on 127.0.0.1 is in use by another program; "
+                             f"choose another with --port or stop that program\n")
+
+
+def test_a_runtime_dir_others_can_write_to_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "rt"
+    runtime_dir.mkdir()
+    os.chmod(runtime_dir, 0o777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (runtime_dir / "stats").symlink_to(victim)  # planted while anyone could write there
+    result = start_refused("--workers", "1", "--host", "127.0.0.1", "--port", str(free_port()),
+                           "--runtime-dir", str(runtime_dir))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"chatcluster: error: runtime directory {runtime_dir} is writable by others (mode 0777), so its files "
+        f"cannot be trusted; remove it (chatcluster creates it with mode 0700) or choose another with "
+        f"--runtime-dir\n")
+    assert victim.read_text() == "precious\n"
+    assert os.stat(runtime_dir).st_mode & 0o777 == 0o777
+    assert (runtime_dir / "stats").is_symlink()
+
+
+# Every name the server writes in its runtime directory, and the names beside a pid file that a
+# write through a predictable temporary name would use.
+RUNTIME_NAMES = ("bus-in", "bus-out", "chatcluster.pid", "config.json", "stats", "scale", "reload.json",
+                 "upgrade-state.json", "upgrade-request", "upgrade.json", "upgrade-check.log")
+
+
+@pytest.mark.slow
+def test_symlinks_planted_at_every_name_the_server_writes_are_never_followed(
+    make_cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"  # a directory like /tmp, where anyone may plant a link
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    pid_file = shared / "chatcluster.pid"
+    cluster = make_cluster(1, extra=("--pid-file", str(pid_file)), start=False)
+    planted: dict[Path, Path] = {}
+    for directory, names in ((Path(cluster.runtime_dir), RUNTIME_NAMES), (shared, (pid_file.name,))):
+        for name in names:
+            for link in (directory / name, directory / f"{name}.tmp"):
+                target = victims / f"{directory.name}-{link.name}"
+                target.write_text(f"precious {link.name}\n")
+                link.symlink_to(target)
+                planted[link] = target
+
+    cluster.start()
+    assert pid_file.read_text() == f"{cluster.pid}\n" and not pid_file.is_symlink()
+    # Every command that makes the server write a file: a reload, a scale, an upgrade, a stop.
+    for command in (["reload"], ["scale", "2"], ["upgrade"], ["stop"]):
+        result = subprocess.run([sys.executable, "-m", "chatcluster", *command, "--pid-file", str(pid_file),
+                                 "--runtime-dir", cluster.runtime_dir], capture_output=True, text=True,
+                                cwd=REPO, timeout=150)
+        assert result.returncode == 0, f"{command}: {result.stderr}\n{cluster.read_log()[-3000:]}"
+    assert cluster.wait_exit() == 0
+    for link, target in planted.items():
+        assert target.read_text() == f"precious {link.name}\n", f"{link} was followed"
+    assert sorted(p.name for p in victims.iterdir()) == sorted(t.name for t in planted.values())
+
+
+# --- how many workers, and how fast they are started ------------------------------------------
+
+
+@contextmanager
+def one_cpu() -> Iterator[int]:
+    """Processes started inside run on one CPU (as under `taskset -c N`); the cap is then 4 workers."""
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def test_more_workers_than_four_per_cpu_are_refused_at_start_unless_allowed(tmp_path: Path) -> None:
+    with one_cpu():
+        result = start_refused("--workers", "5", "--host", "127.0.0.1", "--port", str(free_port()),
+                               "--runtime-dir", str(tmp_path / "rt"))
+    assert result.returncode == 2
+    assert result.stderr == (
+        "chatcluster: error: --workers: workers 5 is more than 4, the cap of 4 per CPU on the 1 CPU the cluster "
+        "may use; choose fewer, or set allow_many_workers = true (--allow-many-workers) to run up to 1024\n")
+
+
+def test_ttin_past_four_workers_per_cpu_is_refused_unless_allowed(make_cluster: Callable[..., Cluster]) -> None:
+    with one_cpu():
+        cluster = make_cluster(4, start=False).start(wait=False)
+    cluster.wait_ready(4)
+    cluster.signal(signal.SIGTTIN)
+    wait_log(cluster, r"TTIN refused: 5 workers is more than 4, the cap of 4 per CPU on the 1 CPU the cluster "
+                      r"may use; staying at 4 \(set allow_many_workers")
+    assert len(ready_workers(cluster)) == 4 and not log_has(cluster, r"worker 5 started")
+    cluster.signal(signal.SIGTTOU)
+    cluster.wait_ready(3)
+    cluster.signal(signal.SIGTTIN)
+    cluster.wait_ready(4)
+
+
+def test_signals_are_answered_while_many_workers_boot(make_cluster: Callable[..., Cluster]) -> None:
+    from chatcluster.supervisor import SPAWN_STEP
+
+    wanted = 3 * SPAWN_STEP + 1
+    cluster = make_cluster(1, extra=("--allow-many-workers", "--graceful-timeout", "2"))
+    broker = S.StatsFile(os.path.join(cluster.runtime_dir, "stats")).header().broker_pid
+    # With the broker frozen no new worker can finish booting, so the scale-up stays under way
+    # for as long as the test needs.
+    os.kill(broker, signal.SIGSTOP)
+    try:
+        Path(cluster.runtime_dir, "scale").write_text(f"{wanted}\n")
+        cluster.signal(signal.SIGUSR1)
+        wait_log(cluster, rf"scale: 1 -> {wanted} workers")
+        wait_for(lambda: len(re.findall(r"worker \d+ started, pid", cluster.read_log())) > SPAWN_STEP,
+                 what="the first workers of the scale-up")
+        cluster.signal(signal.SIGTERM)
+        wait_log(cluster, r"stopping \(graceful\)")
+    finally:
+        os.kill(broker, signal.SIGCONT)
+    assert cluster.wait_exit() == 0
+    log = cluster.read_log()
+    started = re.findall(r"worker \d+ started, pid", log[:log.index("stopping (graceful)")])
+    # The first worker and one step of the scale-up: the rest waits for those to boot.
+    assert len(started) == 1 + SPAWN_STEP
+    assert len(re.findall(r"worker \d+ started, pid", log)) == 1 + SPAWN_STEP

@@ -8,6 +8,8 @@ what installing a new version does to a running server.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import selectors
 import shutil
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, WAIT, Client, Cluster, wait_for
+from conftest import REPO, WAIT, Client, Cluster, free_port, wait_for
 
 Make = Callable[..., Cluster]
 UPGRADE_TIMEOUT = 150.0
@@ -230,6 +232,51 @@ def test_the_new_code_is_what_runs_after_the_upgrade(make_cluster: Make, tmp_pat
     upgraded(cl)
     a.say("/help")
     a.wait_line(r"\*\*\* \(this is the upgraded build\)")
+
+
+def test_an_upgrade_after_the_address_and_runtime_dir_changed_in_the_config_keeps_them(make_cluster: Make,
+                                                                                         tmp_path: Path) -> None:
+    port = free_port()
+    runtime_dir = tmp_path / "rt"
+    config = tmp_path / "chatcluster.toml"
+    config.write_text(f'[server]\nport = {port}\nruntime_dir = "{runtime_dir}"\n')
+    cl = make_cluster(2, config=str(config), port=port, start=False)
+    for flag in ("--port", "--runtime-dir"):  # both come from the file alone
+        i = cl.args.index(flag)
+        del cl.args[i:i + 2]
+    cl.log_path = os.path.normpath(cl.log_path)
+    os.rmdir(cl.runtime_dir)
+    cl.runtime_dir = str(runtime_dir)
+    cl.start()
+    a, b = cl.clients_on_distinct_workers(2)
+    other_port = free_port()
+    config.write_text(f'[server]\nport = {other_port}\nruntime_dir = "{tmp_path / "elsewhere"}"\nbacklog = 128\n'
+                      f'[chat]\nwelcome = "*** Hi again {{nick}}"\n')
+    done = upgrade(cl)  # found through the port and runtime directory the cluster runs with
+    assert done.returncode == 0, f"upgrade failed: {done.stderr}\n{cl.read_log()[-4000:]}"
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"chatcluster (pid {cl.pid}) upgraded: generation 2 serves")
+    assert lines[1:] == [
+        "settings applied: welcome='*** Hi again {nick}'",
+        f"changed but not applied, a restart is needed: port ({port} -> {other_port}), backlog (4096 -> 128), "
+        f"runtime_dir ('{runtime_dir}' -> '{tmp_path / 'elsewhere'}')",
+    ]
+    assert generations(cl) == {2} and not (tmp_path / "elsewhere").exists()
+    a.say("after the upgrade")
+    b.wait_line(rf"{a.nick}: after the upgrade")
+    newcomer = cl.client(welcome=False)  # on the port it always had
+    newcomer.wait_line(r"\*\*\* Hi again \S+")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", other_port), timeout=2).close()
+    status = subprocess.run([sys.executable, "-m", "chatcluster", "status", "--json", "--port", str(port),
+                             "--runtime-dir", str(runtime_dir)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["port"] == port
+    stop = subprocess.run([sys.executable, "-m", "chatcluster", "stop", "--port", str(port), "--runtime-dir",
+                           str(runtime_dir)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    assert cl.wait_exit() == 0
+    assert not runtime_dir.exists()  # created by the cluster, so removed by it, upgrade or not
 
 
 class Notifications:
