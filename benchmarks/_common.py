@@ -195,6 +195,8 @@ class Server:
             "--no-announce-joins",
             "--max-clients",
             "200000",
+            "--max-clients-per-ip",
+            "0",
             *self.extra_args,
         ]
 

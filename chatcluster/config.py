@@ -185,9 +185,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "max_clients_per_ip",
-        0,
+        50,
         int,
-        "Most clients from one address across the cluster; 0 means no limit.",
+        "Most clients from one address across the cluster; 0 means no limit (raise it behind a large NAT).",
         live=True,
         check=_between(0, 10_000_000),
         section="limits",

@@ -157,6 +157,10 @@ class Cluster:
         self.log_path = os.path.join(self.runtime_dir, "..", os.path.basename(self.runtime_dir) + ".log")
         self.args = [sys.executable, "-m", "chatcluster", "start", "--workers", str(workers), "--host",
                      "127.0.0.1", "--port", str(self.port), "--runtime-dir", self.runtime_dir, *extra]
+        if config is None and "--max-clients-per-ip" not in extra:
+            # Every test client comes from 127.0.0.1: the per-address limit (default 50) is off
+            # unless a test is about it.
+            self.args += ["--max-clients-per-ip", "0"]
         if config:
             self.args += ["--config", config]
         self.env = {**os.environ, **(env or {})}
