@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-blast", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--server-args", nargs="*", default=[], help="more arguments for chatcluster start")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.blast = 5.0, 3.0
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     _common.raise_open_file_limit()
     busy_before = _common.warn_if_busy()
     server = Server("chatcluster", workers=args.workers, log_name="fast_sender",
-                    extra_args=["--worker-timeout", "5"]).start()
+                    extra_args=["--worker-timeout", "5", *args.server_args]).start()
     blast: dict[str, Any] = {}
     proc = None
     try:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         lines_per_sender = max(1, round(args.rate / args.senders * args.duration))
         plans = loadgen.plan_clients(
             server.host, server.port, receivers=args.clients - args.senders, senders=args.senders,
-            lines_per_sender=lines_per_sender, processes=1, line_bytes=60, total_rate=args.rate,
+            lines_per_sender=lines_per_sender, processes=2, line_bytes=60, total_rate=args.rate,
             sample_every=1, hot_receivers=100, cold_interval=0.25, connect_rate=3000.0,
             deadline_s=args.duration + 180,
         )

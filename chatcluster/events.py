@@ -40,6 +40,7 @@ TAKEN = 17
 LEFT = 18
 ADOPTED = 19
 REPLY = 20
+PRESSURE = 21
 
 # Why a claim was refused (Refused.why).
 TAKEN_WHY, FULL, PER_IP = "taken", "full", "address"
@@ -198,6 +199,19 @@ class Whois(Event, kind=WHOIS):
     now: float
 
 
+class Pressure(Event, kind=PRESSURE):
+    """A worker's clients are not taking their output (on=1), or take it again (on=0).
+
+    While any worker is under pressure, every worker stops reading its heavy senders (clients
+    that use their whole read budget in a loop pass), so one client sending as fast as TCP
+    allows cannot bury everyone else's lines under its own; the others are read as usual.
+    """
+
+    __slots__ = ()
+    worker: str
+    on: int
+
+
 # -- what the broker puts in the stream --------------------------------------------------------
 
 
@@ -297,7 +311,7 @@ class Malformed(Event):
 
 KINDS: dict[int, type[Event]] = {cls.KIND: cls for cls in (
     Chat, Me, Join, Nick, Leave, Hello, Snapshot, Resync, Gone, Ping, Adopt, Handoff, Who, Whois,
-    Joined, Refused, Renamed, Taken, Left, Adopted, Reply)}
+    Joined, Refused, Renamed, Taken, Left, Adopted, Reply, Pressure)}
 
 # Requests the broker's roster decides (see roster.Roster.decide).
 ROSTER_REQUESTS: frozenset[type[Event]] = frozenset({Join, Nick, Leave, Hello, Resync, Gone, Adopt, Who, Whois})

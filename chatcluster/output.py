@@ -13,6 +13,7 @@ sockets; it never reads them and knows nothing of chat.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -39,6 +40,9 @@ class Output:
         self.close = close  # the worker's: forget the client, close the socket, tell the chat core
         self.worker_no = worker_no
         self.dirty: list[Client] = []
+        # Clients whose kernel buffer is full, with output still queued here, and since when
+        # they have not caught up: the measure of whether the clients keep up (backpressure).
+        self.stuck: dict[int, tuple[Client, float]] = {}
         self.lines_out = 0
         self.bytes_out = 0
         self.dropped = 0  # clients disconnected for not reading
@@ -134,14 +138,33 @@ class Output:
         if sent == len(data):
             c.out = None
             c.outlen = 0
+            if self.stuck:
+                self.stuck.pop(c.conn, None)
             if c.closing:
                 self.close(c, "")
             return
         # The kernel buffer is full: keep the rest; EPOLLOUT (edge) says when to go on.
         c.out = [data[sent:]]
         c.outlen = len(data) - sent
+        if not c.closing and c.conn not in self.stuck:
+            self.stuck[c.conn] = (c, time.monotonic())
         if c.outlen > self.limits.max_sendq_bytes and not c.closing:
             self.kick_slow_reader(c)
+
+    def forget(self, c: Client) -> None:
+        """The client is gone from this worker: drop what was queued for it."""
+        c.out = None
+        c.outlen = 0
+        self.stuck.pop(c.conn, None)
+
+    def lagging_bytes(self, now: float, within: float) -> int:
+        """Output queued here for clients whose kernel buffer filled up less than `within` seconds ago
+        and who have not caught up since. A client that has not caught up for longer is a slow
+        reader, which the send queue limit deals with: it must not hold everyone else back."""
+        lagging = [c.outlen for c, since in self.stuck.values() if now - since < within]
+        # One client falling behind is its own problem (the send queue limit); several at once is
+        # congestion.
+        return sum(lagging) if len(lagging) >= 2 else 0
 
     def kick_slow_reader(self, c: Client) -> None:
         log.warning("worker %d: disconnecting %s (conn %d): %d bytes unsent, over max_sendq_bytes=%d",

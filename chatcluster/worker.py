@@ -34,6 +34,7 @@ from . import chat as C
 from . import dispatch
 from . import events as E
 from . import stats as S
+from .backpressure import Backpressure
 from .bus import BusClient, Endpoints
 from .client import Client, bucket_of, reader_of
 from .config import Config
@@ -55,11 +56,14 @@ UNLIMITED = sys.maxsize  # the line budget without flood control
 # and is read again in the next pass, after the others (edge-triggered epoll will not say it
 # again); TCP pushes back on it meanwhile.
 READ_BUDGET = RECV_SIZE
+HEAVY_LEAST = 4096  # a heavy sender waits until its share allows at least this much
+LAGGING = 2.0  # a client behind for longer than this is a slow reader, not a sign of congestion
 ACCEPTS_PER_WAKE = 256
 BUS_BATCHES_PER_PASS = 512
-# Bus traffic taken in per loop pass, for the same reason: the rest waits in the SUB queue and
-# the loop comes back to it at once (poll with timeout 0 while the bus is readable).
-BUS_BYTES_PER_PASS = 1 << 20
+# The kernel's send buffer of a client socket. Left to autotuning it grows to megabytes per
+# client (net.ipv4.tcp_wmem), where output waits unseen: a chat line needs little buffering, and
+# output queued here is what the send queue limit and the backpressure below can see.
+SEND_BUFFER = 64 << 10
 # Clients given their output per loop pass. A broadcast to a large room is sent in slices, and
 # between two slices the loop reads its clients and drains the bus: a line said meanwhile is
 # published at once and joins the output of the clients not served yet, instead of waiting
@@ -128,6 +132,11 @@ class Worker:
         self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
         self.ready: list[Client] = []  # clients that used their read budget with input left over
         self.ready_conns: set[int] = set()
+        self.parked: list[Client] = []  # heavy senders waiting for their share (see backpressure)
+        self.backpressure = Backpressure(worker_id)
+        self.heavy: set[int] = set()  # conns of clients that used their whole read budget last time
+        self.pass_left = 0  # bytes all clients together may still be read for in this pass
+        self.bus_behind_since = 0.0  # when the bus was last left undrained at the end of a pass (0: drained)
         self.lingering: list[tuple[float, int]] = []  # (deadline, conn) for closing clients
         self.listen_resume = 0.0  # when a listener paused by the shedder polls again
         self.started = time.time()
@@ -228,6 +237,7 @@ class Worker:
             events = self.ep.poll(timeout)
         except InterruptedError:
             events = []
+        self.pass_left = self.backpressure.pass_budget()
         by_fd = self.registry.by_fd
         output = self.output
         for fd, ev in events:
@@ -256,6 +266,13 @@ class Worker:
         now = time.monotonic()
         if self.timers and self.timers[0][0] <= now:
             self.run_timers(now)
+        if self.bus.readable():
+            if not self.bus_behind_since:
+                self.bus_behind_since = now
+        else:
+            self.bus_behind_since = 0.0
+        if self.output.stuck or self.parked or self.bus_behind_since or self.backpressure.active:
+            self.update_pressure(now)
         self.housekeeping(now)
         if self.stop_signal:
             self.begin_stop(now)
@@ -263,9 +280,11 @@ class Worker:
 
     def _poll_timeout(self) -> float:
         # Work left over from the last pass is never left waiting for an event that will not come.
+        if self.ready and not self.backpressure.calm:
+            return 0.001  # the pass's read budget is small under pressure: let the clients drain a little
         if self.output.dirty or self.outgoing or self.ready or self.bus.readable():
             return 0.0
-        timeout = HEARTBEAT_EVERY
+        timeout = 0.01 if self.parked else HEARTBEAT_EVERY  # parked senders get their share soon
         if self.timers:
             timeout = min(timeout, max(0.0, self.timers[0][0] - time.monotonic()))
         return timeout
@@ -299,14 +318,15 @@ class Worker:
         """
         if not self.registry.remove(c):
             return False
+        self.heavy.discard(c.conn)
+        self.ready_conns.discard(c.conn)
         # Unregister before close: epoll tracks the open file, not the number, so an fd closed
         # while registered could keep reporting events under a number the kernel reuses.
         try:
             self.ep.unregister(c.fd)
         except OSError:
             pass
-        c.out = None
-        c.outlen = 0
+        self.output.forget(c)
         return True
 
     def close(self, c: Client, reason: str) -> None:
@@ -356,6 +376,7 @@ class Worker:
                     continue
                 raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             if s.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, s.keepalive_idle)
@@ -384,17 +405,31 @@ class Worker:
         limited = s.flood_rate > 0
         reader = reader_of(c, s)
         recv = c.sock.recv
-        budget_left = READ_BUDGET
+        # A heavy sender (one that used its whole budget last time) gets what the heavy senders'
+        # share allows now (see backpressure); everyone else a full budget.
+        heavy = c.conn in self.heavy
+        budget_left = min(READ_BUDGET, self.backpressure.allowance(time.monotonic())) if heavy else READ_BUDGET
+        if heavy and budget_left < HEAVY_LEAST:
+            self.read_later(c)
+            return
+        # What all clients together may still send in this pass (much less under pressure).
+        if self.pass_left <= 0:
+            self.read_later(c)
+            return
+        budget_left = min(budget_left, self.pass_left)
         while True:
             if c.pending:
                 data, c.pending = c.pending, b""
             elif budget_left <= 0:
+                if self.pass_left > 0:
+                    self.heavy.add(c.conn)  # it used its own budget, not just the pass's
                 self.read_later(c)  # its turn is over for this pass; the rest waits in the kernel
                 return
             else:
                 try:
-                    data = recv(RECV_SIZE)
+                    data = recv(RECV_SIZE if budget_left >= RECV_SIZE else budget_left)
                 except BlockingIOError:
+                    self.heavy.discard(c.conn)
                     break
                 except OSError:
                     self.close(c, "connection lost")
@@ -403,6 +438,9 @@ class Worker:
                     c.eof = True
                     break
                 budget_left -= len(data)
+                self.pass_left -= len(data)
+                if heavy:
+                    self.backpressure.spend(len(data))
                 c.last_rx = time.monotonic()
             now = time.monotonic()
             budget = bucket_of(c, s, now).available(now) if limited else UNLIMITED
@@ -422,14 +460,21 @@ class Worker:
             self.end_of_input(c)
 
     def read_later(self, c: Client) -> None:
-        if c.conn not in self.ready_conns:
-            self.ready_conns.add(c.conn)
+        """Read `c` again in a later pass: the next one, or, for a heavy sender without a share
+        left, once the share allows (parked off the ready list, so the loop does not spin)."""
+        if c.conn in self.ready_conns:
+            return
+        self.ready_conns.add(c.conn)
+        if c.conn in self.heavy and self.backpressure.allowance(time.monotonic()) < HEAVY_LEAST:
+            self.parked.append(c)
+        else:
             self.ready.append(c)
 
     def read_leftovers(self) -> None:
         """Read the clients that had input left at the end of their turn, in the order they came."""
         ready, self.ready = self.ready, []
-        self.ready_conns.clear()
+        for c in ready:
+            self.ready_conns.discard(c.conn)
         for c in ready:
             if c in self.registry and not c.throttled:
                 self.read(c)
@@ -499,6 +544,12 @@ class Worker:
     def batch_done(self, publisher: str, events: list[E.Event], effects: list[C.Effect]) -> None:
         if len(effects) > 1 and publisher == self.worker_id:
             self.log_refusals(effects)
+        if publisher != self.worker_id:
+            for ev in events:
+                if type(ev) is E.Pressure:
+                    self.backpressure.heard(ev, time.monotonic())
+                elif type(ev) is E.Gone:
+                    self.backpressure.gone(ev.worker)
         if self.handoff is not None:
             self.handoff.after_batch(publisher, events)  # an upgrade's cut point?
 
@@ -513,7 +564,7 @@ class Worker:
 
     def handle_bus(self) -> None:
         core = self.core
-        budget = BUS_BYTES_PER_PASS
+        budget = self.backpressure.bus_budget()
         for _ in range(8):
             if budget <= 0:
                 break  # the rest in the next pass (the loop polls with timeout 0 meanwhile)
@@ -541,6 +592,18 @@ class Worker:
                          before.data.decode(errors="replace").strip())
 
     # -- housekeeping, reload, stop -----------------------------------------------------------
+
+    def update_pressure(self, now: float) -> None:
+        """Tell the cluster whether our clients keep up; give parked heavy senders their turn."""
+        stuck = self.output.lagging_bytes(now, LAGGING) if self.output.stuck else 0
+        behind = now - self.bus_behind_since if self.bus_behind_since else 0.0
+        self.outgoing.extend(self.backpressure.tick(now, stuck, behind))
+        if self.parked and self.backpressure.allowance(now) >= HEAVY_LEAST:
+            parked, self.parked = self.parked, []
+            for c in parked:
+                self.ready_conns.discard(c.conn)
+                if c in self.registry:
+                    self.read_later(c)
 
     def housekeeping(self, now: float) -> None:
         while self.lingering and self.lingering[0][0] <= now:

@@ -85,6 +85,7 @@ class Client:
         self.nick = ""
 
     def send(self, data: bytes | str) -> None:
+        self.sock.settimeout(WAIT)  # reads leave a short timeout behind; a large write may wait longer
         self.sock.sendall(data.encode() if isinstance(data, str) else data)
 
     def say(self, text: str) -> None:

@@ -29,7 +29,7 @@ SAMPLES: list[E.Event] = [
     E.Resync([("w1", 1, "Ann", 1.0, "::1")]), E.Gone("w2", ["Ann"]), E.Ping(), E.Adopt("w1", 4, 11),
     E.Handoff("w2", 3), E.Who(6), E.Whois(7, "Ann", 2.5), E.Joined(8, "Ed", ""), E.Refused(9, "Fi", E.FULL, ""),
     E.Renamed(10, "Gu", "Ha"), E.Taken(11, "Ix", 1), E.Left(12, "Jo", "quit"), E.Adopted("w1", 4, 11, 1),
-    E.Reply(13, "*** 1 user online: Ann"),
+    E.Reply(13, "*** 1 user online: Ann"), E.Pressure("w2", 1),
 ]
 
 
