@@ -41,6 +41,7 @@ from _common import REPO_ROOT, print_table
 sys.path.insert(0, str(REPO_ROOT))
 
 from chatcluster import bus, chat, protocol, roster  # noqa: E402
+from chatcluster import stats as S  # noqa: E402
 from chatcluster import worker as W  # noqa: E402
 
 LINE = b"#-1,1234:" + b"x" * 50 + b"\n"
@@ -95,7 +96,7 @@ def per_recipient_python(clients: int, rounds: int) -> dict[str, float]:
     """Nanoseconds of Python per recipient: queueing a broadcast, and the flush around send()."""
     w = W.Worker.__new__(W.Worker)  # only the parts apply() and flush_dirty() use
     w.clients, w.by_conn, w.room, w.dirty, w.outgoing = {}, {}, {}, [], []
-    w.bytes_out = w.lines_out = 0
+    w.counters = S.WorkerCounters()
     w.cfg = types.SimpleNamespace(max_sendq_bytes=1 << 20)
     w.collect = None
     for i in range(clients):

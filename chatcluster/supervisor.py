@@ -32,6 +32,7 @@ from . import sdnotify
 from . import stats as S
 from . import upgrade as U
 from .config import Config, ConfigError, load
+from .exporter import MetricsProcess
 from .worker import EXIT_BOOT_FAILED
 
 log = logging.getLogger("chatcluster.supervisor")
@@ -70,6 +71,7 @@ class WorkerProc:
     retire_deadline: float = 0.0
     reload_pending: bool = False  # a HUP came while it booted: send it one once it is ready
     killed: str = ""  # why the supervisor killed it, for the log line when it is reaped
+    cause: str = "crash"  # why it is replaced when it dies, counted in the stats file (S.RESTART_CAUSES)
 
 
 @dataclass
@@ -122,6 +124,7 @@ class Supervisor:
     reload_waiting: list[int] = field(default_factory=list)  # pids of the workers told to apply it
     reload_deadline: float = 0.0
     upgrade: U.Upgrade | None = None  # while `chatcluster upgrade` (USR2) is under way
+    metrics: MetricsProcess | None = None  # the /metrics endpoint's process (metrics_listen)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class Supervisor:
         try:
             # After an upgrade's re-exec the workers are running: keep their slots.
             self.stats = S.StatsFile(os.path.join(self.runtime_dir, "stats"), create=not U.resuming())
+            self.metrics = (MetricsProcess.after_exec if U.resuming() else MetricsProcess)(
+                self.cfg.metrics_listen, self.runtime_dir, self.stats)
             self.write_live_config()
             self.write_pid_file()
             for name in HANDLED:
@@ -242,7 +247,7 @@ class Supervisor:
                 pin_to_cpu(slot, no)
             return worker.main(cfg, no, f"w{no}", slot, generation, runtime_dir, stats, succeeds)
 
-        self.stats.write(slot, 0, S.BOOTING, no, generation, time.time(), time.monotonic(), 0, 0, 0, 0, 0, 0, 0, 0)
+        self.stats.begin_slot(slot, no, generation)
         pid = self._fork(f"worker {no}", body)
         proc = WorkerProc(pid, no, slot, generation, time.monotonic())
         self.workers[pid] = proc
@@ -311,6 +316,8 @@ class Supervisor:
             if pid == self.broker_pid:
                 self.broker_died(pid, status)
                 continue
+            if self.metrics is not None and self.metrics.reaped(pid, status, self.stopping is not None):
+                continue
             proc = self.workers.pop(pid, None)
             if proc is None:
                 if self.upgrade is not None:
@@ -340,6 +347,7 @@ class Supervisor:
                       f"(see its error above)")
             return
         log.error("worker %d (pid %d) %s%s", proc.no, proc.pid, how, f" after {proc.killed}" if proc.killed else "")
+        self.stats.supervisor.count_restart(proc.cause)
         backoff = self.backoffs.setdefault(proc.slot, Backoff())
         delay = backoff.died(now - proc.started, now)
         if delay:
@@ -356,6 +364,7 @@ class Supervisor:
         if not self.announced_ready and os.waitstatus_to_exitcode(status) > 0:
             self.halt(f"the bus broker (pid {pid}) {how} before the cluster was ever ready (see its error above)")
             return
+        self.stats.supervisor.broker_restarts += 1
         now = time.monotonic()
         delay = self.broker_backoff.died(now - self.broker_started, now)
         log.error("broker (pid %d) %s; restarting it%s", pid, how, f" in {delay:.2f} s" if delay else "")
@@ -379,6 +388,8 @@ class Supervisor:
                 live.append(self.spawn_worker(slot, replacing=dead_no))
         while len(live) + len(self.respawns) < self.target:
             live.append(self.spawn_worker())
+        if self.metrics is not None:
+            self.metrics.maintain(now, self._fork)
         # Every new worker of an upgrade has an old one to take over from: scale down after it.
         extra = 0 if self.upgrade is not None else len(live) - self.target
         for proc in sorted(live, key=lambda w: -w.no)[: max(0, extra)]:
@@ -400,11 +411,13 @@ class Supervisor:
                         proc.reload_pending = False
                         self.kill(proc.pid, signal.SIGHUP)
                 elif now - proc.started > BOOT_TIMEOUT:
+                    proc.cause = "boot_timeout"
                     self.kill_worker(proc, f"not accepting connections {BOOT_TIMEOUT:.0f} s after it started")
                 continue
             if proc.retiring and now > proc.retire_deadline:
                 self.kill_worker(proc, f"still draining {self.cfg.graceful_timeout:g} s after it was retired")
             elif view.pid == proc.pid and now - view.heartbeat > self.cfg.worker_timeout:
+                proc.cause = "heartbeat_timeout"
                 self.kill_worker(proc, f"no heartbeat for {now - view.heartbeat:.1f} s "
                                        f"(worker_timeout={self.cfg.worker_timeout:g})")
 
@@ -504,10 +517,12 @@ class Supervisor:
             new = load(self.config_path, self.overrides)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
+            self.stats.supervisor.reloads_refused += 1
             self._write_json("reload.json", {"seq": self.reloads, "ok": False, "config": self.config_path,
                                              "error": str(exc), "applied": {}, "restart": {}})
             sdnotify.ready(self.status_text())
             return
+        self.stats.supervisor.reloads_succeeded += 1
         live, restart = self.cfg.live_changes(new)
         self.cfg = Config(values={**self.cfg.values, **live}, source=new.source)
         self.write_live_config()
@@ -590,6 +605,8 @@ class Supervisor:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.exit_code:
             log.info("stopped after a failure (exit status %d)", self.exit_code)
         else:
@@ -612,6 +629,8 @@ class Supervisor:
         """Leave nothing behind: no process, no file of ours in the runtime directory."""
         for pid in list(self.workers) + ([self.broker_pid] if self.broker_pid else []):
             self.kill(pid, signal.SIGKILL)
+        if self.metrics is not None:
+            self.metrics.kill()
         for path in self.pid_files:
             try:
                 with open(path) as fh:

@@ -185,10 +185,9 @@ class Worker:
         self.handoff_requested = False
         self.frozen = False  # a giver past its cut point: read nothing more
         self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
-        self.lines_in = 0
-        self.lines_out = 0
-        self.bytes_out = 0
-        self.dropped = 0
+        # This worker's figures, written to its stats slot by beat(): they count on from what the
+        # workers before it in the same slot counted, so the cluster's counters never go backwards.
+        self.counters = stats.resume_slot(slot, os.getpid(), worker_no, generation, self.started)
         # One descriptor held in reserve: when accept() fails with EMFILE, closing it lets us
         # accept and immediately close the waiting connection instead of spinning on it.
         self.spare_fd: int | None = os.open(os.devnull, os.O_RDONLY)
@@ -329,6 +328,7 @@ class Worker:
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
+            self.counters.accepted += 1
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if cfg.tcp_keepalive:
@@ -373,7 +373,7 @@ class Worker:
                 sock, _ = self.listener.accept()
                 sock.close()
                 shed = True
-                self.dropped += 1
+                self.counters.dropped += 1
             except OSError:
                 pass
             self.spare_fd = _open_spare()
@@ -438,7 +438,7 @@ class Worker:
             if type(ev) is Line:
                 if not ev.text.strip():
                     continue
-                self.lines_in += 1
+                self.counters.lines_received += 1
                 self.apply(core.line(conn, ev.text, time.time()))
             else:
                 self.apply(core.line_too_long(conn, ev.limit))
@@ -509,7 +509,7 @@ class Worker:
                     count += 1
                     if c.outlen > limit:
                         over = [c] if over is None else [*over, c]
-                self.lines_out += count * data.count(b"\n")  # a broadcast may carry a run of lines
+                self.counters.lines_delivered += count * data.count(b"\n")  # a broadcast may carry a run of lines
                 if over is not None:
                     for slow in over:
                         self.enforce_sendq(slow)
@@ -580,7 +580,7 @@ class Worker:
         except OSError:
             self.close(c, "connection lost")
             return
-        self.bytes_out += sent
+        self.counters.bytes_delivered += sent
         if sent == len(data):
             c.out = None
             c.outlen = 0
@@ -596,7 +596,7 @@ class Worker:
     def kick_slow_reader(self, c: Client) -> None:
         log.warning("worker %d: disconnecting %s (conn %d): %d bytes unsent, over max_sendq_bytes=%d",
                     self.worker_no, c.ip, c.conn, c.outlen, self.cfg.max_sendq_bytes)
-        self.dropped += 1
+        self.counters.dropped += 1
         try:
             c.sock.send(SLOW_READER_LINE)
         except OSError:
@@ -650,6 +650,7 @@ class Worker:
                     self.last_hello = time.monotonic()
                 elif publisher == GAP:
                     log.warning("worker %d: bus gap detected: %s", self.worker_no, payload)
+                    self.counters.bus_gaps += 1
                     if self.core.ready:
                         # Told before the lines that follow the gap, once per broker epoch.
                         self.apply(self.core.messages_lost())
@@ -663,6 +664,7 @@ class Worker:
                     if self.handoff is not None:
                         self.handoff.after_batch(publisher, payload)  # an upgrade's cut point?
             if self.core.undelivered > undelivered:
+                self.counters.bus_gaps += self.core.undelivered - undelivered
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
                             "and were not delivered", self.worker_no, self.core.undelivered - undelivered)
 
@@ -729,10 +731,10 @@ class Worker:
 
     def beat(self, state: int) -> None:
         self.last_beat = time.monotonic()
-        self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
-                         self.last_beat, len(self.room), self.lines_in, self.lines_out, self.bytes_out,
-                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.clients),
-                         self.config_version)
+        k = self.counters
+        k.state, k.heartbeat, k.config_version = state, self.last_beat, self.config_version
+        k.clients, k.connections = len(self.room), len(self.clients)
+        self.stats.write_slot(self.slot, k)
 
     def reload(self) -> None:
         """Apply live settings written by the supervisor to RUNTIME_DIR/config.json."""
@@ -806,7 +808,7 @@ class Worker:
             self.close(c, "server shutting down")
         if self.outgoing:
             self.publish()
-        self.stats.clear(self.slot)
+        self.beat(S.FREE)  # the final figures, and the slot is free
         self.bus.close()
         self.ctx.term()
         log.info("worker %d exits", self.worker_no)
