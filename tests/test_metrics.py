@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -246,6 +247,73 @@ def test_status_and_metrics_modules_do_not_load_zmq() -> None:
             "print('zmq' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.stdout.strip() == "False", out
+
+
+# --- deploy/monitoring: what operators install beside Prometheus and Grafana -------------------------
+
+MONITORING = REPO / "deploy" / "monitoring"
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool (Debian package prometheus) not installed")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=MONITORING, timeout=60)
+
+
+@needs_promtool
+def test_promtool_accepts_the_alert_rules() -> None:
+    result = promtool("check", "rules", "chatcluster-alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_the_alerts_fire_when_and_only_when_they_should() -> None:
+    result = promtool("test", "rules", "chatcluster-alerts.test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_promtool
+def test_promtool_accepts_the_scrape_config() -> None:
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def exported_names(snap: snapshot.Snapshot) -> set[str]:
+    """Every series name the collector can produce (broker figures and rooms included)."""
+    snap.broker.heartbeat = snap.taken
+    snap.rooms = snapshot.RoomTotals(rooms=0, members=0)
+    names = set()
+    for family in metrics.families(snap):
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
+        names |= {family.name + suffix for suffix in suffixes}
+    return names
+
+
+def names_in(text: str) -> set[str]:
+    return set(re.findall(r"\bchatcluster_[a-z_]+\b", text))
+
+
+def test_the_alert_rules_use_only_exported_metrics(two_positions: snapshot.Snapshot) -> None:
+    rules = (MONITORING / "chatcluster-alerts.yml").read_text()
+    used = names_in(rules)
+    assert used and used <= exported_names(two_positions), used - exported_names(two_positions)
+    for alert in ("heartbeat_age_seconds", "worker_restarts_total", "bus_gaps_total", 'reason="sendq"',
+                  'reason="emfile"'):
+        assert alert in rules, alert
+
+
+def test_the_dashboard_queries_only_exported_metrics_of_the_chosen_cluster(
+    two_positions: snapshot.Snapshot,
+) -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs and all('instance=~"$instance"' in e for e in exprs)
+    used = names_in(" ".join(exprs))
+    assert used <= exported_names(two_positions), used - exported_names(two_positions)
+    for required in ("chatcluster_clients", "chatcluster_delivery_latency_seconds_bucket",
+                     "chatcluster_disconnects_total", "chatcluster_heartbeat_age_seconds"):
+        assert required in used
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
 # --- a real cluster ----------------------------------------------------------------------------------
