@@ -50,7 +50,7 @@ class Snapshot:
     supervisor_pid: int
     runtime_dir: str
     taken: float  # CLOCK_MONOTONIC, the clock of every heartbeat
-    header: S.HeaderView
+    header: S.Header
     broker: S.BrokerCounters
     positions: list[S.SlotView]  # every worker position the file has seen, live or not
     processes: list[ProcessFigures] = field(default_factory=list)

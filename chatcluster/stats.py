@@ -57,64 +57,10 @@ REFUSE_REASONS = ("server_full", "per_ip", "emfile")
 CLOSE_REASONS = ("quit", "reset", "idle", "sendq", "flood", "shutdown", "handoff")
 RESTART_CAUSES = ("crash", "heartbeat_timeout", "boot_timeout")
 
-# -- layout ---------------------------------------------------------------------------------------
-# The header: supervisor-written fields, in file order, then the histogram bounds. 8-byte fields
-# sit at 8-byte offsets, so each is written by one machine store.
-_HEADER_FIELDS: tuple[tuple[str, str], ...] = (
-    ("supervisor_pid", "i"), ("broker_pid", "i"), ("generation", "i"), ("target", "i"), ("port", "i"),
-    ("exporter_pid", "i"),  # the metrics endpoint's process; 0 when there is none
-    ("supervisor_heartbeat", "d"),
-    *((f"worker_restarts_{cause}", "Q") for cause in RESTART_CAUSES),
-    ("broker_restarts", "Q"),
-    ("reloads_succeeded", "Q"), ("reloads_refused", "Q"),
-    ("upgrades_succeeded", "Q"), ("upgrades_refused", "Q"), ("upgrades_failed", "Q"),
-)
-_HEADER = struct.Struct("=" + "".join(code for _, code in _HEADER_FIELDS))
-_HEADER_AT = len(MAGIC)
-_BOUNDS = struct.Struct(f"=i4x{len(BUCKETS)}d")
-_BOUNDS_AT = _HEADER_AT + _HEADER.size
-
-# The broker's block: written by the broker alone.
-_BROKER_FIELDS: tuple[tuple[str, str], ...] = (
-    ("pid", "i"), ("_pad", "i"), ("started", "d"), ("heartbeat", "d"),
-    ("batches_in", "Q"), ("bytes_in", "Q"), ("batches_out", "Q"), ("bytes_out", "Q"),
-)
-_BROKER = struct.Struct("=" + "".join(code for _, code in _BROKER_FIELDS))
-_BROKER_AT = 384
-
-HEADER_SIZE = 512
-
-# A worker slot. The first part (_LIVE) is what the supervisor writes when it hands the slot
-# to a new worker and when it frees it; the rest only the worker writes.
-_LIVE_FIELDS: tuple[tuple[str, str], ...] = (
-    ("pid", "i"), ("state", "i"), ("worker_no", "i"), ("generation", "i"),
-    ("started", "d"), ("heartbeat", "d"),
-    ("clients", "Q"),  # gauges: welcomed clients, and every open connection (welcomed or not)
-    ("connections", "Q"),
-    ("config_version", "Q"),  # the supervisor's reload count the worker last applied
-)
-COUNTER_NAMES: tuple[str, ...] = (
-    "accepted",
-    *(f"refused_{r}" for r in REFUSE_REASONS),
-    *(f"closed_{r}" for r in CLOSE_REASONS),
-    "lines_received", "lines_delivered", "bytes_delivered",
-    "bus_batches_in", "bus_bytes_in", "bus_batches_out", "bus_bytes_out", "bus_gaps",
-    "dropped",  # clients cut for sendq plus connections shed on EMFILE, as `status` has always shown
-)
-_SLOT_FIELDS: tuple[tuple[str, str], ...] = (
-    *_LIVE_FIELDS,
-    *((name, "Q") for name in COUNTER_NAMES),
-    ("latency_sum", "d"), ("loop_sum", "d"),
-)
-_LIVE = struct.Struct("=" + "".join(code for _, code in _LIVE_FIELDS))
-SLOT = struct.Struct("=" + "".join(code for _, code in _SLOT_FIELDS) + f"{NBUCKETS}Q{NBUCKETS}Q")
-_SCALARS = tuple(name for name, _ in _SLOT_FIELDS)
-_WORKER_NO = struct.Struct("=i")  # at offset 8 of a slot
-_STATE = struct.Struct("=i")  # at offset 4 of a slot
-SIZE = HEADER_SIZE + SLOTS * SLOT.size
-
-assert _BOUNDS_AT + _BOUNDS.size <= _BROKER_AT and _BROKER_AT + _BROKER.size <= HEADER_SIZE
-assert SLOT.size % 8 == 0
+# -- the three records ----------------------------------------------------------------------------
+# Each record is declared once, as annotated attributes; its layout in the file follows from the
+# declaration (int: 8-byte signed, float: 8-byte double, in declaration order), so adding a figure
+# is adding one line (and bumping MAGIC).
 
 
 class WorkerCounters:
@@ -122,17 +68,54 @@ class WorkerCounters:
 
     The worker increments the attributes (`counters.lines_received += 1`), records histogram
     observations with `observe_latency` / `observe_loop`, sets `state` and `heartbeat`, and
-    writes the lot with `StatsFile.write_slot`. Adding a figure means adding a name to
-    COUNTER_NAMES (and bumping MAGIC), nothing else.
+    writes the lot with `StatsFile.write_slot`, one `pack_into`.
     """
 
-    __slots__ = (*_SCALARS, "latency", "loop")
+    # Identity and gauges. The supervisor writes these (up to config_version) when it hands the
+    # slot to a new worker and when it frees it; everything else only the worker writes.
+    pid: int
+    state: int
+    worker_no: int
+    generation: int
+    started: float  # unix time
+    heartbeat: float  # CLOCK_MONOTONIC
+    clients: int  # welcomed clients
+    connections: int  # every open client connection, welcomed or not
+    config_version: int  # the supervisor's reload count the worker last applied
+    # Counters: they only grow, over every worker that held the slot.
+    accepted: int
+    refused_server_full: int
+    refused_per_ip: int
+    refused_emfile: int
+    closed_quit: int
+    closed_reset: int
+    closed_idle: int
+    closed_sendq: int
+    closed_flood: int
+    closed_shutdown: int
+    closed_handoff: int
+    lines_received: int
+    lines_delivered: int
+    bytes_delivered: int
+    bus_batches_in: int
+    bus_bytes_in: int
+    bus_batches_out: int
+    bus_bytes_out: int
+    bus_gaps: int
+    dropped: int  # clients cut for sendq plus connections shed on EMFILE, as `status` has always shown
+    latency_sum: float
+    loop_sum: float
+    # Histograms: observations per bucket (not cumulative), NBUCKETS each.
+    latency: list[int]
+    loop: list[int]
+
+    __slots__ = tuple(__annotations__)
 
     def __init__(self) -> None:
         for name, code in _SLOT_FIELDS:
             setattr(self, name, 0.0 if code == "d" else 0)
-        self.latency: list[int] = [0] * NBUCKETS
-        self.loop: list[int] = [0] * NBUCKETS
+        self.latency = [0] * NBUCKETS
+        self.loop = [0] * NBUCKETS
 
     def observe_latency(self, seconds: float) -> None:
         """One line handed to the kernel `seconds` after the broker stamped its batch."""
@@ -161,6 +144,105 @@ class WorkerCounters:
         return k
 
 
+class _InPlace:
+    """A header field read and written directly in its record's buffer."""
+
+    def __init__(self, offset: int, code: str) -> None:
+        self.field = struct.Struct("=" + code)
+        self.offset = offset
+
+    def __get__(self, rec: Header, owner: type) -> Any:
+        return self.field.unpack_from(rec.buf, self.offset)[0]
+
+    def __set__(self, rec: Header, value: Any) -> None:
+        self.field.pack_into(rec.buf, self.offset, value)
+
+
+class Header:
+    """The supervisor's record, read and written in place in the buffer it is given.
+
+    `StatsFile.supervisor` is one over the live mapping, where the supervisor writes: a count
+    (`stats.supervisor.reloads_refused += 1`) is in the file at once, so nothing is lost when the
+    supervisor re-executes itself in an upgrade. `StatsFile.header()` is one over a copy: a
+    reading that does not change under the reader.
+    """
+
+    supervisor_pid: int
+    broker_pid: int
+    exporter_pid: int  # the metrics endpoint's process; 0 when there is none
+    generation: int
+    target: int  # workers wanted
+    port: int
+    supervisor_heartbeat: float  # CLOCK_MONOTONIC, at every pass of the supervisor's loop
+    worker_restarts_crash: int
+    worker_restarts_heartbeat_timeout: int
+    worker_restarts_boot_timeout: int
+    broker_restarts: int
+    reloads_succeeded: int
+    reloads_refused: int
+    upgrades_succeeded: int
+    upgrades_refused: int
+    upgrades_failed: int
+
+    def __init__(self, buf: mmap.mmap | bytearray) -> None:
+        self.buf = buf
+
+    def count_restart(self, cause: str) -> None:
+        """A worker is being replaced; `cause` is one of RESTART_CAUSES."""
+        name = f"worker_restarts_{cause}"
+        setattr(self, name, getattr(self, name) + 1)
+
+
+@dataclass
+class BrokerCounters:
+    """The broker's block. The broker counts in memory and writes it with `StatsFile.write_broker`;
+    a restarted broker starts from what its predecessor left (`StatsFile.broker_counters`)."""
+
+    pid: int = 0
+    started: float = 0.0  # unix time
+    heartbeat: float = 0.0  # CLOCK_MONOTONIC; 0 until a broker writes its block
+    batches_in: int = 0
+    bytes_in: int = 0
+    batches_out: int = 0
+    bytes_out: int = 0
+
+
+def _fields(annotations: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    codes = {"int": "q", "float": "d"}
+    return tuple((name, codes[kind]) for name, kind in annotations.items() if kind in codes)
+
+
+# -- layout ---------------------------------------------------------------------------------------
+_HEADER_FIELDS = _fields(Header.__annotations__)
+_HEADER = struct.Struct("=" + "".join(code for _, code in _HEADER_FIELDS))
+_HEADER_AT = len(MAGIC)
+_BOUNDS = struct.Struct(f"=q{len(BUCKETS)}d")
+_BOUNDS_AT = _HEADER_AT + _HEADER.size
+_BROKER_FIELDS = _fields(BrokerCounters.__annotations__)
+_BROKER = struct.Struct("=" + "".join(code for _, code in _BROKER_FIELDS))
+_BROKER_AT = 384
+HEADER_SIZE = 512
+
+_SLOT_FIELDS = _fields(WorkerCounters.__annotations__)
+_SCALARS = tuple(name for name, _ in _SLOT_FIELDS)
+_LIVE_FIELDS = _SLOT_FIELDS[: _SCALARS.index("config_version") + 1]  # what the supervisor writes
+_LIVE = struct.Struct("=" + "".join(code for _, code in _LIVE_FIELDS))
+SLOT = struct.Struct("=" + "".join(code for _, code in _SLOT_FIELDS) + f"{NBUCKETS}q{NBUCKETS}q")
+COUNTER_NAMES = tuple(name for name, code in _SLOT_FIELDS[len(_LIVE_FIELDS):] if code == "q")
+_STATE_AT = 8 * _SCALARS.index("state")  # every field is 8 bytes: scans read one field of each slot
+_WORKER_NO_AT = 8 * _SCALARS.index("worker_no")
+_FIELD = struct.Struct("=q")
+SIZE = HEADER_SIZE + SLOTS * SLOT.size
+
+_offset = _HEADER_AT
+for _name, _code in _HEADER_FIELDS:
+    setattr(Header, _name, _InPlace(_offset, _code))
+    _offset += 8
+assert _BOUNDS_AT + _BOUNDS.size <= _BROKER_AT and _BROKER_AT + _BROKER.size <= HEADER_SIZE
+assert {f"refused_{r}" for r in REFUSE_REASONS} | {f"closed_{r}" for r in CLOSE_REASONS} <= set(COUNTER_NAMES)
+assert {f"worker_restarts_{c}" for c in RESTART_CAUSES} <= set(Header.__annotations__)
+
+
 @dataclass
 class Histogram:
     """A histogram as read from the file: counts per bucket (not cumulative), their sum."""
@@ -182,13 +264,13 @@ class Histogram:
         return out
 
 
-@dataclass
 class SlotView:
-    """One worker position as read from the file, with its figures by name."""
+    """One worker position as read from the file: every figure of `WorkerCounters` by name."""
 
-    index: int
-    counters: WorkerCounters
-    bounds: tuple[float, ...]
+    def __init__(self, index: int, counters: WorkerCounters, bounds: tuple[float, ...]) -> None:
+        self.index = index
+        self.counters = counters
+        self.bounds = bounds
 
     def __getattr__(self, name: str) -> Any:
         # pid, state, clients, lines_received, closed_sendq, ... straight from the counters.
@@ -198,7 +280,7 @@ class SlotView:
 
     @property
     def live(self) -> bool:
-        return self.counters.state != FREE
+        return bool(self.counters.state != FREE)
 
     # The names the slot's figures had before they were named like the metrics.
     @property
@@ -226,94 +308,6 @@ class SlotView:
         return Histogram(self.bounds, self.counters.loop, self.counters.loop_sum)
 
 
-@dataclass
-class HeaderView:
-    supervisor_pid: int
-    broker_pid: int
-    generation: int
-    target: int
-    port: int
-    exporter_pid: int
-    supervisor_heartbeat: float
-    worker_restarts_crash: int
-    worker_restarts_heartbeat_timeout: int
-    worker_restarts_boot_timeout: int
-    broker_restarts: int
-    reloads_succeeded: int
-    reloads_refused: int
-    upgrades_succeeded: int
-    upgrades_refused: int
-    upgrades_failed: int
-
-
-@dataclass
-class BrokerCounters:
-    """The broker's block. The broker counts in memory and writes it with `StatsFile.write_broker`;
-    a restarted broker starts from what its predecessor left (`StatsFile.broker_counters`)."""
-
-    pid: int = 0
-    _pad: int = 0
-    started: float = 0.0
-    heartbeat: float = 0.0
-    batches_in: int = 0
-    bytes_in: int = 0
-    batches_out: int = 0
-    bytes_out: int = 0
-
-
-class _InPlace:
-    """A header field read and written directly in the mapping (the supervisor is its one writer)."""
-
-    def __init__(self, offset: int, code: str) -> None:
-        self.field = struct.Struct("=" + code)
-        self.offset = offset
-
-    def __get__(self, rec: SupervisorFields, owner: type) -> Any:
-        return self.field.unpack_from(rec.mem, self.offset)[0]
-
-    def __set__(self, rec: SupervisorFields, value: Any) -> None:
-        self.field.pack_into(rec.mem, self.offset, value)
-
-
-class SupervisorFields:
-    """The header's fields in place: `stats.supervisor.reloads_refused += 1` writes the file at once,
-    so nothing counted is lost when the supervisor re-executes itself in an upgrade."""
-
-    supervisor_pid: int
-    broker_pid: int
-    generation: int
-    target: int
-    port: int
-    exporter_pid: int
-    supervisor_heartbeat: float
-    worker_restarts_crash: int
-    worker_restarts_heartbeat_timeout: int
-    worker_restarts_boot_timeout: int
-    broker_restarts: int
-    reloads_succeeded: int
-    reloads_refused: int
-    upgrades_succeeded: int
-    upgrades_refused: int
-    upgrades_failed: int
-
-    def __init__(self, mem: mmap.mmap) -> None:
-        self.mem = mem
-
-    def count_restart(self, cause: str) -> None:
-        """A worker is being replaced; `cause` is one of RESTART_CAUSES."""
-        name = f"worker_restarts_{cause}"
-        setattr(self, name, getattr(self, name) + 1)
-
-
-_offset = _HEADER_AT
-for _name, _code in _HEADER_FIELDS:
-    setattr(SupervisorFields, _name, _InPlace(_offset, _code))
-    _offset += struct.calcsize("=" + _code)
-assert _offset == _BOUNDS_AT
-assert [n for n, _ in _HEADER_FIELDS] == list(HeaderView.__dataclass_fields__)
-assert [n for n, _ in _BROKER_FIELDS] == list(BrokerCounters.__dataclass_fields__)
-
-
 class StatsFile:
     def __init__(self, path: str, create: bool = False) -> None:
         self.path = path
@@ -336,7 +330,7 @@ class StatsFile:
             raise ValueError(f"{path} is not a chatcluster stats file of this version")
         n, *bounds = _BOUNDS.unpack_from(self.mem, _BOUNDS_AT)
         self.bounds: tuple[float, ...] = tuple(bounds[:n])
-        self.supervisor = SupervisorFields(self.mem)
+        self.supervisor = Header(self.mem)
 
     # -- the header (supervisor) ------------------------------------------------------------------
 
@@ -347,8 +341,9 @@ class StatsFile:
             supervisor_pid, broker_pid, generation, target, port)
         h.supervisor_heartbeat = time.monotonic()
 
-    def header(self) -> HeaderView:
-        return HeaderView(*_HEADER.unpack_from(self.mem, _HEADER_AT))
+    def header(self) -> Header:
+        """A copy of the header, to read."""
+        return Header(bytearray(self.mem[:HEADER_SIZE]))
 
     # -- the broker's block -----------------------------------------------------------------------
 
@@ -357,9 +352,7 @@ class StatsFile:
         return BrokerCounters(*_BROKER.unpack_from(self.mem, _BROKER_AT))
 
     def write_broker(self, counters: BrokerCounters) -> None:
-        k = counters
-        _BROKER.pack_into(self.mem, _BROKER_AT, k.pid, 0, k.started, k.heartbeat, k.batches_in, k.bytes_in,
-                          k.batches_out, k.bytes_out)
+        _BROKER.pack_into(self.mem, _BROKER_AT, *(getattr(counters, name) for name, _ in _BROKER_FIELDS))
 
     # -- worker slots -----------------------------------------------------------------------------
 
@@ -396,14 +389,14 @@ class StatsFile:
 
     def used(self) -> list[SlotView]:
         """The slots with a worker in them (booting, ready or stopping)."""
-        mem, state, size = self.mem, _STATE.unpack_from, SLOT.size
-        return [self.read(i) for i in range(SLOTS) if state(mem, HEADER_SIZE + i * size + 4)[0] != FREE]
+        mem, field, size = self.mem, _FIELD.unpack_from, SLOT.size
+        return [self.read(i) for i in range(SLOTS) if field(mem, HEADER_SIZE + i * size + _STATE_AT)[0] != FREE]
 
     def positions(self) -> list[SlotView]:
         """Every slot a worker ever had since the file was created: live ones and those whose
         worker is gone, whose counts still belong in every total."""
-        mem, no, size = self.mem, _WORKER_NO.unpack_from, SLOT.size
-        return [self.read(i) for i in range(SLOTS) if no(mem, HEADER_SIZE + i * size + 8)[0] != 0]
+        mem, field, size = self.mem, _FIELD.unpack_from, SLOT.size
+        return [self.read(i) for i in range(SLOTS) if field(mem, HEADER_SIZE + i * size + _WORKER_NO_AT)[0] != 0]
 
     def close(self) -> None:
         self.mem.close()

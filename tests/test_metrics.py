@@ -130,7 +130,7 @@ def received_bytes(c: Client) -> int:
     return sum(len(line.encode()) + 2 for line in c.lines) + len(c.buf)
 
 
-def header(cl: Cluster) -> S.HeaderView:
+def header(cl: Cluster) -> S.Header:
     stats = S.StatsFile(os.path.join(cl.runtime_dir, "stats"))
     try:
         return stats.header()
