@@ -462,7 +462,7 @@ def test_a_killed_endpoint_is_restarted_and_the_cluster_serves_on(make_cluster: 
 
 def test_counters_of_a_killed_worker_stay_in_its_positions_series(make_cluster: Callable[..., Cluster]) -> None:
     cl, port = with_metrics(make_cluster, 2, "--flood-rate", "0")
-    a, b = cl.clients_on_distinct_workers(2)
+    a, b = cl.client(), cl.client()
     for i in range(6):
         a.say(f"before {i}")
     b.wait_line(rf"{a.nick}: before 5")
@@ -675,6 +675,7 @@ def test_a_client_cut_for_its_sendq_is_counted_as_sendq(make_cluster: Callable[.
 def test_clients_of_a_retired_worker_are_counted_as_shutdown(make_cluster: Callable[..., Cluster]) -> None:
     cl, port = with_metrics(make_cluster, 2)
     clients = cl.clients_on_distinct_workers(2)
+    settled(port, lambda s: s.sum("chatcluster_connections_open") == 2, what="only the two placed clients left")
     cl.signal(signal.SIGTTOU)  # one worker fewer: its client is told and disconnected
     wait_for(lambda: any(closed_now(c) for c in clients), what="one client cut")
     quickly(port, lambda s: s.sum("chatcluster_disconnects_total", reason="shutdown") == 1, "one shutdown")
