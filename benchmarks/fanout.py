@@ -101,7 +101,18 @@ class Scraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> Scraper:
+    def start(self, timeout: float = 15.0) -> Scraper:
+        """Once the endpoint answers (the supervisor starts it just after the workers)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as answer:
+                    answer.read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.url} did not answer within {timeout:.0f} s") from None
+                time.sleep(0.05)
         self._thread.start()
         return self
 
