@@ -10,6 +10,7 @@ fresh server, and the script prints both and the ratio of delivered lines/s.
     python benchmarks/fanout.py                      # both servers, full size
     python benchmarks/fanout.py --quick              # smoke run: 50 receivers, 2,000 lines each
     python benchmarks/fanout.py --server baseline    # one server only
+    python benchmarks/fanout.py --server chatcluster --scrape-every 0.1   # with /metrics scraped meanwhile
 
 Targets: 0 lost, chatcluster >= 20x the baseline's lines/s.
 Writes benchmarks/results/fanout.json (fanout-quick.json for --quick,
@@ -21,6 +22,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import threading
+import time
+import urllib.request
 from typing import Any
 
 import _common
@@ -51,10 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat", type=int, default=3, help="runs per server, each on a fresh server; the median counts"
     )
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed for one run")
+    parser.add_argument(
+        "--scrape-every", type=float, default=0.0,
+        help="chatcluster only: turn on its metrics endpoint and scrape /metrics this often (seconds) during "
+             "the run, to see that scraping leaves the result unchanged (0 = no endpoint)",
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--json", default=None, help="results file name (default: fanout[-SERVER][-quick])")
     args = parser.parse_args(argv)
-    args.json = args.json or _common.results_name("fanout", args.server, args.quick, default_server="both")
+    name = "fanout-scraped" if args.scrape_every > 0 else "fanout"  # never overwrites the plain figures
+    args.json = args.json or _common.results_name(name, args.server, args.quick, default_server="both")
     if args.quick:
         args.receivers = min(args.receivers, 50)
         args.lines = min(args.lines, 2000)
@@ -80,8 +90,56 @@ def run_repeated(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return median
 
 
+class Scraper:
+    """Scrapes a metrics endpoint every `every` seconds on a thread, as Prometheus would, only faster."""
+
+    def __init__(self, port: int, every: float) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.every = every
+        self.ok = self.failed = 0
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, timeout: float = 15.0) -> Scraper:
+        """Once the endpoint answers (the supervisor starts it just after the workers)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as answer:
+                    answer.read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.url} did not answer within {timeout:.0f} s") from None
+                time.sleep(0.05)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            began = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as answer:
+                    answer.read()
+                self.ok += 1
+            except OSError:
+                self.failed += 1
+            self.slowest = max(self.slowest, time.monotonic() - began)
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(15)
+        return {"every_s": self.every, "scrapes": self.ok, "failed": self.failed,
+                "slowest_ms": round(self.slowest * 1000, 1)}
+
+
 def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    server = Server(kind, workers=args.workers, log_name="fanout").start()
+    scrape = kind == "chatcluster" and args.scrape_every > 0
+    metrics_port = _common.free_port() if scrape else 0
+    extra = ["--metrics-listen", f"127.0.0.1:{metrics_port}"] if scrape else []
+    server = Server(kind, workers=args.workers, log_name="fanout", extra_args=extra).start()
+    scraper = Scraper(metrics_port, args.scrape_every).start() if scrape else None
     try:
         sample_every = args.sample_every or max(1, args.lines // 500)
         plans = loadgen.plan_clients(
@@ -102,8 +160,14 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             plans, server=server, connect_timeout=60.0, run_timeout=args.timeout, label=kind, verbose=True
         )
         out["sample_every"] = sample_every
+        if scraper is not None:
+            out["scraping"] = scraper.stop()
+            print(f"  scraped /metrics {out['scraping']['scrapes']} times ({out['scraping']['failed']} failed, "
+                  f"slowest {out['scraping']['slowest_ms']} ms)", flush=True)
         return out
     finally:
+        if scraper is not None:
+            scraper.stop()
         code = server.stop()
         if code not in (0, None, -15):
             print(f"  {kind} exited with code {code}; see {server.log_path}", file=sys.stderr)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from chatcluster import broker, chat, protocol, wire  # noqa: E402
 from chatcluster import events as E  # noqa: E402
+from chatcluster import stats as S  # noqa: E402
 from chatcluster import worker as W  # noqa: E402
 from chatcluster.client import Client  # noqa: E402
 from chatcluster.output import Output  # noqa: E402
@@ -98,7 +99,8 @@ class _NullSocket:
 def per_recipient_python(clients: int, rounds: int) -> dict[str, float]:
     """Nanoseconds of Python per recipient: queueing a broadcast, and the flush around send()."""
     registry: Registry[Client, object] = Registry()
-    output = Output(registry, types.SimpleNamespace(max_sendq_bytes=1 << 20), lambda c, why: None, 1)
+    output = Output(registry, types.SimpleNamespace(max_sendq_bytes=1 << 20), lambda c, why: None, 1,
+                    S.WorkerCounters())
     for i in range(clients):
         c = Client(_NullSocket(100_000 + i), registry.new_conn(), "127.0.0.2", None, None, 0.0)  # type: ignore[arg-type]
         registry.add(c)

@@ -26,6 +26,7 @@ import zmq
 
 from . import events as E
 from . import roster as R
+from . import stats as S
 from .bus import Endpoints
 from .wire import FLAG_ROSTER, HEADER, UNREADABLE_PAYLOAD, decode, encode, peek
 
@@ -36,6 +37,7 @@ RESYNC_WAIT = 1.0  # seconds a restarted broker waits for the live workers to re
 SUBSCRIBER_WAIT = 1.0  # seconds a broker waits for the known workers' SUB sockets
 NUDGE_EVERY = 0.1  # least seconds between two "new epoch" pings to unadmitted workers
 COMPLAIN_EVERY = 1.0  # least seconds between two log lines about unreadable input
+BEAT_EVERY = 0.25  # seconds between two heartbeats in the stats file
 
 
 class Broker:
@@ -79,7 +81,7 @@ class Broker:
 
     def send(self, payload: bytes) -> None:
         self.gseq += 1
-        self.emit(HEADER.pack(self.epoch, self.gseq), payload)
+        self.emit(HEADER.pack(self.epoch, self.gseq, time.monotonic_ns()), payload)
 
     def nudge(self, now: float) -> None:
         """Tell workers that have not noticed yet that there is a new broker."""
@@ -182,10 +184,24 @@ class Broker:
             self.end_resync(now)
 
 
-def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -> None:
-    """The broker process. `workers` are the live workers when this broker replaces a dead one."""
+def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
+               stats: S.StatsFile | None = None) -> None:
+    """The broker process. `workers` are the live workers when this broker replaces a dead one.
+
+    With `stats` it beats and counts its traffic in the stats file's broker block, where the
+    supervisor watches the heartbeat (a broker that stops beating is killed and replaced).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    counters = stats.broker_counters() if stats is not None else S.BrokerCounters()
+    counters.pid, counters.started = os.getpid(), time.time()
+
+    def beat() -> None:
+        counters.heartbeat = time.monotonic()
+        if stats is not None:
+            stats.write_broker(counters)
+
+    beat()
     endpoints = Endpoints.in_dir(runtime_dir)
     ctx: zmq.Context[Any] = zmq.Context()
     pull = ctx.socket(zmq.PULL)
@@ -203,10 +219,13 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -
     while subscribers < len(workers) and time.monotonic() < deadline:
         if pub.poll(20, zmq.POLLIN) and pub.recv()[:1] == b"\x01":
             subscribers += 1
+    beat()
 
     def emit(header: bytes, payload: bytes) -> None:
         pub.send(header, zmq.SNDMORE)
         pub.send(payload, copy=len(payload) < 8192)
+        counters.batches_out += 1
+        counters.bytes_out += len(payload)
 
     broker = Broker(emit, workers, time.monotonic())
     log.info("broker up (epoch %x)%s", broker.epoch,
@@ -219,14 +238,17 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -
     poller.register(pub, zmq.POLLIN)
     poller.register(control_fd, zmq.POLLIN)
     control_buf = b""
+    next_beat = 0.0
     while True:
-        for sock, _ in poller.poll(50 if broker.resyncing else 1000):
+        for sock, _ in poller.poll(50 if broker.resyncing else BEAT_EVERY * 1000):
             if sock is pull:
                 for _ in range(1000):
                     try:
                         payload = pull.recv(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
+                    counters.batches_in += 1
+                    counters.bytes_in += len(payload)
                     broker.receive(payload, time.monotonic())
             elif sock is pub:
                 while pub.poll(0, zmq.POLLIN):
@@ -242,4 +264,8 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -
                     word, _, arg = line.decode().partition(" ")
                     if word == "GONE":
                         broker.gone(arg, time.monotonic())
-        broker.tick(time.monotonic())
+        now = time.monotonic()
+        broker.tick(now)
+        if now >= next_beat:
+            next_beat = now + BEAT_EVERY
+            beat()

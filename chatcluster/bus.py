@@ -18,7 +18,8 @@ from typing import Any
 import zmq
 
 from . import events as E
-from .wire import HEADER, OrderTracker, encode
+from .stats import WorkerCounters
+from .wire import OrderTracker, encode, read_header
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,11 @@ class Endpoints:
 class BusClient:
     """A worker's end of the bus: publish batches, drain what the broker sends back."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoints: Endpoints, worker_id: str) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoints: Endpoints, worker_id: str,
+                 counters: WorkerCounters | None = None) -> None:
         self.worker_id = worker_id
+        self.counters = counters
+        self.oldest_stamp = 0  # the broker's earliest stamp (monotonic ns) among messages drained since reset
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -67,17 +71,27 @@ class BusClient:
         """Send a numbered batch, kept until it comes back so that it can be sent again."""
         payload = self.order.number(events)
         self.push.send(payload, copy=len(payload) < 8192)
+        self._sent(payload)
 
     def send_control(self, events: list[E.Event]) -> None:
         """Send an unnumbered batch (HELLO, RESYNC): never resent, never a duplicate."""
-        self.push.send(encode(self.worker_id, 0, events))
+        payload = encode(self.worker_id, 0, events)
+        self.push.send(payload)
+        self._sent(payload)
 
     def restarted(self, control: list[E.Event]) -> int:
         """Answer a new broker: the control batch first, then everything not seen back."""
         self.send_control(control)
         for _, payload in self.order.unacked:
             self.push.send(payload)
+            self._sent(payload)
         return len(self.order.unacked)
+
+    def _sent(self, payload: bytes) -> None:
+        k = self.counters
+        if k is not None:
+            k.bus_batches_out += 1
+            k.bus_bytes_out += len(payload)
 
     def readable(self) -> bool:
         return self._stash is not None or bool(self.sub.getsockopt(zmq.EVENTS) & zmq.POLLIN)
@@ -97,7 +111,13 @@ class BusClient:
                 self._stash = None
             elif sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 header, payload = sub.recv_multipart(zmq.NOBLOCK)
-                epoch, gseq = HEADER.unpack(header)
+                epoch, gseq, stamp = read_header(header)
+                if stamp and (not self.oldest_stamp or stamp < self.oldest_stamp):
+                    self.oldest_stamp = stamp
+                k = self.counters
+                if k is not None:
+                    k.bus_batches_in += 1
+                    k.bus_bytes_in += len(payload)
             else:
                 break
             if not self.order.accept(epoch, gseq, payload, out):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import events as E
@@ -72,9 +72,11 @@ class Enter:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close the connection once what was queued for it has been sent."""
+    """Close the connection once what was queued for it has been sent; `why` is for the counters
+    ("quit", "refused_server_full", "refused_per_ip"), not part of what the effect is."""
 
     conn: int
+    why: str = field(default="", compare=False)
 
 
 Effect = Publish | Send | Broadcast | Enter | Close
@@ -269,7 +271,7 @@ class ChatCore:
             return [Send(conn, b"".join(encode_line(h) for h in HELP))]
         if cmd == "quit":
             self.registry.drop_user(conn)
-            return [Send(conn, encode_line("*** Goodbye")), Close(conn), Publish(E.Leave(conn, arg))]
+            return [Send(conn, encode_line("*** Goodbye")), Close(conn, "quit"), Publish(E.Leave(conn, arg))]
         return [self._error(conn, f"unknown command /{word}. Type /help for commands.")]
 
     def _nick(self, user: LocalUser, new: str) -> list[Effect]:
@@ -396,9 +398,11 @@ class ChatCore:
             user.nick = self._free_nick()
             out.append(Publish(self._join(user, ev.old)))
             return
-        notice = "server full" if ev.why == E.FULL else "too many connections from your address"
+        full = ev.why == E.FULL
+        notice = "server full" if full else "too many connections from your address"
         self.registry.drop_user(ev.conn)
-        out.extend([Send(ev.conn, encode_line(f"*** Error: {notice}")), Close(ev.conn)])
+        out.extend([Send(ev.conn, encode_line(f"*** Error: {notice}")),
+                    Close(ev.conn, "refused_server_full" if full else "refused_per_ip")])
 
     def _on_renamed(self, mine: bool, ev: E.Renamed, out: list[Effect]) -> None:
         user, exclude = self._mine(mine, ev.conn)
@@ -462,7 +466,7 @@ class ChatCore:
             user.backlog = None
         if user.leaving is not None and not self._holds(user) and self.registry.user(user.conn) is user:
             self.registry.drop_user(user.conn)
-            effects += [Publish(E.Leave(user.conn, user.leaving)), Close(user.conn)]
+            effects += [Publish(E.Leave(user.conn, user.leaving)), Close(user.conn, "quit")]
         return effects
 
     def _load_snapshot(self, members: list[Any]) -> list[Effect]:

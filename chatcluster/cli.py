@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, paths
+from . import __version__, paths, snapshot
 from . import config as cfgmod
 from . import stats as S
 from .config import MAX_WORKERS
@@ -104,7 +104,11 @@ def cmd_start(args: argparse.Namespace) -> int:
                 raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
                                    f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
         check_port_free(cfg.host, cfg.port)
-    except StartupError:
+        if cfg.metrics_listen:
+            from .exporter import check_listen
+
+            check_listen(cfg.metrics_listen)
+    except (StartupError, cfgmod.ConfigError):
         if created:
             os.rmdir(runtime_dir)
         raise
@@ -159,16 +163,10 @@ def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
 
 
 def open_stats(runtime_dir: str, pid: int) -> S.StatsFile:
-    path = os.path.join(runtime_dir, paths.STATS)
     try:
-        return S.StatsFile(path)
-    except FileNotFoundError:
-        raise CliError(f"chatcluster (pid {pid}) is running but there is no stats file {path}; pass the "
-                       f"--runtime-dir it was started with, or, if a tmp cleaner deleted it, restart the cluster "
-                       f"to see its status") from None
-    except (OSError, ValueError) as exc:
-        raise CliError(f"chatcluster (pid {pid}) is running but its stats file cannot be read ({exc}); "
-                       f"pass the --runtime-dir it was started with, or run as its user") from None
+        return snapshot.open_stats(runtime_dir, pid)
+    except snapshot.SnapshotError as exc:
+        raise CliError(str(exc)) from None
 
 
 def send_signal(pid: int, sig: signal.Signals) -> None:
@@ -343,63 +341,17 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def collect_status(runtime_dir: str, pid: int, sample: float = 0.3) -> dict[str, Any]:
-    """Every process of the cluster with its resources (psutil) and, for workers, its counters."""
-    import psutil
-
-    stats = open_stats(runtime_dir, pid)
-    header = stats.header()
+    """Every process of the cluster with its resources and, for workers, its counters: the same
+    snapshot the metrics endpoint exports."""
     try:
-        sup = psutil.Process(pid)
-        procs = [sup, *sup.children(recursive=True)]
-    except psutil.Error as exc:
-        raise CliError(f"cannot inspect chatcluster (pid {pid}): {exc}") from None
-    for p in procs:
-        try:
-            p.cpu_percent(None)  # the first call starts the measurement
-        except psutil.Error:
-            pass
-    time.sleep(sample)
-    slots = {v.pid: v for v in stats.used() if v.pid}
-    now_wall, now_mono = time.time(), time.monotonic()
-    rows: list[dict[str, Any]] = []
-    for p in procs:
-        try:
-            with p.oneshot():
-                v = slots.get(p.pid)
-                if p.pid == pid:
-                    role = "supervisor"
-                elif p.pid == header.broker_pid:
-                    role = "broker"
-                elif v is not None:
-                    role = f"worker {v.worker_no}"
-                else:
-                    role = "starting"  # forked a moment ago, not yet in the stats file
-                row: dict[str, Any] = {
-                    "role": role, "pid": p.pid, "uptime_s": round(now_wall - p.create_time(), 1),
-                    "cpu_percent": p.cpu_percent(None), "rss_bytes": p.memory_info().rss,
-                }
-        except psutil.Error:
-            continue  # exited meanwhile
-        if v is not None:
-            row.update(worker=v.worker_no, generation=v.generation, state=S.STATE_NAMES.get(v.state, "?"),
-                       heartbeat_age_s=round(max(0.0, now_mono - v.heartbeat), 2), clients=v.clients,
-                       connections=v.connections, messages_in=v.lines_in, messages_out=v.lines_out,
-                       bytes_out=v.bytes_out, bus_gaps=v.gaps, dropped=v.dropped)
-        rows.append(row)
-    order = {"supervisor": 0, "broker": 1}
-    rows.sort(key=lambda r: (order.get(r["role"], 2), r.get("worker", 1 << 30), r["pid"]))
-    workers = [r for r in rows if "worker" in r]
-    stats.close()
-    return {
-        "pid": pid, "port": header.port, "runtime_dir": runtime_dir, "generation": header.generation,
-        "workers_wanted": header.target, "workers": len(workers),
-        "clients": sum(r["clients"] for r in workers), "connections": sum(r["connections"] for r in workers),
-        "processes": rows,
-    }
+        return snapshot.take(runtime_dir, pid, sample).status()
+    except snapshot.SnapshotError as exc:
+        raise CliError(str(exc)) from None
 
 
 STATUS_COLUMNS = (
-    ("role", "ROLE"), ("pid", "PID"), ("state", "STATE"), ("uptime_s", "UPTIME"), ("cpu_percent", "CPU%"),
+    ("role", "ROLE"), ("pid", "PID"), ("state", "STATE"), ("uptime_s", "UPTIME"), ("heartbeat_age_s", "BEAT"),
+    ("cpu_percent", "CPU%"),
     ("rss_bytes", "RSS"), ("clients", "CLIENTS"), ("connections", "CONNS"), ("messages_in", "MSG-IN"),
     ("messages_out", "MSG-OUT"),
 )
@@ -426,6 +378,8 @@ def _fmt(key: str, value: Any) -> str:
         return duration(value)
     if key == "cpu_percent":
         return f"{value:.1f}"
+    if key == "heartbeat_age_s":
+        return f"{value:.1f}s"
     return str(value)
 
 

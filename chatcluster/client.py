@@ -24,7 +24,7 @@ class InputLimits(Protocol):
 
 class Client:
     __slots__ = ("sock", "fd", "conn", "ip", "reader", "bucket", "out", "outlen", "pending",
-                 "throttled", "eof", "closing", "last_rx")
+                 "throttled", "eof", "closing", "last_rx", "ended")
 
     def __init__(self, sock: socket.socket, conn: int, ip: str, reader: LineReader | None,
                  bucket: TokenBucket | None, now: float) -> None:
@@ -43,6 +43,9 @@ class Client:
         self.eof = False
         self.closing = False
         self.last_rx = now
+        # Why the connection is ending, once that is decided (a key of stats.CLOSE_REASONS, or
+        # "refused_<reason>"): counted once, when the socket is closed.
+        self.ended = ""
 
     def __repr__(self) -> str:
         return f"Client(conn={self.conn}, fd={self.fd}, ip={self.ip!r}, queued={self.outlen})"
@@ -71,17 +74,26 @@ class SharedOut(list[bytes]):
     Output.queue), and the bytes are joined once for all the clients that send them.
     """
 
-    __slots__ = ("joined",)
+    __slots__ = ("joined", "stamp", "lines", "seen_in", "bucket", "delay")
 
-    def __init__(self, chunks: tuple[bytes, ...]) -> None:
+    def __init__(self, chunks: tuple[bytes, ...], lines: int = 0) -> None:
         super().__init__(chunks)
         self.joined: bytes | None = None
+        # For the delivery latency: the broker's stamp (monotonic ns) of the oldest line in it, how
+        # many lines it holds, and the histogram bucket and delay worked out once per loop pass.
+        self.stamp = 0
+        self.lines = lines
+        self.seen_in = -1
+        self.bucket = 0
+        self.delay = 0.0
 
     def join(self) -> bytes:
         if self.joined is None:
             self.joined = self[0] if len(self) == 1 else b"".join(self)
         return self.joined
 
-    def plus(self, data: bytes) -> SharedOut:
+    def plus(self, data: bytes, lines: int) -> SharedOut:
         """This output followed by `data` (joined first once it is a long run of chunks)."""
-        return SharedOut((*self, data) if len(self) < 32 else (self.join(), data))
+        grown = SharedOut((*self, data) if len(self) < 32 else (self.join(), data), self.lines + lines)
+        grown.stamp = self.stamp
+        return grown

@@ -100,6 +100,27 @@ def _welcome(value: Any) -> str | None:
     return None
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """(host, port) of a `HOST:PORT` (`[V6ADDR]:PORT` for IPv6), or ValueError saying what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, for example 127.0.0.1:9464")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address needs brackets, for example [::1]:9464")
+    return host, int(port)
+
+
+def _listen_address(value: Any) -> str | None:
+    try:
+        if value:
+            parse_listen(value)
+    except ValueError as exc:
+        return f"{exc} (or empty to turn it off)"
+    return None
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "0.0.0.0", str, "Address the workers listen on."),
     Setting("port", 12345, int, "TCP port shared by all workers (SO_REUSEPORT).", check=_between(1, 65535)),
@@ -258,6 +279,14 @@ SETTINGS: tuple[Setting, ...] = (
         f"Allow more than {WORKERS_PER_CPU} workers per CPU (workers, scale, TTIN), up to {MAX_WORKERS}.",
         live=True,
         section="processes",
+    ),
+    Setting(
+        "metrics_listen",
+        "",
+        str,
+        "Serve Prometheus metrics at http://HOST:PORT/metrics (for example 127.0.0.1:9464); empty means off.",
+        check=_listen_address,
+        section="monitoring",
     ),
 )
 

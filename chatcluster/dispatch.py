@@ -34,7 +34,7 @@ class Sink(Protocol[T]):
 
     def entered(self, client: T) -> None: ...
 
-    def close(self, client: T) -> None: ...
+    def close(self, client: T, why: str) -> None: ...
 
     def bus_restarted(self, control: list[E.Event]) -> None: ...
 
@@ -60,7 +60,7 @@ def apply(effects: Sequence[C.Effect], registry: Registry[Any, Any], sink: Sink[
                 registry.enter(client)
                 sink.entered(client)
             else:
-                sink.close(client)
+                sink.close(client, e.why)
 
 
 def feed_bus(core: C.ChatCore, items: list[tuple[str, Any]], registry: Registry[Any, Any], sink: Sink[Any]) -> None:

@@ -249,6 +249,7 @@ class Giver:
         w = self.w
         self.close_given()
         log.info("worker %d: %s adopted %d clients; exiting", w.worker_no, self.taker, adopted)
+        w.counters.closed_handoff += adopted
         self.finish()
         w.exit_after_handoff()  # only clients already leaving remain
 

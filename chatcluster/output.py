@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from .client import Client, SharedOut
 from .protocol import CRLF, encode_line
 from .registry import Registry
+from .stats import WorkerCounters, latency_bucket
 
 log = logging.getLogger("chatcluster.worker")
 
@@ -34,18 +35,18 @@ class Output:
     """The output queues of one worker's clients."""
 
     def __init__(self, registry: Registry[Client, Any], limits: OutputLimits,
-                 close: Callable[[Client, str], None], worker_no: int) -> None:
+                 close: Callable[[Client, str], None], worker_no: int, counters: WorkerCounters) -> None:
         self.registry = registry
         self.limits = limits
         self.close = close  # the worker's: forget the client, close the socket, tell the chat core
         self.worker_no = worker_no
+        self.counters = counters
+        self.stamp = 0  # monotonic ns the broker stamped the bus message being applied (0: none)
+        self.pass_no = 0  # the worker's loop pass, so a broadcast's latency is worked out once per pass
         self.dirty: list[Client] = []
         # Clients whose kernel buffer is full, with output still queued here, and since when
         # they have not caught up: the measure of whether the clients keep up (backpressure).
         self.stuck: dict[int, tuple[Client, float]] = {}
-        self.lines_out = 0
-        self.bytes_out = 0
-        self.dropped = 0  # clients disconnected for not reading
 
     def queue(self, c: Client, data: bytes) -> None:
         out = c.out
@@ -64,6 +65,7 @@ class Output:
         """Queue `data` for every client in the room but those in `exclude`; returns how many got it."""
         dirty = self.dirty
         n = len(data)
+        lines = data.count(b"\n")  # a broadcast may carry a run of lines
         count = 0
         limit = self.limits.max_sendq_bytes
         over: list[Client] | None = None
@@ -75,13 +77,14 @@ class Output:
             out = c.out
             if out is None:
                 if fresh is None:
-                    fresh = SharedOut((data,))
+                    fresh = SharedOut((data,), lines)
+                    fresh.stamp = self.stamp
                 c.out = fresh
                 dirty.append(c)
             elif type(out) is SharedOut:
                 pair = grown.get(id(out))
                 if pair is None:
-                    pair = grown[id(out)] = (out, out.plus(data))  # holds `out`: its id stays its own
+                    pair = grown[id(out)] = (out, out.plus(data, lines))  # holds `out`: its id stays its own
                 c.out = pair[1]
             else:
                 out.append(data)
@@ -89,7 +92,7 @@ class Output:
             count += 1
             if c.outlen > limit:
                 over = [c] if over is None else [*over, c]
-        self.lines_out += count * data.count(b"\n")  # a broadcast may carry a run of lines
+        self.counters.lines_delivered += count * lines
         if over is not None:
             for slow in over:
                 self.enforce_sendq(slow)
@@ -134,8 +137,19 @@ class Output:
         except OSError:
             self.close(c, "connection lost")
             return
-        self.bytes_out += sent
+        self.counters.bytes_delivered += sent
         if sent == len(data):
+            if type(out) is SharedOut and out.stamp:
+                # Delivery latency inside the server, from the broker's stamp to the send() that
+                # handed the lines to the kernel, once per line. Worked out once per broadcast and
+                # loop pass, so a recipient in a large room costs an increment, not a clock reading.
+                k = self.counters
+                if out.seen_in != self.pass_no:
+                    out.seen_in = self.pass_no
+                    out.delay = (time.monotonic_ns() - out.stamp) / 1e9
+                    out.bucket = latency_bucket(out.delay)
+                k.latency[out.bucket] += out.lines
+                k.latency_sum += out.delay * out.lines
             c.out = None
             c.outlen = 0
             if self.stuck:
@@ -169,7 +183,8 @@ class Output:
     def kick_slow_reader(self, c: Client) -> None:
         log.warning("worker %d: disconnecting %s (conn %d): %d bytes unsent, over max_sendq_bytes=%d",
                     self.worker_no, c.ip, c.conn, c.outlen, self.limits.max_sendq_bytes)
-        self.dropped += 1
+        self.counters.dropped += 1
+        c.ended = "sendq"
         try:
             c.sock.send(SLOW_READER_LINE)
         except OSError:

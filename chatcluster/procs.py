@@ -28,6 +28,7 @@ class WorkerProc:
     retire_deadline: float = 0.0
     reload_pending: bool = False  # a HUP came while it booted: send it one once it is ready
     killed: str = ""  # why the supervisor killed it, for the log line when it is reaped
+    cause: str = "crash"  # why it is replaced when it dies, counted in the stats file (stats.RESTART_CAUSES)
 
 
 @dataclass

@@ -20,6 +20,7 @@ def run_worker(cfg: Config, worker_no: int, worker_id: str, slot: int, generatio
     return worker.main(cfg, worker_no, worker_id, slot, generation, runtime_dir, stats, succeeds, migrate.HOOKS)
 
 
-def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -> None:
+def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
+               stats: S.StatsFile | None = None) -> None:
     """The broker process; `workers` are the live workers when it replaces a dead broker."""
-    broker.run_broker(runtime_dir, control_fd, workers)
+    broker.run_broker(runtime_dir, control_fd, workers, stats)

@@ -16,6 +16,8 @@ import logging
 import os
 import socket
 
+from .stats import WorkerCounters
+
 log = logging.getLogger("chatcluster.worker")
 
 LISTEN_PAUSE = 0.1  # how long the listener rests when a connection can be neither accepted nor shed
@@ -30,11 +32,11 @@ def _open_spare() -> int | None:
 
 
 class Shedder:
-    def __init__(self, worker_no: int) -> None:
+    def __init__(self, worker_no: int, counters: WorkerCounters) -> None:
         self.worker_no = worker_no
         self.spare_fd: int | None = _open_spare()
         self.last_warning = -WARN_EVERY
-        self.shed = 0  # connections refused this way
+        self.counters = counters
 
     def shed_one(self, listener: socket.socket, exc: OSError, now: float) -> bool:
         """Refuse one waiting connection; False if none could be, and the listener should rest."""
@@ -52,7 +54,8 @@ class Shedder:
                 sock, _ = listener.accept()
                 sock.close()
                 shed = True
-                self.shed += 1
+                self.counters.refused_emfile += 1
+                self.counters.dropped += 1
             except OSError:
                 pass
             self.spare_fd = _open_spare()

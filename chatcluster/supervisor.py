@@ -35,6 +35,7 @@ from . import paths, sdnotify
 from . import stats as S
 from . import upgrade as U
 from .config import MAX_WORKERS, Config, ConfigError, load, usable_cpus, worker_cap, worker_cap_text
+from .exporter import MetricsProcess
 from .paths import StartupError
 from .procs import EXIT_BOOT_FAILED, YOUNG, Backoff, WorkerProc
 
@@ -96,6 +97,7 @@ class Supervisor:
     broker_killed: str = ""  # why the supervisor stopped the running broker, for the log when it is reaped
     pid_files_unwritable: list[str] = field(default_factory=list)  # deleted pid files that could not be rewritten
     runtime_dir_unusable: bool = False  # it was deleted and could not be created again
+    metrics: MetricsProcess | None = None  # the /metrics endpoint's process (metrics_listen)
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -106,6 +108,8 @@ class Supervisor:
         try:
             # After an upgrade's re-exec the workers are running: keep their slots.
             self.stats = S.StatsFile(os.path.join(self.runtime_dir, paths.STATS), create=self.resumed is None)
+            self.metrics = (MetricsProcess.after_exec if self.resumed is not None else MetricsProcess)(
+                self.cfg.metrics_listen, self.runtime_dir, self.stats)
             self.write_live_config()
             self.write_pid_file()
             for name in HANDLED:
@@ -193,7 +197,7 @@ class Supervisor:
         self.broker_control = w
         # A broker replacing a dead one rebuilds the roster from these workers.
         live = [f"w{w.no}" for w in self.workers.values()]
-        self.broker_pid = self._fork("broker", lambda: run_broker(self.runtime_dir, r, live), keep=(r,))
+        self.broker_pid = self._fork("broker", lambda: run_broker(self.runtime_dir, r, live, self.stats), keep=(r,))
         os.close(r)
         self.broker_started = time.monotonic()
         self.write_header()
@@ -216,7 +220,7 @@ class Supervisor:
                 pin_to_cpu(slot, no)
             return run_worker(cfg, no, f"w{no}", slot, generation, runtime_dir, stats, succeeds)
 
-        self.stats.write(slot, 0, S.BOOTING, no, generation, time.time(), time.monotonic(), 0, 0, 0, 0, 0, 0, 0, 0)
+        self.stats.begin_slot(slot, no, generation)
         pid = self._fork(f"worker {no}", body)
         proc = WorkerProc(pid, no, slot, generation, time.monotonic())
         self.workers[pid] = proc
@@ -250,6 +254,7 @@ class Supervisor:
                     return
             else:
                 self.check_workers(now)
+                self.check_broker(now)
                 if now >= self.next_runtime_check:
                     self.next_runtime_check = now + RUNTIME_CHECK
                     self.check_runtime_dir(now)
@@ -290,6 +295,8 @@ class Supervisor:
             if pid == self.broker_pid:
                 self.broker_died(pid, status)
                 continue
+            if self.metrics is not None and self.metrics.reaped(pid, status, self.stopping is not None):
+                continue
             proc = self.workers.pop(pid, None)
             if proc is None:
                 if self.upgrade is not None:
@@ -319,6 +326,7 @@ class Supervisor:
                       f"(see its error above)")
             return
         log.error("worker %d (pid %d) %s%s", proc.no, proc.pid, how, f" after {proc.killed}" if proc.killed else "")
+        self.stats.supervisor.count_restart(proc.cause)
         backoff = self.backoffs.setdefault(proc.slot, Backoff())
         delay = backoff.died(now - proc.started, now)
         if delay:
@@ -338,6 +346,7 @@ class Supervisor:
         if not self.announced_ready and os.waitstatus_to_exitcode(status) > 0:
             self.halt(f"the bus broker (pid {pid}) {how} before the cluster was ever ready (see its error above)")
             return
+        self.stats.supervisor.broker_restarts += 1
         now = time.monotonic()
         delay = self.broker_backoff.died(now - self.broker_started, now)
         log.error("broker (pid %d) %s; restarting it%s", pid, how, f" in {delay:.2f} s" if delay else "")
@@ -377,6 +386,8 @@ class Supervisor:
         while len(live) + len(self.respawns) < self.target and room > 0:
             live.append(self.spawn_worker())
             room -= 1
+        if self.metrics is not None:
+            self.metrics.maintain(now, self._fork)
         # Every new worker of an upgrade has an old one to take over from: scale down after it.
         extra = 0 if self.upgrade is not None else len(live) - self.target
         for proc in sorted(live, key=lambda w: -w.no)[: max(0, extra)]:
@@ -384,6 +395,24 @@ class Supervisor:
             proc.retiring = True
             proc.retire_deadline = now + self.cfg.graceful_timeout
             self.kill(proc.pid, signal.SIGTERM)
+
+    def check_broker(self, now: float) -> None:
+        """Kill a broker that stopped beating (hung, or stopped with SIGSTOP): like a crash, its
+        replacement rebuilds the roster from the workers and they resend what it never sequenced."""
+        if not self.broker_pid or self.broker_killed:
+            return
+        beat = self.stats.broker_counters().heartbeat
+        if beat < self.broker_started:
+            # Not beaten yet (the figure is its predecessor's): it gets as long as a booting worker.
+            if now - self.broker_started > BOOT_TIMEOUT:
+                self.kill_broker(f"no heartbeat {BOOT_TIMEOUT:.0f} s after it started")
+        elif now - beat > self.cfg.worker_timeout:
+            self.kill_broker(f"no heartbeat for {now - beat:.1f} s (worker_timeout={self.cfg.worker_timeout:g})")
+
+    def kill_broker(self, why: str) -> None:
+        log.error("broker (pid %d): %s; killing it and starting a new one", self.broker_pid, why)
+        self.broker_killed = why
+        self.kill(self.broker_pid, signal.SIGKILL)
 
     def check_workers(self, now: float) -> None:
         """Notice workers becoming ready; kill the ones that hang at boot, in their loop or when retiring."""
@@ -398,11 +427,13 @@ class Supervisor:
                         proc.reload_pending = False
                         self.kill(proc.pid, signal.SIGHUP)
                 elif now - proc.started > BOOT_TIMEOUT:
+                    proc.cause = "boot_timeout"
                     self.kill_worker(proc, f"not accepting connections {BOOT_TIMEOUT:.0f} s after it started")
                 continue
             if proc.retiring and now > proc.retire_deadline:
                 self.kill_worker(proc, f"still draining {self.cfg.graceful_timeout:g} s after it was retired")
             elif view.pid == proc.pid and now - view.heartbeat > self.cfg.worker_timeout:
+                proc.cause = "heartbeat_timeout"
                 self.kill_worker(proc, f"no heartbeat for {now - view.heartbeat:.1f} s "
                                        f"(worker_timeout={self.cfg.worker_timeout:g})")
 
@@ -584,10 +615,12 @@ class Supervisor:
             new = load(self.config_path, self.overrides)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
+            self.stats.supervisor.reloads_refused += 1
             self._write_json(paths.RELOAD_RESULT, {"seq": self.reloads, "ok": False, "config": self.config_path,
                                                    "error": str(exc), "applied": {}, "restart": {}}, fsync=False)
             sdnotify.ready(self.status_text())
             return
+        self.stats.supervisor.reloads_succeeded += 1
         live, restart = self.cfg.live_changes(new)
         self.cfg = Config(values={**self.cfg.values, **live}, source=new.source)
         self.write_live_config()
@@ -670,6 +703,8 @@ class Supervisor:
                     os.waitpid(pid, 0)
                 except ChildProcessError:
                     pass
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.exit_code:
             log.info("stopped after a failure (exit status %d)", self.exit_code)
         else:
@@ -692,6 +727,8 @@ class Supervisor:
         """Leave nothing behind: no process, no file of ours in the runtime directory."""
         for pid in list(self.workers) + ([self.broker_pid] if self.broker_pid else []):
             self.kill(pid, signal.SIGKILL)
+        if self.metrics is not None:
+            self.metrics.kill()
         for path in self.pid_files:
             paths.remove_pid_file(path, os.getpid())
         for name in paths.RUNTIME_FILES:

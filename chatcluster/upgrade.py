@@ -125,6 +125,7 @@ def request(sup: Host) -> None:
     problem = refusal(sup)
     if problem:
         log.error("upgrade refused: %s", problem)
+        sup.stats.supervisor.upgrades_refused += 1
         write_result(sup.runtime_dir, token, False, f"refused: {problem}", sup.generation)
         return
     now = time.monotonic()
@@ -428,6 +429,7 @@ def succeed(sup: Host, up: Upgrade) -> None:
     message = (f"generation {sup.generation} serves with the installed code: {len(new)} workers, "
                f"{clients} clients kept, in {elapsed:.1f} s")
     log.info("upgrade complete: %s", message)
+    sup.stats.supervisor.upgrades_succeeded += 1
     write_result(sup.runtime_dir, up.token, True, message, sup.generation, clients=clients,
                  applied=up.applied, restart=up.restart)
     end(sup)
@@ -461,6 +463,7 @@ def fail(sup: Host, message: str) -> None:
     if up.check_pid:
         sup.kill(up.check_pid, signal.SIGKILL)
     log.error("upgrade failed: %s", message)
+    sup.stats.supervisor.upgrades_failed += 1
     write_result(sup.runtime_dir, up.token, False, message, sup.generation)
     end(sup)
 

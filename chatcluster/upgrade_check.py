@@ -18,6 +18,7 @@ from typing import Any
 
 # Importing is the test: code that raises at import must fail here, not in the supervisor.
 from . import (  # noqa: F401
+    backpressure,
     broker,
     bus,
     chat,
@@ -26,7 +27,9 @@ from . import (  # noqa: F401
     config,
     dispatch,
     events,
+    exporter,
     handoff,
+    metrics,
     migrate,
     output,
     paths,
@@ -38,6 +41,7 @@ from . import (  # noqa: F401
     sdnotify,
     settings,
     shedding,
+    snapshot,
     stopping,
     supervisor,
     textfmt,

@@ -23,7 +23,20 @@ FLAG_ROSTER = 1  # the batch holds roster events: the broker must decode and app
 # Version, flags, the publisher's batch number (0: an unnumbered control batch) and the length of
 # the publisher's name, which follows; then the marshalled events. The broker reads only this.
 PREFIX = struct.Struct("!BBQB")
-HEADER = struct.Struct("!QQ")  # the broker's stamp: epoch, global sequence number
+# The broker's stamp: epoch, global sequence number, and when it sent the message (CLOCK_MONOTONIC
+# in ns, shared by every process of the machine: delivery latency inside the server is measured
+# from it). A broker of the code before the time was added sends 16 bytes; both are read.
+HEADER = struct.Struct("!QQQ")
+OLD_HEADER = struct.Struct("!QQ")
+
+
+def read_header(header: bytes) -> tuple[int, int, int]:
+    """(epoch, global sequence, monotonic ns or 0) of a stamp of either size."""
+    if len(header) == OLD_HEADER.size:
+        epoch, gseq = OLD_HEADER.unpack(header)
+        return epoch, gseq, 0
+    epoch, gseq, stamp = HEADER.unpack(header)
+    return epoch, gseq, stamp
 
 
 def encode(publisher: str, pseq: int, events: list[E.Event]) -> bytes:

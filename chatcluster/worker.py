@@ -45,6 +45,7 @@ from .registry import Registry
 from .settings import LiveSettings, read_live_config
 from .shedding import LISTEN_PAUSE, Shedder
 from .stopping import SHUTDOWN_LINE, Stop
+from .wire import GAP
 
 log = logging.getLogger("chatcluster.worker")
 
@@ -120,12 +121,16 @@ class Worker:
         self.generation = generation
         self.runtime_dir = runtime_dir
         self.stats = stats
+        self.started = time.time()
+        # This worker's figures, written to its stats slot by beat(): they count on from what the
+        # workers before it in the same slot counted, so the cluster's counters never go backwards.
+        self.counters = stats.resume_slot(slot, os.getpid(), worker_no, generation, self.started)
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.bus = BusClient(self.ctx, Endpoints.in_dir(runtime_dir), worker_id)
+        self.bus = BusClient(self.ctx, Endpoints.in_dir(runtime_dir), worker_id, self.counters)
         self.registry: Registry[Client, C.LocalUser] = Registry()
         self.core = C.ChatCore(worker_id, self.settings, registry=self.registry)
-        self.output = Output(self.registry, self.settings, self.close, worker_no)
-        self.shedder = Shedder(worker_no)
+        self.output = Output(self.registry, self.settings, self.close, worker_no, self.counters)
+        self.shedder = Shedder(worker_no, self.counters)
         self.ep = select.epoll()
         self.listener: socket.socket | None = None
         self.outgoing: list[E.Event] = []
@@ -139,7 +144,6 @@ class Worker:
         self.bus_behind_since = 0.0  # when the bus was last left undrained at the end of a pass (0: drained)
         self.lingering: list[tuple[float, int]] = []  # (deadline, conn) for closing clients
         self.listen_resume = 0.0  # when a listener paused by the shedder polls again
-        self.started = time.time()
         self.last_publish = 0.0
         self.last_beat = 0.0
         self.last_hello = 0.0
@@ -156,7 +160,6 @@ class Worker:
         self.handoff_requested = False
         self.frozen = False  # a giver past its cut point: read nothing more
         self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
-        self.lines_in = 0
         self.sink = _Sink(self)
 
     # -- boot ---------------------------------------------------------------------------------
@@ -237,6 +240,8 @@ class Worker:
             events = self.ep.poll(timeout)
         except InterruptedError:
             events = []
+        began = time.monotonic()
+        self.output.pass_no += 1
         self.pass_left = self.backpressure.pass_budget()
         by_fd = self.registry.by_fd
         output = self.output
@@ -276,6 +281,7 @@ class Worker:
         self.housekeeping(now)
         if self.stop_signal:
             self.begin_stop(now)
+        self.counters.observe_loop(time.monotonic() - began)
         return self.stop is not None and self.stop.over(now, len(self.registry))
 
     def _poll_timeout(self) -> float:
@@ -333,6 +339,12 @@ class Worker:
         """The connection is over: forget it, close the socket, and let the chat core tell the others."""
         if not self.detach(c):
             return
+        why = c.ended or ("reset" if reason == "connection lost" else
+                          "shutdown" if reason == "server shutting down" else "quit")
+        if why.startswith("refused_"):
+            setattr(self.counters, why, getattr(self.counters, why) + 1)
+        else:
+            setattr(self.counters, "closed_" + why, getattr(self.counters, "closed_" + why) + 1)
         if not c.eof:
             # close() with unread input sends a reset, and a reset discards what is still on its
             # way to the client (a shutdown notice, a goodbye): read the input away first.
@@ -384,7 +396,9 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count)
             c = self.attach(sock, addr[0], now)
             c.throttled = True  # until its welcome line: see entered()
+            self.counters.accepted += 1
             if self.stop is not None:
+                c.ended = "shutdown"
                 self.output.queue(c, SHUTDOWN_LINE)
                 c.closing = True
                 continue
@@ -492,7 +506,7 @@ class Worker:
             if type(ev) is Line:
                 if not ev.text.strip():
                     continue
-                self.lines_in += 1
+                self.counters.lines_received += 1
                 self.apply(core.line(conn, ev.text, time.time()))
             else:
                 self.apply(core.line_too_long(conn, ev.limit))
@@ -501,6 +515,7 @@ class Worker:
 
     def end_of_input(self, c: Client) -> None:
         """The client shut its side: its lines are handled; send what is queued, then close."""
+        c.ended = c.ended or "quit"
         self.registry.leave_room(c.conn)
         self.apply(self.core.disconnect(c.conn, ""))
         if self.registry.user(c.conn) is not None:
@@ -539,6 +554,8 @@ class Worker:
         self.last_hello = time.monotonic()
 
     def bus_trouble(self, kind: str, text: str) -> None:
+        if kind == GAP:
+            self.counters.bus_gaps += 1
         log.warning("worker %d: bus %s detected: %s", self.worker_no, kind, text)
 
     def batch_done(self, publisher: str, events: list[E.Event], effects: list[C.Effect]) -> None:
@@ -568,13 +585,16 @@ class Worker:
         for _ in range(8):
             if budget <= 0:
                 break  # the rest in the next pass (the loop polls with timeout 0 meanwhile)
+            self.bus.oldest_stamp = 0
             items = self.bus.drain(BUS_BATCHES_PER_PASS, budget)
             if not items:
                 break
+            self.output.stamp = self.bus.oldest_stamp
             budget -= self.bus.drained_bytes
             undelivered, unreadable = core.undelivered, core.unreadable
             dispatch.feed_bus(core, items, self.registry, self.sink)
             if core.undelivered > undelivered:
+                self.counters.bus_gaps += core.undelivered - undelivered
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
                             "and were not delivered", self.worker_no, core.undelivered - undelivered)
             if core.unreadable > unreadable:
@@ -585,8 +605,7 @@ class Worker:
         """Log each client the broker refused by a client limit (max_clients, max_clients_per_ip):
         its error line followed by its Close."""
         for before, e in zip(effects, effects[1:], strict=False):
-            if (type(e) is C.Close and type(before) is C.Send and before.conn == e.conn
-                    and before.data.startswith(b"*** Error: ")):
+            if type(e) is C.Close and e.why.startswith("refused_") and type(before) is C.Send:
                 c = self.registry.by_conn(e.conn)
                 log.info("worker %d: refusing %s (conn %d): %s", self.worker_no, c.ip if c else "?", e.conn,
                          before.data.decode(errors="replace").strip())
@@ -650,22 +669,17 @@ class Worker:
             log.info("worker %d: disconnecting %s (conn %d): idle for %.0f s", self.worker_no, c.ip,
                      c.conn, now - c.last_rx)
             self.registry.leave_room(c.conn)
+            c.ended = "idle"
             self.output.queue(c, IDLE_LINE)
             self.apply(self.core.disconnect(c.conn, "idle"))
             self.close_when_sent(c)
 
-    @property
-    def dropped(self) -> int:
-        """Clients cut by a limit: slow readers, and connections shed when out of descriptors."""
-        return self.output.dropped + self.shedder.shed
-
     def beat(self, state: int) -> None:
         self.last_beat = time.monotonic()
-        out = self.output
-        self.stats.write(self.slot, os.getpid(), state, self.worker_no, self.generation, self.started,
-                         self.last_beat, self.registry.room_size(), self.lines_in, out.lines_out, out.bytes_out,
-                         self.bus.gaps + self.core.undelivered, self.dropped, len(self.registry),
-                         self.config_version)
+        k = self.counters
+        k.state, k.heartbeat, k.config_version = state, self.last_beat, self.config_version
+        k.clients, k.connections = self.registry.room_size(), len(self.registry)
+        self.stats.write_slot(self.slot, k)
 
     def reload(self) -> None:
         """Apply the live settings the supervisor wrote to RUNTIME_DIR/config.json."""
@@ -711,6 +725,7 @@ class Worker:
             self.registry.leave_room(c.conn)
             self.apply(self.core.disconnect(c.conn, "server shutting down"))
             if not c.closing:
+                c.ended = "shutdown"
                 self.output.queue(c, SHUTDOWN_LINE)
                 c.closing = True
         if self.outgoing:
@@ -722,7 +737,7 @@ class Worker:
             self.close(c, "server shutting down")
         if self.outgoing:
             self.publish()
-        self.stats.clear(self.slot)
+        self.beat(S.FREE)  # the final figures, and the slot is free
         self.bus.close()
         self.ctx.term()
         self.shedder.close()
@@ -753,7 +768,9 @@ class _Sink:
     def entered(self, c: Client) -> None:
         self.w.entered(c)
 
-    def close(self, c: Client) -> None:
+    def close(self, c: Client, why: str) -> None:
+        if not c.ended:
+            c.ended = why
         self.w.close_when_sent(c)
 
     def bus_restarted(self, control: list[E.Event]) -> None:

@@ -93,7 +93,7 @@ class Recorder:
     def entered(self, c: Client) -> None:
         pass
 
-    def close(self, c: Client) -> None:
+    def close(self, c: Client, why: str) -> None:
         c.closed = True
         self.rep.core.registry.remove(c)
         self.net.apply(self.w, self.rep.core.disconnect(c.conn, ""))
@@ -152,7 +152,7 @@ class Net:
         while rep.queue and (limit is None or count < limit):
             header, payload = rep.queue.pop(0)
             count += 1
-            epoch, gseq = wire.HEADER.unpack(header)
+            epoch, gseq, _ = wire.read_header(header)
             items: list[tuple[str, Any]] = []
             if not rep.order.accept(epoch, gseq, payload, items):
                 rep.order.accept(epoch, gseq, payload, items)

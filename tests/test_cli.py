@@ -84,7 +84,7 @@ def test_status_table_shows_a_summary_and_one_row_per_process(make_cluster: Call
     lines = result.stdout.splitlines()
     assert re.fullmatch(rf"chatcluster on port {cluster.port}: supervisor pid {cluster.pid}, 2 workers "
                         rf"\(2 wanted\), 1 clients, runtime dir {re.escape(cluster.runtime_dir)}", lines[0])
-    assert lines[1].split() == ["ROLE", "PID", "STATE", "UPTIME", "CPU%", "RSS", "CLIENTS", "CONNS",
+    assert lines[1].split() == ["ROLE", "PID", "STATE", "UPTIME", "BEAT", "CPU%", "RSS", "CLIENTS", "CONNS",
                                 "MSG-IN", "MSG-OUT"]
     assert lines[2].startswith(f"supervisor  {cluster.pid} ")
     assert lines[3].startswith("broker ")

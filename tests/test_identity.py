@@ -13,9 +13,12 @@ turn into a flaky test on a loaded machine.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +36,7 @@ from chat_support import (
     wait_who,
     who,
 )
-from conftest import Client, Cluster, wait_for
+from conftest import REPO, Client, Cluster, wait_for
 
 from chatcluster import bus, wire
 from chatcluster import events as E
@@ -444,3 +447,29 @@ def test_a_gap_on_the_bus_is_logged_counted_and_told_once_per_broker(make_cluste
         wait_for(lambda: sum(v.gaps for v in cl.stats()) == 12, what="the third gap counted")
     finally:
         faulty.close()
+
+
+@pytest.mark.slow
+def test_a_hung_broker_is_killed_and_replaced_and_nothing_is_lost(make_cluster: Callable[..., Cluster]) -> None:
+    # SIGSTOP, not a crash: the process is there, it just answers nothing. Its heartbeat in the
+    # stats file stops, and after worker_timeout the supervisor treats it as dead.
+    cl = make_cluster(2, extra=(*FAST, "--worker-timeout", "2"))
+    announced(cl)
+    a, b = named(cl, cl.clients_on_distinct_workers(2), "H")
+    workers = sorted(cl.worker_pids())
+    old = broker_pid(cl)
+    os.kill(old, signal.SIGSTOP)
+    a.say("said while the broker hangs")
+    wait_for(lambda: re.search(rf"broker \(pid {old}\): no heartbeat for [\d.]+ s \(worker_timeout=2\); "
+                               r"killing it", cl.read_log()), 20, "the hung broker to be killed")
+    new = new_broker(cl, old)
+    b.wait_line(rf"{a.nick}: said while the broker hangs")
+    a.say("after")
+    b.wait_line(rf"{a.nick}: after")
+    assert sorted(cl.worker_pids()) == workers, "a worker was replaced"
+    status = json.loads(subprocess.run(
+        [sys.executable, "-m", "chatcluster", "status", "--json", "--runtime-dir", cl.runtime_dir,
+         "--port", str(cl.port)], capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    broker_row = next(p for p in status["processes"] if p["role"] == "broker")
+    assert broker_row["pid"] == new and broker_row["heartbeat_age_s"] < 2
+    assert status["restarts"]["broker"] == 1

@@ -144,7 +144,7 @@ def test_a_reader_cut_for_its_send_queue_leaves_no_trace(tmp_path: Path) -> None
             if not w.registry.traces(conn):
                 break
         until(gone(w, conn), w, clients=[talker])
-        assert w.output.dropped == 1
+        assert w.counters.dropped == 1 and w.counters.closed_sendq == 1
 
 
 def test_an_idle_client_leaves_no_trace(tmp_path: Path) -> None:

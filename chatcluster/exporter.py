@@ -1,0 +1,265 @@
+"""The metrics endpoint: a small process of its own that serves `/metrics` over HTTP.
+
+Why a process and not a thread of the supervisor: the supervisor forks
+workers, and forking a process that runs threads is fragile (a lock held by
+another thread at the moment of the fork stays held for ever in the child);
+and a scraper that connects and never sends its request, or reads its answer
+a byte a second, must not be able to delay signal handling or worker
+supervision in any way. The endpoint process only reads the shared stats file
+and /proc (through `snapshot`), so it can die or hang without harming anyone:
+the supervisor restarts it (`MetricsProcess`), like any child, with back-off.
+It answers `/metrics` with prometheus_client's WSGI app and 404 for anything
+else; each connection gets a thread, a time limit, and there is a cap on how
+many are served at once.
+
+The supervisor-side part (`MetricsProcess`, `check_listen`) imports neither
+prometheus_client nor zmq; `serve()` runs in the endpoint process.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from . import stats as S
+from .config import ConfigError, parse_listen
+
+log = logging.getLogger("chatcluster.exporter")
+
+EXIT_LISTEN_FAILED = 2  # the endpoint could not bind its address: restarted with back-off
+REQUEST_TIMEOUT = 10.0  # seconds a scraper gets to send its request and to take each part of the answer
+MAX_REQUESTS = 16  # connections served at once; more are closed at once
+YOUNG = 5.0  # an endpoint process that dies younger than this is restarted with back-off
+BACKOFF_MAX = 30.0
+STOP_WAIT = 2.0  # seconds the supervisor gives it to exit on TERM before KILL
+
+
+def check_listen(listen: str) -> None:
+    """At start: the metrics address can be bound, or a ConfigError naming the problem and the fix."""
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise ConfigError(f"--metrics-listen {listen}: {exc}") from None
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        raise ConfigError(_bind_error(listen, host, port, exc)) from None
+    sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_error(listen: str, host: str, port: int, exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"--metrics-listen {listen}: cannot resolve {host} ({exc.strerror}); give an IP address"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"--metrics-listen {listen}: port {port} is in use by another program; choose another "
+                f"with --metrics-listen")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"--metrics-listen {listen}: {host} is not an address of this machine; choose another "
+                f"with --metrics-listen")
+    if exc.errno == errno.EACCES:
+        return (f"--metrics-listen {listen}: port {port} is privileged and this user may not bind it; "
+                f"choose a port above 1023")
+    return f"--metrics-listen {listen}: cannot bind {host}:{port} ({exc.strerror})"
+
+
+# -- the supervisor's side ----------------------------------------------------------------------
+
+
+@dataclass
+class MetricsProcess:
+    """The supervisor's handle on the endpoint process: start it, notice its death, restart, stop.
+
+    Every method returns at once, except `stop()`, which waits at most STOP_WAIT seconds at the
+    end of a stop. The endpoint's pid goes into the stats file's header, where `status` finds it
+    and where a supervisor re-executed by an upgrade finds the old one, to replace it with one
+    running the new code.
+    """
+
+    listen: str
+    runtime_dir: str
+    stats: S.StatsFile
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0
+    not_before: float = 0.0
+    old_pid: int = 0  # an endpoint of the code before an upgrade, told to exit
+
+    def __post_init__(self) -> None:
+        self.stats.supervisor.exporter_pid = 0
+
+    @classmethod
+    def after_exec(cls, listen: str, runtime_dir: str, stats: S.StatsFile) -> MetricsProcess:
+        """In a supervisor re-executed by an upgrade: the old code's endpoint makes way for a new one."""
+        old = stats.supervisor.exporter_pid
+        proc = cls(listen, runtime_dir, stats)
+        if old > 0:
+            try:
+                os.kill(old, signal.SIGTERM)
+                proc.old_pid = old
+            except ProcessLookupError:
+                pass
+        return proc
+
+    def maintain(self, now: float, fork: Callable[[str, Callable[[], int | None]], int]) -> None:
+        """Start the endpoint when it should run and does not (its port free, its back-off over)."""
+        if not self.listen or self.pid or self.old_pid or now < self.not_before:
+            return
+        listen, runtime_dir, parent = self.listen, self.runtime_dir, os.getpid()
+        self.pid = fork("metrics", lambda: serve(listen, runtime_dir, parent))
+        self.started = now
+        self.stats.supervisor.exporter_pid = self.pid
+        log.info("metrics endpoint started, pid %d, serving http://%s/metrics", self.pid, listen)
+
+    def reaped(self, pid: int, status: int, stopping: bool = False) -> bool:
+        """A child exited; True if it was the endpoint (restarted later by `maintain` unless stopping)."""
+        if pid == self.old_pid:
+            self.old_pid = 0
+            return True
+        if pid != self.pid or not pid:
+            return False
+        now = time.monotonic()
+        self.pid = 0
+        self.stats.supervisor.exporter_pid = 0
+        if now - self.started < YOUNG:
+            self.failures += 1
+            delay = min(0.5 * 2 ** (self.failures - 1), BACKOFF_MAX)
+        else:
+            self.failures = 0
+            delay = 0.0
+        self.not_before = now + delay
+        code = os.waitstatus_to_exitcode(status)
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        if stopping:
+            log.info("metrics endpoint (pid %d) %s", pid, how)
+        else:
+            log.error("metrics endpoint (pid %d) %s; restarting it%s", pid, how, f" in {delay:.1f} s" if delay else "")
+        return True
+
+    def stop(self) -> None:
+        """TERM the endpoint and wait for it (KILL after STOP_WAIT); the supervisor is stopping."""
+        for pid in (self.pid, self.old_pid):
+            if pid:
+                _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT
+        for pid in (self.pid, self.old_pid):
+            while pid and time.monotonic() < deadline:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.02)
+            else:
+                if pid:
+                    _kill(pid, signal.SIGKILL)
+                    try:
+                        os.waitpid(pid, 0)
+                    except ChildProcessError:
+                        pass
+        self.pid = self.old_pid = 0
+        self.stats.supervisor.exporter_pid = 0
+
+    def kill(self) -> None:
+        """Last resort at exit: nothing of ours may outlive the supervisor."""
+        for pid in (self.pid, self.old_pid):
+            if pid:
+                _kill(pid, signal.SIGKILL)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# -- the endpoint process -----------------------------------------------------------------------
+
+
+def app_for(runtime_dir: str, supervisor_pid: int) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app: /metrics from a registry holding only the cluster's collector; 404 elsewhere."""
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    from .metrics import ClusterCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(runtime_dir, supervisor_pid))
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"Not found: chatcluster serves its metrics at /metrics\n"]
+        result: Iterable[bytes] = metrics(environ, start_response)
+        return result
+
+    return app
+
+
+def serve(listen: str, runtime_dir: str, supervisor_pid: int) -> int:
+    """The endpoint process: serve until the supervisor is gone (or TERM, the default action)."""
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    host, port = parse_listen(listen)
+    slots = threading.BoundedSemaphore(MAX_REQUESTS)
+
+    class Handler(WSGIRequestHandler):
+        timeout = REQUEST_TIMEOUT  # a socket timeout on every read and write of the connection
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per scrape would drown the log
+
+    class Server(ThreadingWSGIServer):
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)  # too many at once: the newest waits for nobody
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+        def service_actions(self) -> None:
+            if os.getppid() != supervisor_pid:
+                raise SystemExit(0)  # the supervisor is gone: nothing left to report on
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+    Server.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                               flags=socket.AI_PASSIVE)[0][0]
+    try:
+        server = Server((host, port), Handler)
+    except OSError as exc:
+        log.error("%s", _bind_error(listen, host, port, exc))
+        return EXIT_LISTEN_FAILED
+    server.set_app(app_for(runtime_dir, supervisor_pid))
+    log.info("serving metrics on http://%s/metrics", listen)
+    server.serve_forever(poll_interval=0.5)
+    return 0
