@@ -35,6 +35,7 @@ __all__ = [
     "Notice",
     "TokenBucket",
     "encode_line",
+    "encode_notice",
     "sanitize",
 ]
 
@@ -66,9 +67,14 @@ class LineTooLong:
 @dataclass(frozen=True, slots=True)
 class Notice:
     """A line for this client alone from the telnet layer: the answer to AYT, or the hint
-    after Ctrl-C. The caller sends encode_line(text) back to the client; it is not chat."""
+    after Ctrl-C. The caller sends encode_notice() of it back to the client; it is not chat.
+
+    `new_row` is set when the client's terminal has just echoed the key (`^C`) and its cursor
+    is in the middle of a row, so the line must start on a new one.
+    """
 
     text: str
+    new_row: bool = False
 
 
 Event = Line | LineTooLong | Notice
@@ -116,6 +122,11 @@ def sanitize(text: str) -> str:
 def encode_line(text: str) -> bytes:
     """Encode one server line for the wire; `text` is trusted and not sanitised."""
     return text.encode("utf-8") + CRLF
+
+
+def encode_notice(notice: Notice) -> bytes:
+    """Encode a telnet layer's Notice for the wire, on a row of its own."""
+    return (CRLF if notice.new_row else b"") + encode_line(notice.text)
 
 
 # ---------------------------------------------------------------------------
@@ -324,9 +335,9 @@ class LineReader:
             follow += 1
         return i >= 0 and _continuations(buf[i]) > follow
 
-    def notice(self, text: str) -> None:
-        """A line for this client alone from the telnet layer."""
-        self._out.append(Notice(text))
+    def notice(self, text: str, new_row: bool) -> None:
+        """A line for this client alone from the telnet layer (see Notice)."""
+        self._out.append(Notice(text, new_row))
 
     # -- lines --------------------------------------------------------------------------------
 

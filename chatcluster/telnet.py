@@ -150,8 +150,8 @@ class LineSink(Protocol):
     def ends_inside_char(self) -> bool:
         """True when the unfinished line ends inside a UTF-8 character."""
 
-    def notice(self, text: str) -> None:
-        """A line to send back to this client alone."""
+    def notice(self, text: str, new_row: bool) -> None:
+        """A line to send back to this client alone; `new_row`: start it on a new row."""
 
 
 class _Side:
@@ -301,11 +301,13 @@ class TelnetParser:
             sink.take_data(_REPAIR_BYTES[byte], 0, 1)
         elif byte == IP:
             sink.erase_line()
-            sink.notice(INTERRUPT_HINT)
+            sink.notice(INTERRUPT_HINT, True)
         elif byte == BRK or byte == SUSP or byte == ABORT:
-            sink.notice(INTERRUPT_HINT)
+            sink.notice(INTERRUPT_HINT, True)
         elif byte == AYT:
-            sink.notice(AYT_ANSWER)
+            # Asked from the client's `telnet>` prompt, after which the cursor is at the
+            # start of a row; an interrupt key is echoed (`^C`) and leaves it mid-row.
+            sink.notice(AYT_ANSWER, False)
         elif byte == EC:
             sink.erase_char()
         elif byte == EL:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from client_bytes import LONG, SAMPLE
 
-from chatcluster.protocol import LineReader, Notice, encode_line
+from chatcluster.protocol import LineReader, Notice, encode_notice
 
 WAIT = 15.0
 WIDTH, HEIGHT = 120, 40
@@ -90,7 +90,12 @@ def _alive(pid: int) -> bool:
 
 
 class Pane:
-    """One program in a WIDTHxHEIGHT tmux pane, on a private tmux server."""
+    """One program in a WIDTHxHEIGHT tmux pane, on a private tmux server.
+
+    Besides the screen, every byte the terminal receives (the program's output and the tty's
+    echo) is logged through `pipe-pane`, so a test can look for stray bytes that a terminal
+    would draw and tmux's own screen model hides.
+    """
 
     def __init__(self, argv: list[str], width: int = WIDTH, height: int = HEIGHT) -> None:
         self.dir = tempfile.mkdtemp(prefix="cc-pty-", dir="/tmp")
@@ -98,15 +103,19 @@ class Pane:
         with open(conf, "w") as fh:
             fh.write(_TMUX_CONF)
         self.socket = os.path.join(self.dir, "tmux.sock")
+        self.log = os.path.join(self.dir, "output")
         self.env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
         self.env.pop("TMUX", None)
         self.base = ["tmux", "-u", "-S", self.socket, "-f", conf]
         self.server_pid = 0
         self.pane_pid = 0
         try:
-            self._tmux("new-session", "-d", "-x", str(width), "-y", str(height), "--", *argv)
-            ids = self._tmux("display-message", "-p", "#{pid} #{pane_pid}").split()
-            self.server_pid, self.pane_pid = int(ids[0]), int(ids[1])
+            # The pane starts idle so that the output log is in place before the program runs.
+            self._tmux("new-session", "-d", "-x", str(width), "-y", str(height), "--", "sleep", "3600")
+            self.server_pid = int(self._tmux("display-message", "-p", "#{pid}"))
+            self._tmux("pipe-pane", "-O", f"cat > {self.log}")
+            self._tmux("respawn-pane", "-k", "--", *argv)
+            self.pane_pid = int(self._tmux("display-message", "-p", "#{pane_pid}"))
         except BaseException:
             self.close()
             raise
@@ -142,6 +151,14 @@ class Pane:
         out = self._tmux("capture-pane", "-p", "-J", "-S", "-")
         return [row.rstrip() for row in out.split("\n")[:-1]]
 
+    def output(self) -> bytes:
+        """Every byte the terminal has received so far."""
+        try:
+            with open(self.log, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return b""
+
     def dead(self) -> bool:
         return self._tmux("display-message", "-p", "#{pane_dead}").strip() == "1"
 
@@ -172,14 +189,28 @@ class Pane:
 
     # -- cleaning up ----------------------------------------------------------------------------
 
+    def _children(self) -> list[int]:
+        """The tmux server's children: the program in the pane and pipe-pane's logger."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as fh:
+                        if int(fh.read().rsplit(")", 1)[1].split()[1]) == self.server_pid:
+                            pids.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return pids
+
     def close(self) -> None:
         """Stop the tmux server and the program in its pane, by pid, and remove the socket dir."""
+        children = self._children() if self.server_pid else []
         if self.server_pid:
             try:
                 subprocess.run([*self.base, "kill-server"], env=self.env, capture_output=True, timeout=WAIT)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in (self.pane_pid, self.server_pid):
+        for pid in (self.pane_pid, *children, self.server_pid):
             if not pid:
                 continue
             deadline = time.monotonic() + 5
@@ -234,7 +265,7 @@ class Recorder:
                     self.received += data
                 if reader is not None:
                     events, _, reply = reader.receive(data, 1 << 30)
-                    notices = b"".join(encode_line(e.text) for e in events if isinstance(e, Notice))
+                    notices = b"".join(encode_notice(e) for e in events if isinstance(e, Notice))
                     if reply or notices:
                         conn.sendall(reply + notices)
         except OSError:

@@ -42,7 +42,7 @@ EOR, ABORT, SUSP, EOF = b"\xef", b"\xee", b"\xed", b"\xec"
 BINARY, ECHO, SGA, TM, NAWS, TTYPE = b"\x00", b"\x01", b"\x03", b"\x06", b"\x1f", b"\x18"
 
 GREETING = IAC + DO + BINARY + b"\r\0"
-HINT = Notice("*** (Ctrl-C and Ctrl-Z do nothing here: type /quit to leave)")
+HINT = Notice("*** (Ctrl-C and Ctrl-Z do nothing here: type /quit to leave)", new_row=True)
 YES = Notice("*** [Yes]")
 WILL_TM = IAC + WILL + TM
 UNLIMITED = sys.maxsize
