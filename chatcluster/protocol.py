@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .telnet import DATA as TELNET_DATA
-from .telnet import OFF, TelnetParser
+from .telnet import OFF, TelnetParser, check_mode, greeting
 
 __all__ = [
     "CRLF",
@@ -146,6 +146,9 @@ _LEGACY_FORMAT = 1
 # feed() is feed_some() without a limit.
 _UNLIMITED = sys.maxsize
 
+# LineReader._out between reads: nothing appends to it then, since the budget is 0.
+_NO_READ: list[Event] = []
+
 
 class LineReader:
     """Turn the byte stream of one client into events, with the telnet layer below the lines.
@@ -164,12 +167,15 @@ class LineReader:
     notice) the telnet layer acts on the unfinished line.
     """
 
-    __slots__ = ("_max", "_buf", "_telnet", "_discard", "_after_cr", "_overflowed", "_out", "_limit")
+    __slots__ = ("_max", "_buf", "_mode", "_telnet", "_discard", "_after_cr", "_overflowed", "_out", "_limit")
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, telnet: str = OFF) -> None:
         self._max = _check_limit(max_line_bytes)
         self._buf = bytearray()
-        self._telnet = TelnetParser(telnet)
+        self._mode = check_mode(telnet)
+        # Made at the client's first IAC: a client that never sends one (nc, a bot, most
+        # of a benchmark's thousands) costs no telnet state at all.
+        self._telnet: TelnetParser | None = None
         # True from the moment a line crosses the limit until its terminator.
         self._discard = False
         # True right after a CR ended a line: one LF or NUL that follows is
@@ -179,9 +185,11 @@ class LineReader:
         # LineTooLong is reported by the next feed(), since a setter cannot
         # return events.
         self._overflowed = False
-        # The event list and budget of the read being parsed, for the LineSink methods.
-        self._out: list[Event] = []
-        self._limit = _UNLIMITED
+        # The event list and budget of the read being parsed, for the LineSink methods;
+        # between reads a shared empty list (never appended to) and a spent budget, so that
+        # a reader keeps no events alive and allocates nothing for them.
+        self._out = _NO_READ
+        self._limit = 0
 
     @property
     def max_line_bytes(self) -> int:
@@ -198,6 +206,8 @@ class LineReader:
     @property
     def telnet(self) -> TelnetParser:
         """The telnet layer below this reader (its mode and option states)."""
+        if self._telnet is None:
+            self._telnet = TelnetParser(self._mode)
         return self._telnet
 
     def buffered(self) -> int:
@@ -209,8 +219,11 @@ class LineReader:
         return bytes(self._buf)
 
     def greeting(self) -> bytes:
-        """What to send the client when it connects, before anything else (b"" if nothing)."""
-        return self._telnet.greeting()
+        """What to send the client once, when it connects, before anything else (b"" if nothing).
+
+        The telnet layer of mode `always` starts as if this had been sent (see telnet.greeting).
+        """
+        return greeting(self._mode)
 
     def feed(self, data: bytes) -> list[Event]:
         """Consume `data` and return the events it completes, in order; replies are dropped."""
@@ -244,13 +257,18 @@ class LineReader:
         if not data:
             return out, 0, b""
         telnet = self._telnet
-        if telnet.position == TELNET_DATA and b"\xff" not in data:
+        if (telnet is None or telnet.position == TELNET_DATA) and b"\xff" not in data:
             if b"\r" not in data:
                 return out, self._feed_plain(data, out, max_events), b""
             self._out, self._limit = out, max_events
-            return out, self.take_data(data, 0, len(data)), b""
+            used = self.take_data(data, 0, len(data))
+            self._out, self._limit = _NO_READ, 0
+            return out, used, b""
+        if telnet is None:
+            telnet = self._telnet = TelnetParser(self._mode)
         self._out, self._limit = out, max_events
         used = telnet.feed(data, self)
+        self._out, self._limit = _NO_READ, 0
         return out, used, telnet.take_reply()
 
     def _feed_plain(self, data: bytes, out: list[Event], limit: int) -> int:
@@ -387,7 +405,7 @@ class LineReader:
             "discard": self._discard,
             "after_cr": self._after_cr,
             "overflowed": self._overflowed,
-            "telnet": self._telnet.state(),
+            "telnet": self.telnet.state(),
         }
 
     @classmethod
@@ -416,9 +434,11 @@ class LineReader:
                 f"max_line_bytes={reader._max}"
             )
         if version == _LEGACY_FORMAT:
-            reader._telnet = TelnetParser.from_legacy_position(_field(state, "telnet", str), telnet)
+            parser = TelnetParser.from_legacy_position(_field(state, "telnet", str), telnet)
         else:
-            reader._telnet = TelnetParser.from_state(_field(state, "telnet", dict))
+            parser = TelnetParser.from_state(_field(state, "telnet", dict))
+        reader._mode = parser.mode
+        reader._telnet = parser
         reader._buf = bytearray(partial)
         reader._discard = _field(state, "discard", bool)
         reader._after_cr = _field(state, "after_cr", bool)
@@ -428,7 +448,7 @@ class LineReader:
     def __repr__(self) -> str:
         return (
             f"LineReader(max_line_bytes={self._max}, buffered={len(self._buf)}, "
-            f"telnet={self._telnet!r}, discard={self._discard}, after_cr={self._after_cr})"
+            f"telnet={self._telnet or self._mode!r}, discard={self._discard}, after_cr={self._after_cr})"
         )
 
 

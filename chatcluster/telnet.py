@@ -27,9 +27,11 @@ __all__ = [
     "MODES",
     "OFF",
     "ON_IAC",
+    "GREETING",
     "TelnetParser",
     "check_mode",
     "escape_output",
+    "greeting",
 ]
 
 # ---------------------------------------------------------------------------
@@ -75,7 +77,7 @@ INTERRUPT_HINT: Final = "*** (Ctrl-C and Ctrl-Z do nothing here: type /quit to l
 # What `always` sends at connect. The CR NUL (a bare carriage return, as telnet spells it)
 # puts the cursor of a raw client such as nc back at the start of the line, so the first line
 # of text is drawn over the two bytes the terminal may have shown for IAC DO.
-_GREETING_TAIL: Final = b"\r\0"
+GREETING: Final = bytes((0xFF, 0xFD, 0x00)) + b"\r\0"
 
 # An option and direction answers the client at most this many times in a connection's
 # life. A conforming client asks once and never needs a second answer; the limit ends any
@@ -106,9 +108,14 @@ _VERB_POSITION: Final = {WILL: _WILL, WONT: _WONT, DO: _DO, DONT: _DONT}
 _POSITION_VERB: Final = {v: k for k, v in _VERB_POSITION.items()}
 DATA: Final = _DATA  # the position in which a read without IAC needs no telnet work at all
 
-# RFC 1143 option states, one per option and direction.
+# RFC 1143 option states, one per option and direction, packed in 6 bits per direction:
+# the state (2 bits), the queue bit (set: OPPOSITE) and the answers given (0..MAX_ANSWERS).
 _NO, _YES, _WANTNO, _WANTYES = range(4)
 _Q_NAMES: Final = ("no", "yes", "wantno", "wantyes")
+_OPPOSITE: Final = 4
+_SIDE_MASK: Final = 0x3F
+_HIM: Final = 0  # the client performs the option (it sends WILL/WONT; we answer DO/DONT)
+_US: Final = 6  # the server performs the option (the client sends DO/DONT; we answer WILL/WONT)
 
 _STATE_FORMAT: Final = 1
 
@@ -120,6 +127,15 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"telnet negotiation must be one of {', '.join(MODES)}; got {mode!r}")
     return mode
+
+
+def greeting(mode: str) -> bytes:
+    """What to send a client the moment it connects, before anything else; b"" if nothing.
+
+    Only `always` has one: IAC DO BINARY, then CR NUL. A parser in mode `always` starts as
+    if it had been sent, so it must be sent exactly once, at connect.
+    """
+    return GREETING if check_mode(mode) == ALWAYS else b""
 
 
 def escape_output(data: bytes) -> bytes:
@@ -154,77 +170,52 @@ class LineSink(Protocol):
         """A line to send back to this client alone; `new_row`: start it on a new row."""
 
 
-class _Side:
-    """One option in one direction: its Q-method state, its queue bit, answers given."""
-
-    __slots__ = ("state", "opposite", "answers")
-
-    def __init__(self) -> None:
-        self.state = _NO
-        self.opposite = False
-        self.answers = 0
-
-
-class _Option:
-    __slots__ = ("him", "us")
-
-    def __init__(self) -> None:
-        self.him = _Side()  # the client performs the option (it sends WILL/WONT)
-        self.us = _Side()  # the server performs the option (the client sends DO/DONT)
-
-
 class TelnetParser:
     """The telnet state of one connection: parser position, option states, mode.
 
     Feed it every byte the client sends, in order, through feed(); it keeps its position
     between calls, so what it does never depends on how the stream was split into reads.
-    Reply bytes collect until take_reply().
+    Reply bytes collect until take_reply(). In mode `always` it starts as the greeting
+    left it (BINARY asked for): the caller sends greeting(ALWAYS) when the client connects.
+
+    It is kept small, since a worker holds one per telnet client: each option's two
+    directions are packed in one small int (RFC 1143 state, queue bit, answers given),
+    BINARY's in a slot of its own, the others in a dict made only when one is touched.
     """
 
-    __slots__ = ("position", "_mode", "_greeted", "_options", "_reply")
+    __slots__ = ("position", "_mode", "_greeted", "_binary", "_options", "_reply")
 
     def __init__(self, mode: str = OFF) -> None:
         self._mode = check_mode(mode)
         # Read by the line reader to choose its fast path: while this is DATA, a read
         # with no IAC in it is all data and needs no telnet work.
         self.position = _DATA
-        # Whether IAC DO BINARY has gone out (at connect for `always`, at the client's
-        # first IAC for `on-iac`; never for `off`).
-        self._greeted = mode == OFF
-        self._options: dict[int, _Option] = {}
-        self._reply = bytearray()
+        # Whether IAC DO BINARY has gone out: at connect for `always`, at the client's
+        # first IAC for `on-iac`; `off` never sends it.
+        self._greeted = mode != ON_IAC
+        self._binary = _WANTYES if mode == ALWAYS else _NO
+        self._options: dict[int, int] | None = None
+        self._reply: bytearray | None = None
 
     @property
     def mode(self) -> str:
         return self._mode
 
-    def greeting(self) -> bytes:
-        """The bytes to send when the client connects, before anything else; b"" if none.
-
-        Only `always` has one: IAC DO BINARY, then CR NUL. Later calls return b"".
-        """
-        if self._greeted or self._mode != ALWAYS:
-            return b""
-        self._greet()
-        return self.take_reply() + _GREETING_TAIL
-
     def take_reply(self) -> bytes:
         """The bytes to send back that collected since the last call."""
-        if not self._reply:
+        if self._reply is None:
             return b""
         reply = bytes(self._reply)
-        self._reply.clear()
+        self._reply = None  # rare: not worth keeping a buffer per client
         return reply
 
     def him_state(self, option: int) -> str:
         """The Q-method state of `option` performed by the client: no, yes, wantno, wantyes."""
-        opt = self._options.get(option)
-        return _Q_NAMES[opt.him.state if opt else _NO]
+        return _Q_NAMES[self._get(option) >> _HIM & 3]
 
     def us_state(self, option: int) -> str:
         """The Q-method state of `option` performed by the server."""
-        opt = self._options.get(option)
-        return _Q_NAMES[opt.us.state if opt else _NO]
+        return _Q_NAMES[self._get(option) >> _US & 3]
 
     # -- parsing ----------------------------------------------------------------------------
 
@@ -317,17 +308,26 @@ class TelnetParser:
 
     # -- options (RFC 1143) -------------------------------------------------------------------
 
+    def _get(self, option: int) -> int:
+        if option == BINARY:
+            return self._binary
+        return self._options.get(option, 0) if self._options else 0
+
+    def _put(self, option: int, packed: int) -> None:
+        if option == BINARY:
+            self._binary = packed
+        elif self._options is None:
+            self._options = {option: packed}
+        else:
+            self._options[option] = packed
+
     def _greet(self) -> None:
         self._greeted = True
-        self._ask(self._option(BINARY).him, BINARY, DO, DONT)
-
-    def _option(self, option: int) -> _Option:
-        opt = self._options.get(option)
-        if opt is None:
-            opt = self._options[option] = _Option()
-        return opt
+        self._ask(BINARY, _HIM, DO)
 
     def _send(self, verb: int, option: int) -> None:
+        if self._reply is None:
+            self._reply = bytearray()
         self._reply += bytes((IAC, verb, option))
 
     def _negotiate(self, verb: int, option: int) -> None:
@@ -339,77 +339,79 @@ class TelnetParser:
             if verb == DO:
                 self._send(WILL, TIMING_MARK)
             return
-        opt = self._option(option)
         if verb == WILL or verb == WONT:
             # Only BINARY from the client: it makes BSD-derived clients send 8-bit bytes.
-            self._receive(opt.him, option, verb == WILL, option == BINARY, DO, DONT)
+            self._receive(option, _HIM, verb == WILL, option == BINARY, DO, DONT)
         else:
             # Nothing the client could ask us to do is accepted: BINARY from the server turns
             # off the client's output processing (every line is indented), ECHO and SGA put it
             # in character mode (backspace arrives as DEL, lines end in CR NUL).
-            self._receive(opt.us, option, verb == DO, False, WILL, WONT)
+            self._receive(option, _US, verb == DO, False, WILL, WONT)
 
-    def _receive(self, side: _Side, option: int, enable: bool, agree: bool, yes: int, no: int) -> None:
-        """RFC 1143 on receiving WILL/DO (`enable`) or WONT/DONT for `side`.
+    def _receive(self, option: int, shift: int, enable: bool, agree: bool, yes: int, no: int) -> None:
+        """RFC 1143 on receiving WILL/DO (`enable`) or WONT/DONT for one direction of `option`.
 
-        `yes` and `no` are the verbs that answer for this direction (DO/DONT for the client's
-        options, WILL/WONT for ours). An answer to a request the client started (enable while
-        NO, disable while YES) counts against MAX_ANSWERS; past it, enabling is refused and
-        disabling applied, both without a word.
+        `shift` picks the direction's bits (_HIM: the client's option, _US: ours); `yes` and
+        `no` are the verbs that answer for it (DO/DONT, or WILL/WONT). An answer to a request
+        the client started (enable while NO, disable while YES) counts against MAX_ANSWERS;
+        past it, enabling is refused and disabling applied, both without a word.
         """
-        state = side.state
+        packed = self._get(option)
+        side = packed >> shift & _SIDE_MASK
+        state, opposite, answers = side & 3, bool(side & _OPPOSITE), side >> 3
+        send = 0
         if enable:
             if state == _NO:
-                if side.answers >= MAX_ANSWERS:
+                if answers >= MAX_ANSWERS:
                     return
-                side.answers += 1
+                answers += 1
                 if agree:
-                    side.state = _YES
-                    self._send(yes, option)
+                    state, send = _YES, yes
                 else:
-                    self._send(no, option)
+                    send = no
             elif state == _WANTNO:
                 # Without a queued change this is an error (DONT answered by WILL); the
                 # option stays off. With one, the client's WILL is what we now want.
-                side.state = _YES if side.opposite else _NO
-                side.opposite = False
+                state, opposite = (_YES if opposite else _NO), False
             elif state == _WANTYES:
-                if side.opposite:
-                    side.state = _WANTNO
-                    side.opposite = False
-                    self._send(no, option)
+                if opposite:
+                    state, opposite, send = _WANTNO, False, no
                 else:
-                    side.state = _YES
+                    state = _YES
             # YES: already on; an acknowledgement is never answered.
         else:
             if state == _YES:
-                side.state = _NO
-                if side.answers < MAX_ANSWERS:
-                    side.answers += 1
-                    self._send(no, option)
+                state = _NO
+                if answers < MAX_ANSWERS:
+                    answers += 1
+                    send = no
             elif state == _WANTNO:
-                if side.opposite:
-                    side.state = _WANTYES
-                    side.opposite = False
-                    self._send(yes, option)
+                if opposite:
+                    state, opposite, send = _WANTYES, False, yes
                 else:
-                    side.state = _NO
+                    state = _NO
             elif state == _WANTYES:
-                side.state = _NO
-                side.opposite = False
+                state, opposite = _NO, False
             # NO: already off; nothing to say.
+        side = state | (_OPPOSITE if opposite else 0) | answers << 3
+        self._put(option, packed & ~(_SIDE_MASK << shift) | side << shift)
+        if send:
+            self._send(send, option)
 
-    def _ask(self, side: _Side, option: int, yes: int, no: int) -> None:
-        """RFC 1143: we want `side` of `option` enabled."""
-        state = side.state
+    def _ask(self, option: int, shift: int, yes: int) -> None:
+        """RFC 1143: we want one direction of `option` enabled (`yes` asks for it)."""
+        packed = self._get(option)
+        side = packed >> shift & _SIDE_MASK
+        state = side & 3
         if state == _NO:
-            side.state = _WANTYES
+            side = side & ~3 | _WANTYES
             self._send(yes, option)
         elif state == _WANTNO:
-            side.opposite = True
+            side |= _OPPOSITE
         elif state == _WANTYES:
-            side.opposite = False
+            side &= ~_OPPOSITE
         # YES: already enabled.
+        self._put(option, packed & ~(_SIDE_MASK << shift) | side << shift)
 
     # -- handing a connection over ---------------------------------------------------------
 
@@ -419,15 +421,20 @@ class TelnetParser:
         It holds no reply bytes: callers take them after every feed, so there are none
         between reads.
         """
-        if self._reply:
+        if self._reply is not None:
             raise ValueError("telnet state: take_reply() before state(), the reply would be lost")
+        touched = dict(self._options or {})
+        if self._binary:
+            touched[BINARY] = self._binary
         options = []
-        for number, opt in sorted(self._options.items()):
-            options.append({
-                "option": number,
-                "him": _Q_NAMES[opt.him.state], "him_opposite": opt.him.opposite, "him_answers": opt.him.answers,
-                "us": _Q_NAMES[opt.us.state], "us_opposite": opt.us.opposite, "us_answers": opt.us.answers,
-            })  # fmt: skip
+        for number, packed in sorted(touched.items()):
+            entry: dict[str, object] = {"option": number}
+            for name, shift in (("him", _HIM), ("us", _US)):
+                side = packed >> shift & _SIDE_MASK
+                entry[name] = _Q_NAMES[side & 3]
+                entry[f"{name}_opposite"] = bool(side & _OPPOSITE)
+                entry[f"{name}_answers"] = side >> 3
+            options.append(entry)
         return {
             "format": _STATE_FORMAT,
             "mode": self._mode,
@@ -453,19 +460,25 @@ class TelnetParser:
         entries = state.get("options")
         if not isinstance(entries, list):
             raise ValueError(f"telnet state field 'options' must be a list, got {entries!r}")
+        parser._binary = _NO
+        seen: set[int] = set()
         for entry in entries:
             if not isinstance(entry, Mapping):
                 raise ValueError(f"telnet state: option entry {entry!r} is not an object")
             number = _field(entry, "option", int)
-            if not 0 <= number <= 255 or number in parser._options:
+            if not 0 <= number <= 255 or number in seen:
                 raise ValueError(f"telnet state: bad or repeated option number {number!r}")
-            opt = parser._options[number] = _Option()
-            for name, side in (("him", opt.him), ("us", opt.us)):
-                side.state = _name(_Q_NAMES, _field(entry, name, str), name)
-                side.opposite = _field(entry, f"{name}_opposite", bool)
-                side.answers = _field(entry, f"{name}_answers", int)
-                if not 0 <= side.answers <= MAX_ANSWERS:
-                    raise ValueError(f"telnet state: {name}_answers={side.answers} is out of range")
+            seen.add(number)
+            packed = 0
+            for name, shift in (("him", _HIM), ("us", _US)):
+                answers = _field(entry, f"{name}_answers", int)
+                if not 0 <= answers <= MAX_ANSWERS:
+                    raise ValueError(f"telnet state: {name}_answers={answers} is out of range")
+                side = _name(_Q_NAMES, _field(entry, name, str), name) | answers << 3
+                if _field(entry, f"{name}_opposite", bool):
+                    side |= _OPPOSITE
+                packed |= side << shift
+            parser._put(number, packed)
         return parser
 
     @classmethod
@@ -486,7 +499,7 @@ class TelnetParser:
     def __repr__(self) -> str:
         return (
             f"TelnetParser(mode={self._mode!r}, position={_POSITION_NAMES[self.position]}, "
-            f"greeted={self._greeted}, options={len(self._options)})"
+            f"greeted={self._greeted}, options={len(self._options or ()) + bool(self._binary)})"
         )
 
 
