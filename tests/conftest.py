@@ -73,6 +73,11 @@ def line_matching(pattern: str) -> Callable[[list[str]], re.Match[str] | None]:
     return found
 
 
+# What a server negotiating telnet sends first (chatcluster.telnet.GREETING): a raw client
+# such as nc shows it as nothing at all; Client leaves it out of the lines.
+TELNET_GREETING = b"\xff\xfd\x00\r\x00"
+
+
 class Client:
     """A chat client over a plain TCP socket. Lines are str, without CRLF."""
 
@@ -80,6 +85,7 @@ class Client:
         self.sock = socket.create_connection((host, port), timeout=WAIT,
                                              source_address=(source, 0) if source else None)
         self.buf = b""
+        self.at_start = True  # the telnet greeting, if any, has not been passed yet
         self.lines: list[str] = []  # every complete line received, in order
         self.closed = False
         self.nick = ""
@@ -104,6 +110,12 @@ class Client:
             self.closed = True
             return
         self.buf += chunk
+        if self.at_start:
+            if TELNET_GREETING.startswith(self.buf):
+                return  # the greeting may still be arriving
+            self.at_start = False
+            if self.buf.startswith(TELNET_GREETING):
+                self.buf = self.buf[len(TELNET_GREETING) :]
         *complete, self.buf = self.buf.split(b"\r\n")
         self.lines.extend(part.decode("utf-8", "replace") for part in complete)
 

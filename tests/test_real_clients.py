@@ -171,6 +171,15 @@ def test_ctrl_z_mid_line(session: Session) -> None:
     session.other_line_shows_cleanly()
 
 
+@parametrize_clients(needs_server=("inetutils",))
+def test_letters_a_7_bit_client_would_lose(session: Session) -> None:
+    # Without BINARY inetutils swallows ą's second byte (^E) and takes Н's (^]) for its escape
+    # key; only BINARY, asked for at connect, lets them through: the reason for `always`.
+    session.pane.line("ą Н")
+    session.said("ą Н")
+    session.other_line_shows_cleanly()
+
+
 @parametrize_clients()
 def test_backspace_editing(session: Session) -> None:
     session.pane.type("hellp wörld")
