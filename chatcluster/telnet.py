@@ -1,10 +1,10 @@
 """The telnet layer of one client connection: RFC 854 commands and RFC 1143 option negotiation.
 
 This module owns the bytes below the lines. It finds the IAC sequences in what a client sends,
-answers option requests with RFC 1143's Q method (one state per option and direction, every
-answer sent once, no loops), answers DO TIMING-MARK, applies the editing and interrupt commands
-to the unfinished line, puts back the bytes that 7-bit telnet clients turn into commands, and
-says which bytes the server must send back. The only option it accepts is the client sending
+answers option requests with RFC 1143's Q method (one state per option and direction, each
+request answered at most once, no loops), answers DO TIMING-MARK, applies the editing and
+interrupt commands to the unfinished line, puts back the bytes that 7-bit telnet clients turn
+into commands, and says which bytes the server must send back. The only option it accepts is the client sending
 BINARY, which stops BSD-derived clients from stripping the 8th bit of what the user types.
 
 It is pure: bytes in; data, line edits and reply bytes out, with no sockets and no clock. It
@@ -21,13 +21,14 @@ from typing import Final, Protocol, TypeVar
 __all__ = [
     "ALWAYS",
     "AYT_ANSWER",
+    "DATA",
+    "GREETING",
     "INTERRUPT_HINT",
     "LineSink",
     "MAX_ANSWERS",
     "MODES",
     "OFF",
     "ON_IAC",
-    "GREETING",
     "TelnetParser",
     "check_mode",
     "escape_output",
@@ -77,7 +78,7 @@ INTERRUPT_HINT: Final = "*** (Ctrl-C and Ctrl-Z do nothing here: type /quit to l
 # What `always` sends at connect. The CR NUL (a bare carriage return, as telnet spells it)
 # puts the cursor of a raw client such as nc back at the start of the line, so the first line
 # of text is drawn over the two bytes the terminal may have shown for IAC DO.
-GREETING: Final = bytes((0xFF, 0xFD, 0x00)) + b"\r\0"
+GREETING: Final = bytes((IAC, DO, BINARY)) + b"\r\0"
 
 # An option and direction answers the client at most this many times in a connection's
 # life. A conforming client asks once and never needs a second answer; the limit ends any
@@ -125,7 +126,7 @@ _T = TypeVar("_T")
 def check_mode(mode: str) -> str:
     """`mode` if it is a telnet negotiation mode, else ValueError naming the choices."""
     if mode not in MODES:
-        raise ValueError(f"telnet negotiation must be one of {', '.join(MODES)}; got {mode!r}")
+        raise ValueError(f"telnet_negotiation must be one of {', '.join(MODES)}; got {mode!r}")
     return mode
 
 
