@@ -260,10 +260,7 @@ class LineReader:
         if (telnet is None or telnet.position == TELNET_DATA) and b"\xff" not in data:
             if b"\r" not in data:
                 return out, self._feed_plain(data, out, max_events), b""
-            self._out, self._limit = out, max_events
-            used = self.take_data(data, 0, len(data))
-            self._out, self._limit = _NO_READ, 0
-            return out, used, b""
+            return out, self._split(data, 0, len(data), out, max_events), b""
         if telnet is None:
             telnet = self._telnet = TelnetParser(self._mode)
         self._out, self._limit = out, max_events
@@ -297,8 +294,9 @@ class LineReader:
 
     def take_data(self, data: bytes, start: int, end: int) -> int:
         """Split data[start:end], which holds no telnet command, into lines; returns how far it got."""
-        out = self._out
-        limit = self._limit
+        return self._split(data, start, end, self._out, self._limit)
+
+    def _split(self, data: bytes, start: int, end: int, out: list[Event], limit: int) -> int:
         pos = start
         while pos < end:
             # Every step below adds at most one event, so checking here is exact.
@@ -316,8 +314,13 @@ class LineReader:
                 return end
             stop = match.start()
             self._finish(data, pos, stop, out)
-            self._after_cr = data[stop] == _CR
             pos = stop + 1
+            if data[stop] == _CR:
+                # The LF or NUL of a CR LF / CR NUL, when it is in this read, goes with it.
+                if pos == end:
+                    self._after_cr = True
+                elif data[pos] == _LF or data[pos] == _NUL:
+                    pos += 1
         return pos
 
     def erase_char(self) -> None:

@@ -957,8 +957,8 @@ def test_ends_inside_char(held: bytes, inside: bool) -> None:
 def test_take_data_splits_lines_and_respects_the_budget() -> None:
     reader = LineReader()
     events, used, reply = reader.receive(b"one\r\ntwo\r\nthree\r\n", 2)
-    assert events == [Line("one"), Line("two")] and used == len(b"one\r\ntwo\r") and reply == b""
-    assert reader.feed(b"\nthree\r\n") == [Line("three")]
+    assert events == [Line("one"), Line("two")] and used == len(b"one\r\ntwo\r\n") and reply == b""
+    assert reader.feed(b"three\r\n") == [Line("three")]
 
 
 def test_the_default_reader_negotiates_nothing() -> None:
