@@ -81,11 +81,12 @@ TELNET_GREETING = b"\xff\xfd\x00\r\x00"
 class Client:
     """A chat client over a plain TCP socket. Lines are str, without CRLF."""
 
+    at_start = True  # the telnet greeting, if any, has not been passed yet
+
     def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None) -> None:
         self.sock = socket.create_connection((host, port), timeout=WAIT,
                                              source_address=(source, 0) if source else None)
         self.buf = b""
-        self.at_start = True  # the telnet greeting, if any, has not been passed yet
         self.lines: list[str] = []  # every complete line received, in order
         self.closed = False
         self.nick = ""
