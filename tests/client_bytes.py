@@ -61,7 +61,8 @@ SENT: dict[tuple[str, str | None], dict[str, bytes]] = {
         b"\n", connect=INETUTILS_WILL_BINARY, ctrl_z=INETUTILS_CTRL_Z, ctrl_c=INETUTILS_CTRL_C
     ),
     # The first IAC of the session (the ✓'s BRK) brings our DO BINARY; the client answers it
-    # after the line it was sending, and switches to 8-bit bytes and LF endings from then on.
+    # (here after the line it was sending; see inetutils_sample_switching_to_binary) and
+    # switches to 8-bit bytes and LF endings from then on.
     ("inetutils", "on-iac"): _session(
         b"\r\n", sample=INETUTILS_7BIT_SAMPLE + b"\r\n" + INETUTILS_WILL_BINARY, ctrl_z=INETUTILS_CTRL_Z,
         ctrl_c=INETUTILS_CTRL_C, later_enter=b"\n",
@@ -78,6 +79,27 @@ SENT: dict[tuple[str, str | None], dict[str, bytes]] = {
     ("nc", "always"): _session(b"\n"),
     ("nc", "on-iac"): _session(b"\n"),
 }
+
+
+def inetutils_sample_switching_to_binary() -> list[bytes]:
+    """Every way inetutils can send SAMPLE when BINARY is asked for at its first IAC (on-iac).
+
+    The client acts on the server's DO BINARY whenever it reads it: after any character that
+    made it flush (each one that became a command), or only after the line. From then on it
+    sends 8-bit bytes and ends lines with LF, so the recorded bytes depend on timing; each
+    possibility is one of these.
+    """
+    seven = {"✓": "e2 fff3 fffd06 93", "Ü": "c3 fff3 fffd06", "у": "d1 fff4 fffd06", "К": "d0 ffed fffd06",
+             "я": "d1 fff5 fffd06"}
+    chars = list(SAMPLE)
+    encode7 = [bytes.fromhex(seven[c]) if c in seven else c.encode() for c in chars]
+    assert b"".join(encode7) == INETUTILS_7BIT_SAMPLE
+    variants = [INETUTILS_7BIT_SAMPLE + b"\r\n" + INETUTILS_WILL_BINARY]
+    for k, c in enumerate(chars, 1):
+        if c in seven:
+            variants.append(b"".join(encode7[:k]) + INETUTILS_WILL_BINARY + "".join(chars[k:]).encode() + b"\n")
+    return variants
+
 
 # A few more characters from inetutils without BINARY, recorded one line each: ą (C4 85) loses
 # its second byte (85 & 7F is ^E, which the client swallows) and Н (D0 9D) sends D0 and then

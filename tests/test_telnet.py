@@ -27,6 +27,7 @@ from client_bytes import (
     PLINK_OPENING,
     SAMPLE,
     SENT,
+    inetutils_sample_switching_to_binary,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -609,6 +610,14 @@ def test_each_real_client_session_reads_as_typed(client: str, mode: str) -> None
             assert reply == (WILL_TM if interrupt else b""), action
         else:
             assert events == []
+
+
+@pytest.mark.parametrize("variant", inetutils_sample_switching_to_binary())
+def test_inetutils_switching_to_binary_anywhere_in_the_line_reads_as_typed(variant: bytes) -> None:
+    for chunks in splits(variant):
+        events, reply = run(chunks, "on-iac")
+        assert events == [Line(SAMPLE)]
+        assert reply == neg(DO, BINARY) + WILL_TM * variant.count(neg(DO, TM))
 
 
 def test_plink_opening_gets_refusals_and_one_binary() -> None:
