@@ -31,6 +31,7 @@ YES = b"*** [Yes]\r\n"
 HINT = b"\r\n*** (Ctrl-C and Ctrl-Z do nothing here: type /quit to leave)\r\n"
 WELCOME = re.compile(rb"\*\*\* Welcome to chatcluster! Your nickname is (\S+)\. Type /help for commands\.\r\n")
 MAX_SENDQ = 16384
+NEGOTIATION = re.compile(rb"\xff[\xfb-\xfe].", re.DOTALL)
 
 
 def neg(verb: bytes, option: bytes) -> bytes:
@@ -87,15 +88,16 @@ class Raw:
         return m.group(1).decode()  # type: ignore[union-attr]
 
     def after(self, request: bytes, what: str) -> bytes:
-        """Send `request` then AYT; everything the server answered to the request, in order.
+        """Send `request` then AYT; the negotiation the server answered the request with, in order.
 
         The server answers in order, so once the AYT's line is back the request's answers are all
-        there too: no waiting for a quiet moment.
+        there too: no waiting for a quiet moment. Chat lines that arrive meanwhile (someone
+        leaving) are left out.
         """
         mark = len(self.got)
         self.send(request + IAC + AYT)
         self.until(lambda got: got.find(YES, mark) >= 0, f"the answers to {what}")
-        answers = self.got[mark : self.got.find(YES, mark)]
+        answers = b"".join(NEGOTIATION.findall(self.got, mark, self.got.find(YES, mark)))
         self.got = self.got[: mark] + self.got[mark:].replace(YES, b"", 1)
         return answers
 
