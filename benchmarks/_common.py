@@ -36,6 +36,12 @@ RESULTS_DIR = BENCH_DIR / "results"
 DOCS_PLOTS = REPO_ROOT / "docs"  # where the full runs draw the plots the documentation shows
 
 WELCOME_PREFIX = b"*** Welcome"
+# chatcluster's telnet greeting (IAC DO BINARY, CR NUL) comes before the welcome line.
+TELNET_GREETING = b"\xff\xfd\x00\r\x00"
+
+
+def without_greeting(data: bytes) -> bytes:
+    return data[len(TELNET_GREETING):] if data.startswith(TELNET_GREETING) else data
 SERVER_KINDS = ("chatcluster", "baseline")
 STOP_GRACE_S = 15.0
 
@@ -272,7 +278,7 @@ class Server:
                 if not chunk:
                     return False
                 data += chunk
-            return data.startswith(WELCOME_PREFIX)
+            return without_greeting(data).startswith(WELCOME_PREFIX)
 
     def log_tail(self, lines: int = 30) -> str:
         text = self._log.tail().decode(errors="replace") if self._log else ""

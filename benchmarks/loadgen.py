@@ -472,6 +472,8 @@ class ClientProcess:
             else:
                 self.partial[fd] = buf
             return
+        buf = _common.without_greeting(buf)
+        end = buf.find(b"\n")
         if not buf.startswith(_common.WELCOME_PREFIX):
             self.bad_welcome += 1
         del self.started[fd]

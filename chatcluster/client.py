@@ -18,6 +18,7 @@ from .protocol import LineReader, TokenBucket
 
 class InputLimits(Protocol):
     max_line_bytes: int
+    telnet_negotiation: str
     flood_rate: float
     flood_burst: int
 
@@ -53,7 +54,7 @@ class Client:
 
 def reader_of(c: Client, limits: InputLimits) -> LineReader:
     if c.reader is None:
-        c.reader = LineReader(limits.max_line_bytes)
+        c.reader = LineReader(limits.max_line_bytes, telnet=limits.telnet_negotiation)
     return c.reader
 
 

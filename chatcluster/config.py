@@ -76,6 +76,12 @@ def _log_level(value: Any) -> str | None:
     return None
 
 
+def _telnet_mode(value: Any) -> str | None:
+    if value not in ("always", "on-iac", "off"):
+        return "must be one of always, on-iac, off"
+    return None
+
+
 def _welcome(value: Any) -> str | None:
     if "\n" in value or "\r" in value:
         return "must be a single line"
@@ -149,6 +155,15 @@ SETTINGS: tuple[Setting, ...] = (
         "First line a client receives; {nick} is replaced by its nickname.",
         live=True,
         check=_welcome,
+        section="chat",
+    ),
+    Setting(
+        "telnet_negotiation",
+        "always",
+        str,
+        "always: ask telnet clients for 8-bit BINARY at connect (UTF-8 and Ctrl-C then work in every "
+        "telnet); on-iac: only once a client sends telnet commands itself; off: answer no negotiation.",
+        check=_telnet_mode,
         section="chat",
     ),
     Setting(

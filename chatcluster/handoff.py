@@ -27,7 +27,9 @@ from typing import Any
 from . import roster as R
 from .protocol import Line, LineReader, LineTooLong, TokenBucket
 
-FORMAT = 1  # the handoff message format this code writes; it reads every format up to this one
+# The handoff message format this code writes; it reads every format up to this one. Format 2: a
+# client's line reader snapshot carries its telnet option state (protocol.LineReader, format 2).
+FORMAT = 2
 LENGTH = struct.Struct("!I")
 # A sanity bound on the announced length. Senders keep messages near FRAME_TARGET, but one
 # client's output queue alone may be as large as max_sendq_bytes (up to 1 GiB) in base64.
@@ -81,9 +83,9 @@ def send(sock: socket.socket, kind: str, body: Mapping[str, Any] | None = None, 
 def upgrade(message: dict[str, Any]) -> dict[str, Any]:
     """Bring a message of an older format up to FORMAT, or refuse one from newer code.
 
-    Format 1 is the first; when format 2 changes a field, a function that turns a format 1
-    message into a format 2 one goes here, and tests/test_handoff.py keeps a format 1
-    message that must still be read.
+    Format 2 differs from format 1 only inside a client's line reader snapshot, which
+    protocol.LineReader.from_state reads in both forms, so a format 1 message needs no change
+    here; tests/test_handoff.py keeps a format 1 message that must still be read.
     """
     fmt = message.get("format")
     if isinstance(fmt, bool) or not isinstance(fmt, int) or fmt < 1:
@@ -189,8 +191,12 @@ def state_to_wire(s: ClientState, now: float) -> dict[str, Any]:
             "eof": s.eof, "idle": s.idle}
 
 
-def state_from_wire(d: Mapping[str, Any], now: float) -> ClientState:
-    """Rebuild one client's state (already brought to FORMAT by `upgrade`); HandoffError if malformed."""
+def state_from_wire(d: Mapping[str, Any], now: float, telnet: str = "off") -> ClientState:
+    """Rebuild one client's state (already brought to FORMAT by `upgrade`); HandoffError if malformed.
+
+    `telnet` is the taker's telnet_negotiation, for a line reader snapshot from code that had no
+    telnet layer (see protocol.LineReader.from_state); newer snapshots carry their own mode.
+    """
     try:
         lines: list[Line | LineTooLong] = []
         for item in d.get("lines", []):
@@ -201,7 +207,7 @@ def state_from_wire(d: Mapping[str, Any], now: float) -> ClientState:
         state = ClientState(
             conn=_typed(d, "conn", int), ip=_typed(d, "ip", str), nick=_typed(d, "nick", str),
             since=float(_typed(d, "since", (int, float))),
-            reader=LineReader.from_state(_typed(d, "reader", dict)),
+            reader=LineReader.from_state(_typed(d, "reader", dict), telnet=telnet),
             bucket=TokenBucket.from_state(_typed(d, "bucket", dict), now),
             out=base64.b64decode(_typed(d, "out", str), validate=True), lines=lines,
             unread=base64.b64decode(d.get("unread", ""), validate=True), eof=bool(d.get("eof", False)),

@@ -450,7 +450,7 @@ class Taker:
             now = time.monotonic()
             for d, fd in zip(clients, frame.fds, strict=True):
                 try:
-                    self.incoming.append((state_from_wire(d, now), fd))
+                    self.incoming.append((state_from_wire(d, now, w.settings.telnet_negotiation), fd))
                 except HandoffError as exc:
                     log.error("worker %d: dropping a client from %s: %s", w.worker_no, self.source, exc)
                     os.close(fd)

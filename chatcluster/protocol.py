@@ -1,13 +1,15 @@
 """The wire protocol between chatcluster and its telnet and nc clients.
 
-This module owns everything between raw socket bytes and chat text: it strips
-telnet IAC command sequences, splits the stream into lines on any of the
-terminators telnet and nc clients send, enforces the line length limit,
-decodes UTF-8 without ever failing, removes every character that could control
-another client's terminal, encodes server lines with CRLF, and provides the
-token bucket used for flood control. It is pure: no sockets, no clock (callers
-pass the time in), no mutable globals, and it never writes anything back to a
-client, so it must not grow telnet option negotiation or any other I/O.
+This module owns everything between raw socket bytes and chat text: it splits
+the stream into lines on any of the terminators telnet and nc clients send,
+enforces the line length limit, decodes UTF-8 without ever failing, removes
+every character that could control another client's terminal, encodes server
+lines with CRLF, and provides the token bucket used for flood control. Telnet
+commands and option negotiation belong to the layer below the lines,
+`chatcluster.telnet`, which LineReader drives and which edits the unfinished
+line through LineReader's small LineSink methods. It is pure: no sockets, no
+clock (callers pass the time in), no mutable globals; it returns the bytes the
+telnet layer wants sent and never writes anything to a client itself.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .telnet import DATA as TELNET_DATA
+from .telnet import OFF, TelnetParser, check_mode, greeting
+
 __all__ = [
     "CRLF",
     "DEFAULT_MAX_LINE_BYTES",
@@ -27,8 +32,10 @@ __all__ = [
     "Line",
     "LineReader",
     "LineTooLong",
+    "Notice",
     "TokenBucket",
     "encode_line",
+    "encode_notice",
     "sanitize",
 ]
 
@@ -57,7 +64,20 @@ class LineTooLong:
     limit: int
 
 
-Event = Line | LineTooLong
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A line for this client alone from the telnet layer: the answer to AYT, or the hint
+    after Ctrl-C. The caller sends encode_notice() of it back to the client; it is not chat.
+
+    `new_row` is set when the client's terminal has just echoed the key (`^C`) and its cursor
+    is in the middle of a row, so the line must start on a new one.
+    """
+
+    text: str
+    new_row: bool = False
+
+
+Event = Line | LineTooLong | Notice
 
 
 # ---------------------------------------------------------------------------
@@ -104,53 +124,58 @@ def encode_line(text: str) -> bytes:
     return text.encode("utf-8") + CRLF
 
 
+def encode_notice(notice: Notice) -> bytes:
+    """Encode a telnet layer's Notice for the wire, on a row of its own."""
+    return (CRLF if notice.new_row else b"") + encode_line(notice.text)
+
+
 # ---------------------------------------------------------------------------
 # Reading lines
 
 _CR = 0x0D
 _LF = 0x0A
 _NUL = 0x00
-_IAC = 0xFF
-_SB = 0xFA
-_SE = 0xF0
-_WILL, _WONT, _DO, _DONT = 0xFB, 0xFC, 0xFD, 0xFE
 
-# The telnet parser's states. Kept as small ints on the hot path and written
-# out by name in state(), so a snapshot stays readable and stable.
-_T_DATA = 0  # ordinary data
-_T_IAC = 1  # saw IAC, the command byte comes next
-_T_OPTION = 2  # saw IAC DO/DONT/WILL/WONT, the option byte comes next
-_T_SUBNEG = 3  # inside IAC SB ..., dropping everything
-_T_SUBNEG_IAC = 4  # inside a subnegotiation, saw IAC: SE ends it
-_TELNET_STATE_NAMES = ("data", "iac", "option", "subneg", "subneg_iac")
+_TERMINATOR = re.compile(b"[\r\n]")
 
-_SPECIAL = re.compile(b"[\r\n\xff]")
-
-_STATE_FORMAT = 1
+# Format 2 moved the telnet parser's state into a nested, versioned object of its own;
+# format 1 kept only the parser's position and is still read.
+_STATE_FORMAT = 2
+_LEGACY_FORMAT = 1
 
 # feed() is feed_some() without a limit.
 _UNLIMITED = sys.maxsize
 
+# LineReader._out between reads: nothing appends to it then, since the budget is 0.
+_NO_READ: list[Event] = []
+
 
 class LineReader:
-    """Turn the byte stream of one client into `Line` and `LineTooLong` events.
+    """Turn the byte stream of one client into events, with the telnet layer below the lines.
 
-    Feed it whatever recv() returned; it keeps the unfinished line, and the
-    telnet parser's position, between calls, so events never depend on how
+    Feed it whatever recv() returned; it keeps the unfinished line, and the telnet parser's
+    position and option states, between calls, so events and replies never depend on how
     the stream was split into reads.
 
-    Telnet commands are a layer below the lines: they are removed before the
-    stream is split and measured, so an IAC sequence between a CR and its LF
-    does not stop the LF from being swallowed, and does not count towards the
-    line length.
+    Telnet (`chatcluster.telnet`) sees the bytes first: its commands are removed before the
+    stream is split and measured, so an IAC sequence between a CR and its LF does not stop
+    the LF from being swallowed, and does not count towards the line length. `telnet` is the
+    negotiation mode: `off` (the default) removes commands and answers nothing; `always` and
+    `on-iac` negotiate, edit the unfinished line on EC, EL and IP, and produce replies.
+
+    Through its LineSink methods (full, take_data, erase_char, erase_line, ends_inside_char,
+    notice) the telnet layer acts on the unfinished line.
     """
 
-    __slots__ = ("_max", "_buf", "_telnet", "_discard", "_after_cr", "_overflowed")
+    __slots__ = ("_max", "_buf", "_mode", "_telnet", "_discard", "_after_cr", "_overflowed", "_out", "_limit")
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, telnet: str = OFF) -> None:
         self._max = _check_limit(max_line_bytes)
         self._buf = bytearray()
-        self._telnet = _T_DATA
+        self._mode = check_mode(telnet)
+        # Made at the client's first IAC: a client that never sends one (nc, a bot, most
+        # of a benchmark's thousands) costs no telnet state at all.
+        self._telnet: TelnetParser | None = None
         # True from the moment a line crosses the limit until its terminator.
         self._discard = False
         # True right after a CR ended a line: one LF or NUL that follows is
@@ -160,6 +185,11 @@ class LineReader:
         # LineTooLong is reported by the next feed(), since a setter cannot
         # return events.
         self._overflowed = False
+        # The event list and budget of the read being parsed, for the LineSink methods;
+        # between reads a shared empty list (never appended to) and a spent budget, so that
+        # a reader keeps no events alive and allocates nothing for them.
+        self._out = _NO_READ
+        self._limit = 0
 
     @property
     def max_line_bytes(self) -> int:
@@ -173,6 +203,13 @@ class LineReader:
             self._discard = True
             self._overflowed = True
 
+    @property
+    def telnet(self) -> TelnetParser:
+        """The telnet layer below this reader (its mode and option states)."""
+        if self._telnet is None:
+            self._telnet = TelnetParser(self._mode)
+        return self._telnet
+
     def buffered(self) -> int:
         """Bytes held for the unfinished line; never more than max_line_bytes."""
         return len(self._buf)
@@ -181,19 +218,33 @@ class LineReader:
         """The unfinished line's bytes, telnet commands already removed."""
         return bytes(self._buf)
 
+    def greeting(self) -> bytes:
+        """What to send the client once, when it connects, before anything else (b"" if nothing).
+
+        The telnet layer of mode `always` starts as if this had been sent (see telnet.greeting).
+        """
+        return greeting(self._mode)
+
     def feed(self, data: bytes) -> list[Event]:
-        """Consume `data` and return the events it completes, in order."""
-        return self.feed_some(data, _UNLIMITED)[0]
+        """Consume `data` and return the events it completes, in order; replies are dropped."""
+        return self.receive(data, _UNLIMITED)[0]
 
     def feed_some(self, data: bytes, max_events: int) -> tuple[list[Event], int]:
-        """Like feed(), but stop as soon as `max_events` events are out.
+        """receive() without the reply bytes, for callers that send nothing back."""
+        events, used, _ = self.receive(data, max_events)
+        return events, used
 
-        Returns the events and how many bytes of `data` were consumed; the
-        caller keeps the rest and feeds it later. Flood control uses this to
-        parse no more lines than a client has tokens for, so what it holds
-        for a throttled client is the unread bytes of one recv(), never a
-        list of parsed lines. Stopping early is the same as splitting the
-        stream there, so the events are those feed() would give.
+    def receive(self, data: bytes, max_events: int) -> tuple[list[Event], int, bytes]:
+        """Consume `data`, stopping as soon as `max_events` events are out.
+
+        Returns the events, how many bytes of `data` were consumed, and the bytes the
+        telnet layer must send back to the client (b"" for almost every read). The caller
+        keeps the unconsumed rest and feeds it later. Flood control uses this to parse no
+        more lines than a client has tokens for, so what it holds for a throttled client is
+        the unread bytes of one recv(), never a list of parsed lines. Stopping early is the
+        same as splitting the stream there, so the events and replies are those one call
+        without a limit would give. Telnet commands that cannot produce an event are
+        consumed even when the budget is spent.
         """
         if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
             raise ValueError(f"max_events must be a positive integer, got {max_events!r}")
@@ -202,12 +253,20 @@ class LineReader:
             self._overflowed = False
             out.append(LineTooLong(self._max))
             if max_events == 1:
-                return out, 0
+                return out, 0, b""
         if not data:
-            return out, 0
-        if self._telnet == _T_DATA and b"\r" not in data and b"\xff" not in data:
-            return out, self._feed_plain(data, out, max_events)
-        return out, self._feed_telnet(data, out, max_events)
+            return out, 0, b""
+        telnet = self._telnet
+        if (telnet is None or telnet.position == TELNET_DATA) and b"\xff" not in data:
+            if b"\r" not in data:
+                return out, self._feed_plain(data, out, max_events), b""
+            return out, self._split(data, 0, len(data), out, max_events), b""
+        if telnet is None:
+            telnet = self._telnet = TelnetParser(self._mode)
+        self._out, self._limit = out, max_events
+        used = telnet.feed(data, self)
+        self._out, self._limit = _NO_READ, 0
+        return out, used, telnet.take_reply()
 
     def _feed_plain(self, data: bytes, out: list[Event], limit: int) -> int:
         # Most reads are whole LF-terminated lines with no telnet commands and
@@ -227,69 +286,81 @@ class LineReader:
             if len(out) >= limit:
                 return start
 
-    def _feed_telnet(self, data: bytes, out: list[Event], limit: int) -> int:
-        n = len(data)
-        pos = 0
-        while pos < n:
+    # -- the LineSink the telnet layer acts through -------------------------------------------
+
+    def full(self) -> bool:
+        """True when the current read has produced as many events as its budget allows."""
+        return len(self._out) >= self._limit
+
+    def take_data(self, data: bytes, start: int, end: int) -> int:
+        """Split data[start:end], which holds no telnet command, into lines; returns how far it got."""
+        return self._split(data, start, end, self._out, self._limit)
+
+    def _split(self, data: bytes, start: int, end: int, out: list[Event], limit: int) -> int:
+        pos = start
+        while pos < end:
             # Every step below adds at most one event, so checking here is exact.
             if len(out) >= limit:
                 return pos
-            state = self._telnet
-            if state == _T_DATA:
-                if self._after_cr:
-                    first = data[pos]
-                    if first == _LF or first == _NUL:
-                        self._after_cr = False
-                        pos += 1
-                        continue
-                    # An IAC may be a command, which is invisible to the line
-                    # layer; only a data byte settles the pending CR.
-                    if first != _IAC:
-                        self._after_cr = False
-                match = _SPECIAL.search(data, pos)
-                if match is None:
-                    self._take(data, pos, n, out)
-                    return n
-                end = match.start()
-                byte = data[end]
-                if byte == _IAC:
-                    self._take(data, pos, end, out)
-                    self._telnet = _T_IAC
-                else:
-                    self._finish(data, pos, end, out)
-                    self._after_cr = byte == _CR
-                pos = end + 1
-            elif state == _T_IAC:
-                byte = data[pos]
-                pos += 1
-                if byte == _IAC:
-                    self._telnet = _T_DATA
-                    self._after_cr = False
-                    self._take(b"\xff", 0, 1, out)
-                elif _WILL <= byte <= _DONT:
-                    self._telnet = _T_OPTION
-                elif byte == _SB:
-                    self._telnet = _T_SUBNEG
-                else:
-                    # NOP, GA, AYT, IP, a stray SE...: two bytes, no effect.
-                    self._telnet = _T_DATA
-            elif state == _T_OPTION:
-                pos += 1
-                self._telnet = _T_DATA
-            elif state == _T_SUBNEG:
-                end = data.find(b"\xff", pos)
-                if end < 0:
-                    return n
-                pos = end + 1
-                self._telnet = _T_SUBNEG_IAC
-            else:  # _T_SUBNEG_IAC
-                # Only IAC SE ends a subnegotiation; IAC IAC is an escaped
-                # data byte inside it and anything else is malformed, and both
-                # are dropped with the rest of the payload.
-                byte = data[pos]
-                pos += 1
-                self._telnet = _T_DATA if byte == _SE else _T_SUBNEG
-        return n
+            if self._after_cr:
+                self._after_cr = False
+                first = data[pos]
+                if first == _LF or first == _NUL:
+                    pos += 1
+                    continue
+            match = _TERMINATOR.search(data, pos, end)
+            if match is None:
+                self._take(data, pos, end, out)
+                return end
+            stop = match.start()
+            self._finish(data, pos, stop, out)
+            pos = stop + 1
+            if data[stop] == _CR:
+                # The LF or NUL of a CR LF / CR NUL, when it is in this read, goes with it.
+                if pos == end:
+                    self._after_cr = True
+                elif data[pos] == _LF or data[pos] == _NUL:
+                    pos += 1
+        return pos
+
+    def erase_char(self) -> None:
+        """Remove the unfinished line's last character: its whole UTF-8 sequence, or one byte
+        that does not end a sequence (a stray continuation byte, an invalid byte)."""
+        buf = self._buf
+        if not buf:
+            return
+        i = len(buf) - 1
+        follow = 0
+        while follow < 3 and i > 0 and 0x80 <= buf[i] <= 0xBF:
+            i -= 1
+            follow += 1
+        if follow and _continuations(buf[i]) >= follow:
+            del buf[i:]
+        else:
+            del buf[-1]
+
+    def erase_line(self) -> None:
+        """Discard the unfinished line; a line being dropped as too long ends here too, so
+        what the user types next is a line of its own."""
+        self._buf.clear()
+        self._discard = False
+
+    def ends_inside_char(self) -> bool:
+        """True when the unfinished line ends with the start of a UTF-8 character whose
+        continuation bytes have not all arrived."""
+        buf = self._buf
+        i = len(buf) - 1
+        follow = 0
+        while follow < 3 and i >= 0 and 0x80 <= buf[i] <= 0xBF:
+            i -= 1
+            follow += 1
+        return i >= 0 and _continuations(buf[i]) > follow
+
+    def notice(self, text: str, new_row: bool) -> None:
+        """A line for this client alone from the telnet layer (see Notice)."""
+        self._out.append(Notice(text, new_row))
+
+    # -- lines --------------------------------------------------------------------------------
 
     def _take(self, data: bytes, start: int, end: int, out: list[Event]) -> None:
         # Part of a line whose terminator has not arrived yet. Bounds are
@@ -321,8 +392,10 @@ class LineReader:
             text = data[start:end].decode("utf-8", "replace")
         out.append(Line(sanitize(text)))
 
+    # -- handing a connection over ------------------------------------------------------------
+
     def state(self) -> dict[str, object]:
-        """A JSON-serialisable snapshot of everything this reader holds.
+        """A JSON-serialisable snapshot of everything this reader holds, telnet included.
 
         from_state() on it gives a reader that continues the stream exactly
         as this one would, so a connection can move to another process in the
@@ -332,18 +405,25 @@ class LineReader:
             "format": _STATE_FORMAT,
             "max_line_bytes": self._max,
             "partial": base64.b64encode(self._buf).decode("ascii"),
-            "telnet": _TELNET_STATE_NAMES[self._telnet],
             "discard": self._discard,
             "after_cr": self._after_cr,
             "overflowed": self._overflowed,
+            "telnet": self.telnet.state(),
         }
 
     @classmethod
-    def from_state(cls, state: Mapping[str, object]) -> LineReader:
-        """Rebuild a reader from a state() snapshot; ValueError if it is not one."""
-        if state.get("format") != _STATE_FORMAT:
+    def from_state(cls, state: Mapping[str, object], telnet: str = OFF) -> LineReader:
+        """Rebuild a reader from a state() snapshot; ValueError if it is not one.
+
+        Format 2 snapshots carry their telnet mode and option states. Format 1 snapshots,
+        written before the server negotiated, carry only the parser's position; `telnet` is
+        the receiving server's negotiation setting for them (see
+        TelnetParser.from_legacy_position).
+        """
+        version = state.get("format")
+        if version != _STATE_FORMAT and version != _LEGACY_FORMAT:
             raise ValueError(
-                f"line reader state has format {state.get('format')!r}, expected {_STATE_FORMAT}; "
+                f"line reader state has format {version!r}, expected {_LEGACY_FORMAT} or {_STATE_FORMAT}; "
                 "it was written by an incompatible chatcluster version"
             )
         reader = cls(_field(state, "max_line_bytes", int))
@@ -356,11 +436,13 @@ class LineReader:
                 f"line reader state: partial line of {len(partial)} bytes exceeds "
                 f"max_line_bytes={reader._max}"
             )
-        telnet = _field(state, "telnet", str)
-        if telnet not in _TELNET_STATE_NAMES:
-            raise ValueError(f"line reader state: unknown telnet state {telnet!r}")
+        if version == _LEGACY_FORMAT:
+            parser = TelnetParser.from_legacy_position(_field(state, "telnet", str), telnet)
+        else:
+            parser = TelnetParser.from_state(_field(state, "telnet", dict))
+        reader._mode = parser.mode
+        reader._telnet = parser
         reader._buf = bytearray(partial)
-        reader._telnet = _TELNET_STATE_NAMES.index(telnet)
         reader._discard = _field(state, "discard", bool)
         reader._after_cr = _field(state, "after_cr", bool)
         reader._overflowed = _field(state, "overflowed", bool)
@@ -369,9 +451,19 @@ class LineReader:
     def __repr__(self) -> str:
         return (
             f"LineReader(max_line_bytes={self._max}, buffered={len(self._buf)}, "
-            f"telnet={_TELNET_STATE_NAMES[self._telnet]}, discard={self._discard}, "
-            f"after_cr={self._after_cr})"
+            f"telnet={self._telnet or self._mode!r}, discard={self._discard}, after_cr={self._after_cr})"
         )
+
+
+def _continuations(lead: int) -> int:
+    """How many continuation bytes the UTF-8 lead byte `lead` announces; 0 if it is no lead byte."""
+    if 0xC2 <= lead <= 0xDF:
+        return 1
+    if 0xE0 <= lead <= 0xEF:
+        return 2
+    if 0xF0 <= lead <= 0xF4:
+        return 3
+    return 0
 
 
 def _check_limit(value: int) -> int:

@@ -40,11 +40,12 @@ from .client import Client, bucket_of, reader_of
 from .config import Config
 from .output import Output
 from .procs import EXIT_BOOT_FAILED
-from .protocol import Line, LineReader, TokenBucket, encode_line
+from .protocol import Line, LineReader, Notice, TokenBucket, encode_line, encode_notice
 from .registry import Registry
 from .settings import LiveSettings, read_live_config
 from .shedding import LISTEN_PAUSE, Shedder
 from .stopping import SHUTDOWN_LINE, Stop
+from .telnet import greeting as telnet_greeting
 from .wire import GAP
 
 log = logging.getLogger("chatcluster.worker")
@@ -161,6 +162,7 @@ class Worker:
         self.frozen = False  # a giver past its cut point: read nothing more
         self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
         self.sink = _Sink(self)
+        self.greeting = telnet_greeting(cfg.telnet_negotiation)
 
     # -- boot ---------------------------------------------------------------------------------
 
@@ -311,6 +313,9 @@ class Worker:
         """Make a connected socket one of our clients: accepted here, or handed over by a predecessor
         with its line reader and flood-control bucket."""
         sock.setblocking(False)
+        # A telnet Synch is sent as urgent data: inline, it stays in the byte stream (and the telnet
+        # layer drops its DM) instead of Linux taking one byte out of the next line.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         c = Client(sock, self.registry.new_conn(), sys.intern(ip), reader, bucket, now)
         self.registry.add(c)
         self.ep.register(c.fd, CLIENT_EVENTS)
@@ -396,6 +401,8 @@ class Worker:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, s.keepalive_count)
             c = self.attach(sock, addr[0], now)
             c.throttled = True  # until its welcome line: see entered()
+            if self.greeting:
+                self.output.queue(c, self.greeting)  # IAC DO BINARY, CR NUL: before anything else
             self.counters.accepted += 1
             if self.stop is not None:
                 c.ended = "shutdown"
@@ -463,7 +470,11 @@ class Worker:
                 c.throttled = True
                 heapq.heappush(self.timers, (now + bucket_of(c, s, now).wait(now), c.conn))
                 return
-            events, used = reader.feed_some(data, budget)
+            events, used, reply = reader.receive(data, budget)
+            if reply:
+                # Telnet answers go before the events: a hint must follow the WILL TIMING-MARK, or
+                # the client throws it away with everything before the mark.
+                self.output.queue(c, reply)
             if used < len(data):
                 c.pending = data[used:]
             if events:
@@ -503,6 +514,9 @@ class Worker:
         for ev in events:
             if bucket is not None:
                 bucket.take(now)
+            if type(ev) is Notice:
+                self.output.queue(c, encode_notice(ev))  # for this client alone (AYT, the Ctrl-C hint)
+                continue
             if type(ev) is Line:
                 if not ev.text.strip():
                     continue

@@ -6,17 +6,28 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
-# Some tests drive real `telnet` and `nc` clients and check the systemd unit with
-# `systemd-analyze`; install them from Debian packages when we can (root + apt).
+# Some tests drive real telnet and nc clients (Debian's telnet, busybox telnet, plink
+# from putty-tools, nc) in tmux panes and check the systemd unit with `systemd-analyze`;
+# install them from Debian packages when we can (root + apt). The tests that need one
+# that is missing are skipped with the reason.
 missing=()
 command -v telnet >/dev/null || missing+=(telnet)
 command -v nc >/dev/null || missing+=(netcat-openbsd)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v tmux >/dev/null || missing+=(tmux)
+command -v busybox >/dev/null || missing+=(busybox)
+command -v plink >/dev/null || missing+=(putty-tools)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing ${missing[*]} for the tests" >&2
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        apt-get update -qq >/dev/null || true
+        if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
+            # One unavailable package must not cost the others: try each on its own.
+            for pkg in "${missing[@]}"; do
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null \
+                    || echo "note: could not install $pkg; the tests that need it will be skipped" >&2
+            done
+        fi
     else
         echo "note: ${missing[*]} not installed; the tests that need them will be skipped" >&2
     fi

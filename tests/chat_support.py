@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 
 import psutil
-from conftest import WAIT, Client, Cluster, wait_for
+from conftest import WAIT, Client, Cluster, strip_greeting, wait_for
 
 LOST = "*** Notice: some messages may have been lost"
 WHO = r"\*\*\* \d+ users? online: .*"
@@ -100,7 +100,8 @@ class LineProc:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            # The telnet greeting comes before the welcome line: raw from nc, a CR from telnet.
+            self.lines.append(strip_greeting(raw).decode("utf-8", "replace").rstrip("\r\n"))
         self.done = True
 
     def type(self, text: str) -> None:

@@ -73,8 +73,41 @@ def line_matching(pattern: str) -> Callable[[list[str]], re.Match[str] | None]:
     return found
 
 
+# What a server negotiating telnet sends first (chatcluster.telnet.GREETING): a raw client
+# such as nc shows it as nothing at all; Client leaves it out of the lines.
+TELNET_GREETING = b"\xff\xfd\x00\r\x00"
+
+
+def skip_greeting(sock: socket.socket, timeout: float = WAIT) -> bool:
+    """Take the telnet greeting off the front of a freshly connected socket, if it is there.
+
+    Nothing else is read: a socket that gets other bytes first (or is closed at once, like a
+    connection shed when out of descriptors) is left as it was. True if the greeting was taken.
+    """
+    sock.settimeout(timeout)
+    try:
+        head = sock.recv(len(TELNET_GREETING), socket.MSG_PEEK | socket.MSG_WAITALL)
+    except (TimeoutError, ConnectionResetError):
+        return False
+    if head != TELNET_GREETING:
+        return False
+    sock.recv(len(TELNET_GREETING))
+    return True
+
+
+def strip_greeting(output: bytes) -> bytes:
+    """A command-line client's output (or a line of it) without the telnet greeting in front: nc
+    passes it on as it came, telnet turns its CR NUL into a lone CR."""
+    if output.startswith(TELNET_GREETING):
+        output = output[len(TELNET_GREETING):]
+    return output.lstrip(b"\r\x00") if output.startswith(b"\r") else output
+
+
 class Client:
     """A chat client over a plain TCP socket. Lines are str, without CRLF."""
+
+    at_start = True  # the telnet greeting, if any, has not been passed yet
+    greeted = False  # the server sent the telnet greeting (it is not in `lines`)
 
     def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None) -> None:
         self.sock = socket.create_connection((host, port), timeout=WAIT,
@@ -105,6 +138,13 @@ class Client:
             self.closed = True
             return
         self.buf += chunk
+        if self.at_start:
+            if TELNET_GREETING.startswith(self.buf):
+                return  # the greeting may still be arriving
+            self.at_start = False
+            if self.buf.startswith(TELNET_GREETING):
+                self.buf = self.buf[len(TELNET_GREETING) :]
+                self.greeted = True
         *complete, self.buf = self.buf.split(b"\r\n")
         self.lines.extend(part.decode("utf-8", "replace") for part in complete)
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 import psutil
-from conftest import line_matching
+from conftest import line_matching, skip_greeting
 
 WAIT = 15.0
 _NUMBERED = re.compile(r"(\S+): (\S+) (\d{8}) ")
@@ -90,8 +90,13 @@ class Reader:
         self._thread.join(5)
 
 
-def raw_socket(port: int, rcvbuf: int | None = None, source: str | None = None) -> socket.socket:
-    """A connected client socket; `rcvbuf` is set before connecting so the window stays small."""
+def raw_socket(port: int, rcvbuf: int | None = None, source: str | None = None,
+               greeting: bool = False) -> socket.socket:
+    """A connected client socket; `rcvbuf` is set before connecting so the window stays small.
+
+    The server's telnet greeting is taken off first unless `greeting` (these clients speak no
+    telnet; what the server says after it is what they check).
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -99,6 +104,9 @@ def raw_socket(port: int, rcvbuf: int | None = None, source: str | None = None) 
         sock.bind((source, 0))
     sock.settimeout(WAIT)
     sock.connect(("127.0.0.1", port))
+    if not greeting:
+        skip_greeting(sock)
+        sock.settimeout(WAIT)
     return sock
 
 

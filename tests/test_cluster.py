@@ -32,7 +32,7 @@ from chat_support import (
     wait_numbers,
     wait_who,
 )
-from conftest import REPO, WAIT, Client, Cluster, free_port, wait_for
+from conftest import REPO, WAIT, Client, Cluster, free_port, skip_greeting, strip_greeting, wait_for
 
 WELCOME = r"\*\*\* Welcome to chatcluster! Your nickname is ([A-Za-z0-9]{4})\. Type /help for commands\."
 FAST = ("--flood-rate", "0")
@@ -59,6 +59,7 @@ def test_server_lines_end_in_crlf(make_cluster: Callable[..., Cluster]) -> None:
     cl = make_cluster(2)
     s = socket.create_connection(("127.0.0.1", cl.port), timeout=WAIT)
     try:
+        assert skip_greeting(s)
         data = b""
         while b"\r\n" not in data:
             chunk = s.recv(4096)
@@ -159,7 +160,7 @@ def test_a_piped_nc_session_is_delivered_whole(make_cluster: Callable[..., Clust
     res = subprocess.run(["nc", "-N", "127.0.0.1", str(cl.port)], input=b"/nick Piped\nhello\n/me waves\n",
                          capture_output=True, timeout=WAIT)
     assert res.returncode == 0
-    out = res.stdout.decode().split("\r\n")
+    out = strip_greeting(res.stdout).decode().split("\r\n")
     assert re.fullmatch(WELCOME, out[0])
     peer.wait_line(r"\*\*\* Piped left")
     mine = [x for x in peer.lines if "Piped" in x]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, Client, Cluster, free_port, wait_for
+from conftest import REPO, TELNET_GREETING, Client, Cluster, free_port, wait_for
 from limits_support import Reader as ThreadedReader
 from limits_support import pump, raw_socket, read_to_end, recv_until
 from prometheus_client import generate_latest
@@ -125,7 +125,8 @@ def position_of(cl: Cluster, c: Client) -> str:
 
 
 def received_bytes(c: Client) -> int:
-    return sum(len(line.encode()) + 2 for line in c.lines) + len(c.buf)
+    greeting = len(TELNET_GREETING) if c.greeted else 0
+    return greeting + sum(len(line.encode()) + 2 for line in c.lines) + len(c.buf)
 
 
 def header(cl: Cluster) -> S.Header:

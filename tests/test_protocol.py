@@ -348,7 +348,7 @@ def test_handover_mid_iac_sequence_keeps_parsing_it() -> None:
     data = b"ab" + IAC + SB + b"\x18\x00xterm" + IAC + SE + b"c" + IAC + DO + b"\x01d" + IAC + IAC + b"\n"
     reader = LineReader()
     reader.feed(data[:5])
-    assert reader.state()["telnet"] == "subneg"
+    assert reader.state()["telnet"]["position"] == "subneg"  # type: ignore[index]
     for k in range(len(data) + 1):
         assert events_with_handover(data, k) == [Line("abcd\ufffd")]
 
@@ -891,3 +891,92 @@ def test_what_others_receive_starts_with_the_senders_nick_and_cannot_control_a_t
             for line in got.decode("utf-8").split("\r\n")[:-1]:
                 assert not FORBIDDEN.intersection(line), line
                 assert any(line.startswith((f"{n}: ", f"* {n} ", f"*** {n} ")) for n in names), (line, names)
+
+
+# ---------------------------------------------------------------------------
+# The hooks the telnet layer edits the unfinished line through
+
+
+def reader_holding(data: bytes, limit: int = 512) -> LineReader:
+    reader = LineReader(limit)
+    assert reader.feed(data) == []
+    return reader
+
+
+@pytest.mark.parametrize(
+    ("held", "after"),
+    [
+        (b"abc", b"ab"),
+        ("aé".encode(), b"a"),
+        ("a✓".encode(), b"a"),
+        ("a😀".encode(), b"a"),
+        (b"a\xe2\x9c", b"a"),  # a character still arriving goes whole
+        (b"a\xf0", b"a"),
+        (b"a\xa9", b"a"),  # a stray continuation byte is one character
+        (b"\xc3\xa9\xa9", b"\xc3\xa9"),  # one continuation too many: only it goes
+        (b"a\xa9\xa9\xa9\xa9", b"a\xa9\xa9\xa9"),
+        (b"\xfe", b""),
+        (b"", b""),
+    ],
+)
+def test_erase_char_removes_one_whole_character(held: bytes, after: bytes) -> None:
+    reader = reader_holding(held)
+    reader.erase_char()
+    assert reader.pending_bytes() == after
+
+
+def test_erase_line_clears_the_line_and_ends_a_too_long_one() -> None:
+    reader = LineReader(4)
+    assert reader.feed(b"123456") == [LineTooLong(4)]
+    reader.erase_line()
+    assert reader.pending_bytes() == b""
+    assert reader.feed(b"ok\n") == [Line("ok")]
+
+
+@pytest.mark.parametrize(
+    ("held", "inside"),
+    [
+        (b"", False),
+        (b"abc", False),
+        ("é".encode(), False),
+        ("😀".encode(), False),
+        (b"\xc3", True),
+        (b"a\xe2", True),
+        (b"a\xe2\x9c", True),
+        (b"\xf0\x9f\x98", True),
+        (b"\xc3\xa9\xa9", False),  # ends in a stray continuation byte, not inside a character
+        (b"\xa9\xa9\xa9", False),
+        (b"\xc0", False),  # never a lead byte in UTF-8
+        (b"\xf5", False),
+        (b"\xed\xa0", True),
+    ],
+)
+def test_ends_inside_char(held: bytes, inside: bool) -> None:
+    assert reader_holding(held).ends_inside_char() is inside
+
+
+def test_take_data_splits_lines_and_respects_the_budget() -> None:
+    reader = LineReader()
+    events, used, reply = reader.receive(b"one\r\ntwo\r\nthree\r\n", 2)
+    assert events == [Line("one"), Line("two")] and used == len(b"one\r\ntwo\r\n") and reply == b""
+    assert reader.feed(b"three\r\n") == [Line("three")]
+
+
+def test_the_default_reader_negotiates_nothing() -> None:
+    reader = LineReader()
+    assert reader.telnet.mode == "off" and reader.greeting() == b""
+    assert reader.receive(b"\xff\xfd\x06a\xff\xf6\n", 9) == ([Line("a")], 7, b"")
+
+
+def test_reader_snapshot_is_format_2_with_the_telnet_state_nested() -> None:
+    state = LineReader(64, telnet="always").state()
+    assert state["format"] == 2
+    assert isinstance(state["telnet"], dict) and state["telnet"]["mode"] == "always"
+
+
+def test_format_1_reader_snapshot_is_still_read() -> None:
+    old = {"format": 1, "max_line_bytes": 64, "partial": "aGk=", "telnet": "option", "discard": False,
+           "after_cr": False, "overflowed": False}
+    reader = LineReader.from_state(old)
+    assert reader.max_line_bytes == 64
+    assert reader.feed(b"\x18 there\n") == [Line("hi there")]  # the option byte of IAC DO/WILL... skipped

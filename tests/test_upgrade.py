@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, WAIT, Client, Cluster, free_port, wait_for
+from conftest import REPO, WAIT, Client, Cluster, free_port, skip_greeting, wait_for
 
 Make = Callable[..., Cluster]
 UPGRADE_TIMEOUT = 150.0
@@ -352,6 +352,7 @@ class Room:
     def connect_all(self) -> None:
         for i in range(CHATTERS + 1):
             s = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
+            skip_greeting(s)
             s.setblocking(False)
             self.socks.append(s)
             self.bufs.append(b"")
