@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import zmq
@@ -43,6 +43,7 @@ from .registry import Registry
 from .settings import LiveSettings, read_live_config
 from .shedding import LISTEN_PAUSE, Shedder
 from .stopping import SHUTDOWN_LINE, Stop
+from .wire import Outbox
 
 log = logging.getLogger("chatcluster.worker")
 
@@ -57,6 +58,7 @@ BUS_BATCHES_PER_PASS = 512
 FLUSH_SLICE = 256
 HEARTBEAT_EVERY = 0.25
 PING_EVERY = 0.5
+PRUNE_EVERY = 10.0
 EXIT_BOOT_FAILED = 3
 # A closing client gets this long to take what is queued for it: one that never reads
 # must not keep its descriptor for ever.
@@ -109,13 +111,13 @@ class Worker:
         self.stats = stats
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.bus = BusClient(self.ctx, Endpoints.in_dir(runtime_dir), worker_id)
-        self.registry: Registry[Client, C.LocalUser] = Registry()
+        self.registry: Registry[Client, C.LocalUser] = Registry(self.settings.default_room)
         self.core = C.ChatCore(worker_id, self.settings, registry=self.registry)
         self.output = Output(self.registry, self.settings, self.close, worker_no)
         self.shedder = Shedder(worker_no)
         self.ep = select.epoll()
         self.listener: socket.socket | None = None
-        self.outgoing: list[E.Event] = []
+        self.outgoing = Outbox()  # what this loop pass publishes, by route
         self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
         self.lingering: list[tuple[float, int]] = []  # (deadline, conn) for closing clients
         self.listen_resume = 0.0  # when a listener paused by the shedder polls again
@@ -123,6 +125,7 @@ class Worker:
         self.last_publish = 0.0
         self.last_beat = 0.0
         self.last_hello = 0.0
+        self.last_prune = 0.0
         self.stop: Stop | None = None
         self.stop_signal = 0
         self.reload_pending = False
@@ -135,7 +138,7 @@ class Worker:
         self.handoff: Handoff | None = None
         self.handoff_requested = False
         self.frozen = False  # a giver past its cut point: read nothing more
-        self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
+        self.collect: Callable[[C.Broadcast], None] | None = None  # a taker copying its rooms' traffic
         self.lines_in = 0
         self.sink = _Sink(self)
 
@@ -445,10 +448,15 @@ class Worker:
     def apply(self, effects: list[C.Effect]) -> None:
         dispatch.apply(effects, self.registry, self.sink)
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
-        self.output.broadcast(data, exclude)
+    def broadcast(self, b: C.Broadcast, recipients: Iterable[tuple[int, Client]]) -> None:
+        self.output.broadcast(b.data, b.exclude, recipients)
         if self.collect is not None:
-            self.collect(data)  # clients on their way here from our predecessor get it too
+            self.collect(b)  # clients on their way here from our predecessor get it too
+
+    def collecting(self, collect: Callable[[C.Broadcast], None] | None) -> None:
+        """A taker copies what is broadcast to its rooms for the clients on their way here (see migrate)."""
+        self.collect = collect
+        self.core.collecting = collect is not None
 
     def entered(self, c: Client) -> None:
         if c.throttled and not c.pending:
@@ -473,8 +481,7 @@ class Worker:
     # -- bus ----------------------------------------------------------------------------------
 
     def publish(self) -> None:
-        events, self.outgoing = self.outgoing, []
-        self.bus.publish(events)
+        events = self.bus.publish_all(self.outgoing)
         self.last_publish = time.monotonic()
         if self.handoff is not None:
             self.handoff.published(events)
@@ -486,7 +493,8 @@ class Worker:
             if not items:
                 break
             undelivered, unreadable = core.undelivered, core.unreadable
-            dispatch.feed_bus(core, items, self.registry, self.sink)
+            core.clock = time.time()  # the time of the lines, for the rooms' history
+            dispatch.feed_bus(core, items, self.registry, self.sink, self.bus.order)
             if core.undelivered > undelivered:
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
                             "and were not delivered", self.worker_no, core.undelivered - undelivered)
@@ -529,6 +537,10 @@ class Worker:
         if self.core.syncing and now - self.last_hello > 1.0:
             self.bus.send_control([self.core.hello()])
             self.last_hello = now
+        if now - self.last_prune >= PRUNE_EVERY:
+            self.last_prune = now
+            self.bus.order.prune(self.registry.gens())  # the numbering of rooms we have left
+            self.core.prune_history()
         if now - self.last_publish >= PING_EVERY and self.stop is None:
             self.outgoing.append(E.Ping())
         if self.outgoing:
@@ -642,14 +654,14 @@ class _Sink:
     def __init__(self, w: Worker) -> None:
         self.w = w
 
-    def publish(self, event: E.Event) -> None:
-        self.w.outgoing.append(event)
+    def publish(self, event: E.Event, route: str) -> None:
+        self.w.outgoing.append(event, route)
 
     def send(self, c: Client, data: bytes) -> None:
         self.w.output.queue(c, data)
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
-        self.w.broadcast(data, exclude)
+    def broadcast(self, b: C.Broadcast, recipients: Iterable[tuple[int, Client]]) -> None:
+        self.w.broadcast(b, recipients)
 
     def entered(self, c: Client) -> None:
         self.w.entered(c)
