@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import marshal
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -141,6 +141,7 @@ class OrderTracker:
         self.unreadable = 0  # messages dropped because they could not be decoded
         self.room_batches = 0  # batches of some room's chat received, and their bytes
         self.room_bytes = 0
+        self.routes: Counter[str] = Counter()  # batches received, by room
 
     def number(self, events: list[E.Event], route: str = "") -> bytes:
         pseq = self.pseq[route] = self.pseq.get(route, 0) + 1
@@ -175,6 +176,7 @@ class OrderTracker:
         if batch.route:
             self.room_batches += 1
             self.room_bytes += len(payload)
+            self.routes[batch.route] += 1
         if batch.publisher == self.worker_id and batch.pseq:
             self._acked(batch.route, batch.pseq)
         out.append((batch.publisher, batch))
