@@ -258,12 +258,16 @@ class Store:
             self._delete("DELETE FROM lines WHERE room = ? AND id <= (SELECT id FROM lines WHERE room = ? "
                           "ORDER BY id DESC LIMIT 1 OFFSET ?) RETURNING LENGTH(line)", (key, key, self.max_lines))
         self.touched.clear()
-        while self.size > self.max_bytes:
-            before = self.size
-            self._delete("DELETE FROM lines WHERE id IN (SELECT id FROM lines ORDER BY id LIMIT 1000) "
-                         "RETURNING LENGTH(line)", ())
-            if self.size == before:
-                break
+        if self.size > self.max_bytes:
+            # The oldest lines go first, whatever their room, until the rest fits.
+            excess, cutoff = self.size - self.max_bytes, None
+            for row_id, n in db.execute("SELECT id, LENGTH(line) FROM lines ORDER BY id"):
+                excess -= n
+                cutoff = row_id
+                if excess <= 0:
+                    break
+            if cutoff is not None:
+                self._delete("DELETE FROM lines WHERE id <= ? RETURNING LENGTH(line)", (cutoff,))
         db.execute("COMMIT")
 
     def close(self) -> None:

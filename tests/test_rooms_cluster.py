@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from chat_support import LOST, broker_pid, new_broker
-from conftest import Client, Cluster, wait_for
+from conftest import REPO, Client, Cluster, wait_for
 from worker_support import rig_in, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -230,3 +232,30 @@ def test_a_worker_with_no_member_in_a_busy_room_receives_none_of_its_traffic(tmp
         assert w2.bus.order.routes["#busy"] == 0  # not one batch of the busy room reached w2
         assert w2.bus.order.routes["#lobby"] >= 1
         assert not any("busy" in x for x in quiet.lines)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_rooms_and_history_survive_an_upgrade(make_cluster: Make) -> None:
+    cl = make_cluster(2)
+    ann, bob = named(cl.clients_on_distinct_workers(2), "ann", "bob")
+    join(ann, "#x", 1)
+    join(bob, "#x", 2)
+    bob.say("/join #lobby")
+    bob.wait_line(r"\*\*\* Now talking in #lobby")
+    ann.say("before the upgrade")
+    bob.wait_line("#x ann: before the upgrade")
+    done = subprocess.run([sys.executable, "-m", "chatcluster", "upgrade", "--port", str(cl.port), "--runtime-dir",
+                           cl.runtime_dir], capture_output=True, text=True, cwd=REPO, timeout=150)
+    assert done.returncode == 0, done.stderr
+    ann.say("after the upgrade")  # still talking in #x, now through a new worker
+    bob.wait_line("#x ann: after the upgrade")
+    ann.say("/who")
+    ann.wait_line(r"\*\*\* 2 users in #x: ann, bob")
+    (cy,) = named([cl.client()], "cy")
+    cy.say("/join #x")
+    cy.wait_line(r"\*\*\* You joined #x; 3 users here: ann, bob, cy")
+    cy.wait_line(STAMP + "ann: after the upgrade")
+    got = [re.sub(STAMP, "", x) for x in after(cy, r"\*\*\* You joined #x; .*")[:2]]
+    assert got == ["ann: before the upgrade", "ann: after the upgrade"]
+    assert not any(LOST in c.lines for c in (ann, bob, cy))
