@@ -138,6 +138,27 @@ def receives(b: Broadcast, rooms: tuple[str, ...], active: str, default: str) ->
         return keys[0] in rooms and keys[0] != active
     return any(k in rooms for k in keys)
 
+
+def tail_for(copy: Sequence[Broadcast], rooms: tuple[str, ...], active: str, names: Mapping[str, str],
+             default: str) -> bytes:
+    """What of a run of broadcasts a client in `rooms` (talking in `active`) would have received.
+
+    For a client on its way to a worker in an upgrade. The worker makes the prefixed lines
+    (part AWAY) of a room only for a room it knows; for one it has no member in yet, a run of
+    lines (part HERE) comes alone and the prefix is made here from the client's room `names`.
+    """
+    out: list[bytes] = []
+    for i, b in enumerate(copy):
+        if receives(b, rooms, active, default):
+            out.append(b.data)
+        elif b.part == HERE and b.rooms != ANYWHERE:
+            key = (b.rooms or (default,))[0]
+            paired = i + 1 < len(copy) and copy[i + 1].part == AWAY and copy[i + 1].rooms == b.rooms
+            if key in rooms and not paired:
+                prefix = names.get(key, key).encode() + b" "
+                out.extend(prefix + line + CRLF for line in b.data.split(CRLF)[:-1])
+    return b"".join(out)
+
 PENDING, ACTIVE, REJOINING = "pending", "active", "rejoining"
 
 

@@ -14,7 +14,7 @@ the same marker at the same point P of its own copy of the order, and from
 there keeps a copy of everything it broadcasts (the broker routes to it, from
 P on, whatever it routes to the giver, so it gets the traffic of the giver's
 rooms too). When the clients arrive, each gets the giver's queue, then what of
-that copy was for its rooms (`chat.receives`), and joins its rooms: every
+that copy was for its rooms (`chat.tail_for`), and joins its rooms: every
 message after P comes through the taker, every one up to P through the giver.
 
 The taker publishes ADOPT for each client (the broker's roster moves the
@@ -62,6 +62,7 @@ from .handoff import (
     state_from_wire,
     state_to_wire,
 )
+from .rooms import fold
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -539,7 +540,8 @@ class Taker:
             w.registry.enter(c)
             user = w.registry.user(conn)
             assert user is not None
-            data = st.out + b"".join(b.data for b in tail if C.receives(b, user.rooms, user.active, default))
+            names = {fold(name): name for name in st.rooms}
+            data = st.out + C.tail_for(tail, user.rooms, user.active, names, default)
             if data:
                 w.output.queue(c, data)
             # Published before anything the client says: the roster moves the name first.

@@ -415,3 +415,17 @@ def test_every_client_sees_one_order_across_rooms() -> None:
     views = [since(o, m) for o, m in zip(watchers, marks, strict=True)]
     assert views[0] == views[1] == views[2]
     assert len(views[0]) == 30
+
+
+def test_a_client_in_transit_gets_what_its_rooms_got_as_its_rooms_say() -> None:
+    lobby = C.Broadcast(b"a: hi\r\n", C.EMPTY, (), C.HERE)
+    lobby_away = C.Broadcast(b"#lobby a: hi\r\n", C.EMPTY, (), C.AWAY)
+    unknown_room = C.Broadcast(b"b: one\r\nb: two\r\n", C.EMPTY, ("#x",), C.HERE)  # no AWAY made for it
+    quit_ = C.Broadcast(b"*** c left\r\n", C.EMPTY, ("#x", "#y"))
+    copy = [lobby, lobby_away, unknown_room, quit_]
+    names = {"#lobby": "#lobby", "#x": "#X"}
+    assert C.tail_for(copy, ("#lobby", "#x"), "#x", names, "#lobby") == (
+        b"#lobby a: hi\r\nb: one\r\nb: two\r\n*** c left\r\n")
+    assert C.tail_for(copy, ("#lobby", "#x"), "#lobby", names, "#lobby") == (
+        b"a: hi\r\n#X b: one\r\n#X b: two\r\n*** c left\r\n")
+    assert C.tail_for(copy, ("#lobby",), "#lobby", names, "#lobby") == b"a: hi\r\n"
