@@ -37,7 +37,7 @@ from .chat import format_line
 from .directory import ALL, BROKER, Decided, Directory
 from .history import History
 from .settings import read_live_config
-from .wire import FLAG_ROSTER, UNREADABLE_PAYLOAD, decode, encode, peek, stamp, topic
+from .wire import FLAG_ROSTER, HEADER, UNREADABLE_PAYLOAD, decode, encode, peek, topic
 
 log = logging.getLogger("chatcluster.broker")
 
@@ -45,6 +45,7 @@ RESYNC_WAIT = 1.0  # seconds a restarted broker waits for the live workers to re
 SUBSCRIBER_WAIT = 1.0  # seconds a broker waits for the known workers' SUB sockets
 NUDGE_EVERY = 0.1  # least seconds between two "new epoch" pings to unadmitted workers
 COMPLAIN_EVERY = 1.0  # least seconds between two log lines about unreadable input
+_PACK = HEADER.pack
 MAX_ROUTES = 50_000  # rooms whose numbering is remembered before those of rooms gone are forgotten
 
 
@@ -166,13 +167,13 @@ class Broker:
     def send_to(self, workers: Iterable[str], payload: bytes) -> None:
         """One message, with its place in the order, to each of `workers` (under each one's topic)."""
         self.gseq += 1
-        epoch, gseq, wseq, topics = self.epoch, self.gseq, self.wseq, self.topics
+        epoch, gseq, wseq, topics, emit, pack = self.epoch, self.gseq, self.wseq, self.topics, self.emit, _PACK
         for w in workers:
             t = topics.get(w)
             if t is None:
                 t = topics[w] = topic(w)
             n = wseq[w] = wseq.get(w, 0) + 1
-            self.emit(stamp(t, epoch, gseq, n), payload)
+            emit(t + pack(epoch, gseq, n), payload)  # = wire.stamp(t, epoch, gseq, n)
 
     def nudge(self, now: float) -> None:
         """Tell workers that have not noticed yet that there is a new broker."""
@@ -214,7 +215,7 @@ class Broker:
         elif publisher not in self.admitted:
             self.nudge(now)  # dropped: the worker sends it again after its RESYNC
             return
-        elif self.resyncing:
+        elif self.phase_ends:  # resyncing
             self.held.append(payload)
             return
         if not head.flags & FLAG_ROSTER:
@@ -401,8 +402,11 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -
             notice(pub.recv())
 
     def emit(header: bytes, payload: bytes) -> None:
-        pub.send(header, zmq.SNDMORE)
-        pub.send(payload, copy=len(payload) < 8192)
+        if len(payload) < 8192:
+            pub.send(header + payload)  # one frame: one send per worker (see bus.BusClient.drain)
+        else:
+            pub.send(header, zmq.SNDMORE)
+            pub.send(payload, copy=False)
 
     broker = Broker(emit, workers, time.monotonic(), settings, sink=writer)
     for key, lines in loaded:

@@ -108,7 +108,10 @@ class BusClient:
                 epoch, wseq, payload = self._stash
                 self._stash = None
             elif sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                header, payload = sub.recv_multipart(zmq.NOBLOCK)
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+                # The stamp and a small payload come in one frame, a large payload in a second one.
+                header = frames[0]
+                payload = frames[1] if len(frames) > 1 else header[skip + HEADER.size:]
                 epoch, _, wseq = HEADER.unpack_from(header, skip)
             else:
                 break

@@ -57,6 +57,9 @@ class Directory:
 
     def audience(self, key: str) -> frozenset[str]:
         """The workers a batch of room `key` goes to (besides its publisher)."""
+        room = self.rooms.rooms.get(key)
+        if room is not None and room.audience is not None and not self.aliases:
+            return room.audience  # the hot path: made once per change of the room's workers
         workers = self.rooms.audience(key)
         if self.aliases:
             extra = {self.aliases[w] for w in workers if w in self.aliases}

@@ -15,7 +15,7 @@ their room. Pure: times are given, never read from a clock.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from .protocol import CRLF
@@ -52,7 +52,11 @@ class History:
         self.max_bytes = max_bytes
         self.decode = decode
         self.rooms: dict[str, _Room] = {}
-        self.order: OrderedDict[int, str] = OrderedDict()  # every chunk's serial -> its room, oldest first
+        # (serial, room) of every chunk, oldest first, for evicting by age across rooms. A chunk that
+        # went otherwise (its room's line limit, a dropped room) leaves its entry behind: it is
+        # skipped when met, and the deque is rebuilt when such entries outnumber the live ones.
+        self.order: deque[tuple[int, str]] = deque()
+        self.live = 0  # chunks held
         self.serial = 0
         self.nbytes = 0
         self.evicted = 0  # chunks dropped to keep within max_bytes
@@ -72,35 +76,39 @@ class History:
         if room is None:
             room = self.rooms[key] = _Room()
         self.serial += 1
-        size = (len(data) if isinstance(data, bytes) else sum(map(len, data))) + CHUNK_COST
-        room.chunks.append((self.serial, ts, count, size, data))
-        room.count += count
-        self.order[self.serial] = key
-        self.nbytes += size
+        size = (len(data) if type(data) is bytes else sum(map(len, data))) + CHUNK_COST
         chunks = room.chunks
-        while room.count - chunks[0][2] >= self.max_lines:
-            self._pop_oldest(key, room)
-        while self.nbytes > self.max_bytes and self.order:
-            self._evict()
-
-    def _pop_oldest(self, key: str, room: _Room) -> None:
-        serial, _, count, size, _ = room.chunks.popleft()
-        room.count -= count
-        self.nbytes -= size
-        self.order.pop(serial, None)
-        if not room.chunks:
-            del self.rooms[key]
+        chunks.append((self.serial, ts, count, size, data))
+        room.count += count
+        self.order.append((self.serial, key))
+        self.live += 1
+        self.nbytes += size
+        while room.count - chunks[0][2] >= self.max_lines:  # (never the chunk just added)
+            _, _, n, dropped, _ = chunks.popleft()
+            room.count -= n
+            self.nbytes -= dropped
+            self.live -= 1
+        if self.nbytes > self.max_bytes:
+            while self.nbytes > self.max_bytes and self.live:
+                self._evict()
+        if len(self.order) > 2 * self.live + 1024:
+            self.order = deque(sorted((c[0], k) for k, r in self.rooms.items() for c in r.chunks))
 
     def _evict(self) -> None:
-        serial, key = self.order.popitem(last=False)
-        room = self.rooms[key]
-        first = room.chunks.popleft()
-        assert first[0] == serial, "a room's oldest chunk is the oldest of its chunks in the global order"
-        room.count -= first[2]
-        self.nbytes -= first[3]
+        """Drop the oldest chunk of all rooms."""
+        order, rooms = self.order, self.rooms
+        while True:
+            serial, key = order.popleft()
+            room = rooms.get(key)
+            if room is not None and room.chunks[0][0] == serial:
+                break  # (otherwise that chunk is gone already)
+        _, _, count, size, _ = room.chunks.popleft()
+        room.count -= count
+        self.nbytes -= size
+        self.live -= 1
         self.evicted += 1
         if not room.chunks:
-            del self.rooms[key]
+            del rooms[key]
 
     def lines(self, key: str) -> list[Line]:
         """The room's last `max_lines` lines, oldest first, with their times."""
@@ -124,9 +132,8 @@ class History:
         room = self.rooms.pop(key, None)
         if room is None:
             return
-        for serial, _, _, size, _ in room.chunks:
-            self.order.pop(serial, None)
-            self.nbytes -= size
+        self.live -= len(room.chunks)
+        self.nbytes -= sum(c[3] for c in room.chunks)
 
     def keys(self) -> list[str]:
         return list(self.rooms)

@@ -401,4 +401,5 @@ def test_history_bounds_always_hold(adds: list[tuple[str, int, int]], max_lines:
             assert 0 < len(got) <= max_lines
             assert [t for t, _ in got] == sorted(t for t, _ in got)
     assert h.nbytes == sum(c[3] for r in h.rooms.values() for c in r.chunks)
-    assert len(h.order) == sum(len(r.chunks) for r in h.rooms.values())
+    assert h.live == sum(len(r.chunks) for r in h.rooms.values())
+    assert {(c[0], k) for k, r in h.rooms.items() for c in r.chunks} <= set(h.order)
