@@ -423,6 +423,10 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -
     poller.register(pull, zmq.POLLIN)
     poller.register(pub, zmq.POLLIN)
     poller.register(control_fd, zmq.POLLIN)
+    # SIGTERM only queues a stop; this pipe wakes the poll so that the stop is not a second late.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    poller.register(wake_r, zmq.POLLIN)
     control_buf = b""
     writing = False
     while not stopping:
@@ -445,6 +449,8 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = ()) -
                     msg = pub.recv()
                     if msg[:1] == b"\x01" and msg.endswith(b"\0"):
                         broker.subscribed(msg[1:-1].decode(errors="replace"))
+            elif sock == wake_r:
+                os.read(wake_r, 512)
             elif sock == control_fd:
                 chunk = os.read(control_fd, 65536)
                 if not chunk:
