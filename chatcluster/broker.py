@@ -235,7 +235,7 @@ class Broker:
                 seqs[publisher] = head.pseq
                 if self.history.max_lines > 0:
                     ts = self.clock()
-                    self.history.add(route, ts, head.count, payload)
+                    self.history.add(route, ts, head.nevents, payload)
                     if self.sink is not None:
                         self.sink.batch(route, ts, payload)
             else:

@@ -76,7 +76,7 @@ class History:
         if room is None:
             room = self.rooms[key] = _Room()
         self.serial += 1
-        size = (len(data) if type(data) is bytes else sum(map(len, data))) + CHUNK_COST
+        size = (len(data) if isinstance(data, bytes) else sum(len(line) for line in data)) + CHUNK_COST
         chunks = room.chunks
         chunks.append((self.serial, ts, count, size, data))
         room.count += count
@@ -125,7 +125,7 @@ class History:
         """Replace the room's history with these (time, line) pairs, oldest first."""
         self.drop(key)
         for item in lines:
-            ts, line = float(item[0]), bytes(item[1])  # type: ignore[arg-type]
+            ts, line = float(item[0]), bytes(item[1])  # type: ignore[arg-type, call-overload]
             self.add(key, ts, 1, (line,))
 
     def drop(self, key: str) -> None:

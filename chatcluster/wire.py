@@ -45,7 +45,7 @@ class Head(NamedTuple):
     pseq: int
     publisher: str
     route: str
-    count: int
+    nevents: int  # how many events it holds (for a room, lines)
     start: int  # where the marshalled events begin
 
 
