@@ -51,6 +51,7 @@ from typing import Any
 
 import _common
 import loadgen
+import psutil
 from _common import Server, cpu_used, latency_summary, print_table
 
 from chatcluster import stats as S
@@ -371,6 +372,7 @@ class Fleet:
             p["t0_ns"] = t0
         cpu0 = server.cpu_times()
         machine0 = _common.machine_cpu()
+        load0 = self.cpu_seconds()
         self.send("go", per_process)
         start = time.monotonic()
         time.sleep(duration + 0.2)
@@ -379,6 +381,7 @@ class Fleet:
         wall = time.monotonic() - start
         cpu1 = server.cpu_times()
         machine = _common.machine_cpu_used(machine0, _common.machine_cpu())
+        load_cpu = self.cpu_seconds() - load0
         self.send("stop", [None] * len(self.ctls))
         results = self.gather("result", 120)
         received = sum(sum(r["received"]) for r in results)
@@ -401,7 +404,20 @@ class Fleet:
             "worker_cpu_pct": {w: 100.0 * s / wall for w, s in sorted(per_worker.items())},
             "broker_and_supervisor_cpu_pct": 100.0 * (roles["others"] + roles["main"]) / wall,
             "softirq_pct": 100.0 * machine.get("softirq", 0.0) / wall,
+            "loadgen_cpu_pct": 100.0 * load_cpu / wall,
+            # The whole machine (all CPUs, in percent of one): what else ran beside server and load.
+            "machine_cpu_pct": {k: 100.0 * v / wall for k, v in machine.items()},
         }
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.procs:
+            try:
+                t = psutil.Process(p.pid).cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        return total
 
 
 def worker_pids(runtime_dir: str) -> dict[int, str]:
@@ -535,21 +551,21 @@ def main(argv: list[str] | None = None) -> int:
                                 r["delivered_per_s"], r["latency"]["p50_ms"], r["latency"]["p99_ms"],
                                 r["server_cpu_pct"], f"{r['server_cpu_us_per_delivered']:.2f}",
                                 " / ".join(f"{v:.0f}" for v in r["worker_cpu_pct"].values()),
-                                r["broker_and_supervisor_cpu_pct"]]))
+                                r["broker_and_supervisor_cpu_pct"], r["loadgen_cpu_pct"]]))
     if rows:
         print_table(f"Rooms vs one room ({args.workers} workers, {args.duration:g} s of traffic)", rows,
                     ["run", "rooms", "users", "lines/s", "sent", "expected", "lost", "delivered/s", "p50 ms",
-                     "p99 ms", "cpu %", "cpu us/delivered", "worker cpu %", "broker cpu %"])
+                     "p99 ms", "cpu %", "cpu us/delivered", "worker cpu %", "broker cpu %", "load cpu %"])
     bw = results.get("by-worker")
     if bw:
         rows = []
         for label, r in bw["phases"].items():
             rows.append((label, [r["lines_sent"], r["delivered_per_s"], r["lost"], r["latency"]["p99_ms"],
                                  *[r["worker_cpu_pct"].get(w, math.nan) for w in sorted(bw["rooms_per_worker"])],
-                                 r["broker_and_supervisor_cpu_pct"]]))
+                                 r["broker_and_supervisor_cpu_pct"], r["loadgen_cpu_pct"]]))
         print_table(f"Each worker's CPU follows its own members' rooms (rooms per worker: {bw['rooms_per_worker']})",
                     rows, ["traffic in", "sent", "delivered/s", "lost", "p99 ms",
-                           *[f"{w} cpu %" for w in sorted(bw["rooms_per_worker"])], "broker cpu %"])
+                           *[f"{w} cpu %" for w in sorted(bw["rooms_per_worker"])], "broker cpu %", "load cpu %"])
     path = _common.write_result(args.json, "rooms", busy, {"args": vars(args), "results": results})
     print(f"\nwrote {path}")
     lost = sum(r.get("lost", 0) for n, r in results.items() if n != "by-worker")
