@@ -180,7 +180,11 @@ class Clients:
         by_fd = {s.fileno(): i for i, s in enumerate(self.socks)}
         ep.register(self.ctl.fileno(), select.EPOLLIN)
         cold = [i for i in range(len(self.socks)) if i not in self.hot]
-        slice_n = max(1, math.ceil(len(cold) * 0.01 / COLD_INTERVAL))  # every cold socket every COLD_INTERVAL
+        # Cold sockets are read in slices, spread over COLD_INTERVAL, so each is read about once
+        # per interval and the work is smooth (as loadgen does).
+        slice_n = min(len(cold), 256)
+        slice_every = COLD_INTERVAL * slice_n / max(1, len(cold))
+        next_slice = time.monotonic()
         pos = 0
         pad = b"x" * self.line_bytes
         # Pacing: sender k sends line n at t0 + phase_k + n / rate_k.
@@ -189,7 +193,7 @@ class Clients:
         next_line = [0] * len(plan)
         while True:
             now = time.monotonic_ns()
-            wait = 0.01
+            wait = max(0.0, min(0.01, next_slice - time.monotonic()))
             for k, (i, interval, lines, phase) in enumerate(plan):
                 n = next_line[k]
                 while n < lines and t0_ns + phase + int(n * interval) <= now:
@@ -214,11 +218,11 @@ class Clients:
                             return
                     continue
                 self.read(by_fd[fd], True)
-            for _ in range(slice_n):
-                if not cold:
-                    break
-                self.read(cold[pos], False)
-                pos = (pos + 1) % len(cold)
+            if cold and time.monotonic() >= next_slice:
+                next_slice = time.monotonic() + slice_every
+                for _ in range(slice_n):
+                    self.read(cold[pos], False)
+                    pos = (pos + 1) % len(cold)
 
     def read(self, i: int, hot: bool) -> None:
         s = self.socks[i]
