@@ -52,9 +52,10 @@ from typing import Any
 import _common
 import loadgen
 import psutil
-from _common import Server, cpu_used, latency_summary, print_table
+from _common import REPO_ROOT, Server, cpu_used, latency_summary, print_table
 
-from chatcluster import stats as S
+sys.path.insert(0, str(REPO_ROOT))
+from chatcluster import stats as S  # noqa: E402 - the repository's own package, found through REPO_ROOT
 
 MARK = b"@"
 STAMP = b"@T"
