@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect-rate", type=float, default=3000.0, help="new connections per second")
     parser.add_argument("--timeout", type=float, default=0.0, help="seconds allowed per setting (0 = duration + 60)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--server-args", default="",
+                        help='more arguments for chatcluster start, e.g. "--history-db /tmp/h.db"')
     parser.add_argument("--json", default=None, help="results file name (default: latency[-SERVER][-quick])")
     parser.add_argument(
         "--plot",
@@ -113,7 +115,7 @@ def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
     processes = args.processes or max(2, math.ceil(setting.clients / loadgen.MAX_SOCKETS_PER_PROCESS))
     timeout = args.timeout or args.duration + 60.0
     connect_timeout = 60.0 + setting.clients / args.connect_rate * 2
-    server = Server(args.server, workers=args.workers, log_name="latency").start()
+    server = Server(args.server, workers=args.workers, log_name="latency", extra_args=args.server_args.split()).start()
     try:
         plans = loadgen.plan_clients(
             server.host,

@@ -1,12 +1,16 @@
 """The worker's end of the ZeroMQ bus: publish batches to the broker, drain what it sends back.
 
 Workers PUSH batches to one broker (see `broker`), which stamps each with its
-epoch and a global sequence number and PUBlishes it to every worker, so all
-workers see one order. Nothing may be lost silently: high-water marks are off
-on every socket (a stuck worker is killed by the supervisor long before memory
-matters), and a worker keeps what it published until it has seen it come back,
-so after a broker restart it can send it again (`wire.OrderTracker`). The ZMQ
-FD is edge-triggered: after a wake-up, `EVENTS` is the truth.
+epoch, a global sequence number and the receiving worker's own sequence
+number, and PUBlishes a copy to each worker that needs it under that worker's
+topic, to which the worker subscribes once (never per room: a subscription
+travels apart from the messages, so subscribing on a join could miss the
+first lines after it; the broker routes instead). All workers see one order.
+Nothing may be lost silently: high-water marks are off on every socket (a
+stuck worker is killed by the supervisor long before memory matters), and a
+worker keeps what it published until it has seen it come back, so after a
+broker restart it can send it again (`wire.OrderTracker`). The ZMQ FD is
+edge-triggered: after a wake-up, `EVENTS` is the truth.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import zmq
 
 from . import events as E
 from .stats import WorkerCounters
-from .wire import OrderTracker, encode, read_header
+from .wire import HEADER, OrderTracker, Outbox, encode, topic
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class BusClient:
         self.sub.setsockopt(zmq.RCVHWM, 0)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RECONNECT_IVL, 50)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.topic = topic(worker_id)
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         self.sub.connect(endpoints.outbound)
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, 0)
@@ -67,11 +72,19 @@ class BusClient:
     def gaps(self) -> int:
         return self.order.gaps
 
-    def publish(self, events: list[E.Event]) -> None:
+    def publish(self, events: list[E.Event], route: str = "") -> None:
         """Send a numbered batch, kept until it comes back so that it can be sent again."""
-        payload = self.order.number(events)
+        payload = self.order.number(events, route)
         self.push.send(payload, copy=len(payload) < 8192)
         self._sent(payload)
+
+    def publish_all(self, outbox: Outbox) -> list[E.Event]:
+        """Publish a loop pass's events, one batch per room and one for the rest; returns them in that order."""
+        sent: list[E.Event] = []
+        for route, events in outbox.take():
+            self.publish(events, route)
+            sent.extend(events)
+        return sent
 
     def send_control(self, events: list[E.Event]) -> None:
         """Send an unnumbered batch (HELLO, RESYNC): never resent, never a duplicate."""
@@ -81,8 +94,8 @@ class BusClient:
 
     def restarted(self, control: list[E.Event]) -> int:
         """Answer a new broker: the control batch first, then everything not seen back."""
-        self.send_control(control)
-        for _, payload in self.order.unacked:
+        self.push.send(self.order.resync_batch(control))
+        for _, _, payload in self.order.unacked:
             self.push.send(payload)
             self._sent(payload)
         return len(self.order.unacked)
@@ -104,24 +117,28 @@ class BusClient:
         """
         out: list[tuple[str, Any]] = []
         sub = self.sub
+        skip = len(self.topic)
         taken = 0
         while len(out) < limit and taken < max_bytes:
             if self._stash is not None:
-                epoch, gseq, payload = self._stash
+                epoch, wseq, payload = self._stash
                 self._stash = None
             elif sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                header, payload = sub.recv_multipart(zmq.NOBLOCK)
-                epoch, gseq, stamp = read_header(header)
-                if stamp and (not self.oldest_stamp or stamp < self.oldest_stamp):
-                    self.oldest_stamp = stamp
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+                # The stamp and a small payload come in one frame, a large payload in a second one.
+                header = frames[0]
+                payload = frames[1] if len(frames) > 1 else header[skip + HEADER.size:]
+                epoch, _, wseq, sent = HEADER.unpack_from(header, skip)
+                if sent and (not self.oldest_stamp or sent < self.oldest_stamp):
+                    self.oldest_stamp = sent
                 k = self.counters
                 if k is not None:
                     k.bus_batches_in += 1
                     k.bus_bytes_in += len(payload)
             else:
                 break
-            if not self.order.accept(epoch, gseq, payload, out):
-                self._stash = (epoch, gseq, payload)
+            if not self.order.accept(epoch, wseq, payload, out):
+                self._stash = (epoch, wseq, payload)
                 break
             taken += len(payload)
         self.drained_bytes = taken

@@ -1,28 +1,36 @@
-"""The chat rules of one worker: commands, nicknames, notices and who receives what.
+"""The chat rules of one worker: commands, nicknames, rooms, notices and who receives what.
 
 `ChatCore` is pure. The worker feeds it what happened (a client connected, sent
 a line, went away; a batch arrived from the bus) and gets back effects: events
-to publish on the bus, bytes for one client, bytes for everyone in the room,
-a client entering the room, a connection to close. Everything a client sees
-of other clients comes from the bus order, including its own worker's clients,
-so every client on every worker sees one order. A worker knows only its own
-clients: the cluster roster is the broker's (see roster.py), which decides
-every claim and answers /who in bus order; chat lines carry their sender's
-nickname. Its clients (connections, the room, each one's chat state) live in
-one `Registry` shared with the worker. The randomness for nicknames is
-injected, the clock is passed in; no sockets here.
+to publish on the bus (each with its route: a room's key for chat lines, ""
+for requests), bytes for one client, bytes for the members of some rooms, a
+client entering or moving between rooms, a connection to close. Everything a
+client sees of other clients comes from the bus order, including its own
+worker's clients, so every client on every worker sees one order. A worker
+knows only its own clients: the cluster's roster and rooms are the broker's
+(see directory.py), which decides every claim, join and part and answers
+/who in bus order; chat lines carry their sender's nickname, verdicts the
+rooms they concern. A client's lines go to its active room; lines of its
+other rooms reach it prefixed with the room's name. The worker keeps a copy
+of the recent lines of the rooms it has members in (`history`), which a
+joiner is shown and a new broker rebuilds its history from. Its clients
+(connections, rooms, each one's chat state) live in one `Registry` shared
+with the worker. The randomness for nicknames is injected, the clock is
+passed in; no sockets here.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import events as E
+from .history import History
 from .protocol import CRLF, encode_line
-from .registry import Registry
+from .registry import AWAY, EVERYONE, HERE, Registry
+from .rooms import fold, room_problem
 from .roster import nick_problem
 
 EMPTY: frozenset[int] = frozenset()
@@ -32,11 +40,16 @@ HELP = (
     "*** Commands:",
     "*** /nick NAME - change your nickname (1-24 characters from A-Z a-z 0-9 _ -)",
     "*** /me ACTION - tell others what you do; they see * NICK ACTION",
-    "*** /who - list everyone online",
-    "*** /whois NICK - show where NICK is connected and since when",
+    "*** /msg NICK TEXT - send TEXT to NICK alone",
+    "*** /join #ROOM - join a room (made if new) and talk there; a room you are in: talk there",
+    "*** /part [#ROOM] [REASON] - leave a room (the one you talk in if none is named)",
+    "*** /rooms [PAGE] - list the rooms with how many users are in each",
+    "*** /who [#ROOM] [PAGE] - list the users in the room you talk in (or in #ROOM)",
+    "*** /whois NICK - show where NICK is connected, since when, and in which rooms",
     "*** /quit [REASON] - leave the chat",
     "*** /help - show this list",
     "*** A line starting with // is sent as text with one / removed",
+    "*** Lines from your other rooms start with the room's name: #ROOM NICK: text",
 )
 LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
 
@@ -44,9 +57,15 @@ LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
 # Effects -------------------------------------------------------------------------------------
 
 
+ANYWHERE = ("*",)  # Broadcast.rooms: every client of the worker, whatever its rooms
+
+
 @dataclass(frozen=True, slots=True)
 class Publish:
+    """An event for the bus; `route` is a room's key for that room's chat lines, "" for anything else."""
+
     event: E.Event
+    route: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +76,16 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class Broadcast:
-    """`data` goes to every client in the room except those in `exclude`."""
+    """`data` goes to the clients in `rooms` (() is the default room), each once, except those in `exclude`.
+
+    `part` says which members of a single room: EVERYONE, HERE (those whose active room it is)
+    or AWAY (the others, who get the room's lines with its name in front).
+    """
 
     data: bytes
     exclude: frozenset[int] = EMPTY
+    rooms: tuple[str, ...] = ()
+    part: int = EVERYONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +93,19 @@ class Enter:
     """The client has its welcome line and from now on receives the room's traffic."""
 
     conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """The client receives the traffic of these rooms from here on (`active` without a prefix).
+
+    An effect rather than a change made at once, so that what was broadcast before it, in
+    the same batch, reaches the rooms as they were at that point of the order.
+    """
+
+    conn: int
+    rooms: tuple[str, ...]
+    active: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +117,49 @@ class Close:
     why: str = field(default="", compare=False)
 
 
-Effect = Publish | Send | Broadcast | Enter | Close
+Effect = Publish | Send | Broadcast | Enter | Place | Close
+
+
+def format_line(ev: E.Event) -> bytes | None:
+    """A chat line as its room's members see it (with CRLF), or None for an event that is not one."""
+    if type(ev) is E.Chat:
+        return ev.nick + b": " + ev.text + CRLF
+    if type(ev) is E.Me:
+        return b"* " + ev.nick + b" " + ev.text + CRLF
+    return None
+
+
+def receives(b: Broadcast, rooms: tuple[str, ...], active: str, default: str) -> bool:
+    """Whether a client in `rooms` talking in `active` is one of the recipients of `b` (see Registry.recipients)."""
+    if b.rooms == ANYWHERE:
+        return True
+    keys = b.rooms or (default,)
+    if b.part == HERE:
+        return keys[0] == active
+    if b.part == AWAY:
+        return keys[0] in rooms and keys[0] != active
+    return any(k in rooms for k in keys)
+
+
+def tail_for(copy: Sequence[Broadcast], rooms: tuple[str, ...], active: str, names: Mapping[str, str],
+             default: str) -> bytes:
+    """What of a run of broadcasts a client in `rooms` (talking in `active`) would have received.
+
+    For a client on its way to a worker in an upgrade. The worker makes the prefixed lines
+    (part AWAY) of a room only for a room it knows; for one it has no member in yet, a run of
+    lines (part HERE) comes alone and the prefix is made here from the client's room `names`.
+    """
+    out: list[bytes] = []
+    for i, b in enumerate(copy):
+        if receives(b, rooms, active, default):
+            out.append(b.data)
+        elif b.part == HERE and b.rooms != ANYWHERE:
+            key = (b.rooms or (default,))[0]
+            paired = i + 1 < len(copy) and copy[i + 1].part == AWAY and copy[i + 1].rooms == b.rooms
+            if key in rooms and not paired:
+                prefix = names.get(key, key).encode() + b" "
+                out.extend(prefix + line + CRLF for line in b.data.split(CRLF)[:-1])
+    return b"".join(out)
 
 PENDING, ACTIVE, REJOINING = "pending", "active", "rejoining"
 
@@ -94,6 +174,8 @@ class LocalUser:
     backlog: list[str | int] | None = None  # lines, or limits of too long ones (a list only while some wait)
     claiming: bool = False  # a /nick claim or a /who is on the bus; what the client says next waits for it
     leaving: str | None = None  # gone (with this reason) while lines waited: they go out first
+    rooms: tuple[str, ...] = ()  # the keys of its rooms, in the order joined (set once it is welcomed)
+    active: str = ""  # the key of the room its lines go to
 
     @property
     def waiting(self) -> bool:
@@ -114,6 +196,12 @@ class ChatConfig(Protocol):
     announce_joins: bool
     max_clients: int
     max_clients_per_ip: int
+    default_room: str
+    max_rooms_per_user: int
+    max_rooms: int
+    max_room_name: int
+    history_lines: int
+    history_max_bytes: int
 
 
 @dataclass(slots=True)
@@ -124,6 +212,12 @@ class ChatSettings:
     announce_joins: bool = True
     max_clients: int = 0
     max_clients_per_ip: int = 0
+    default_room: str = "#lobby"
+    max_rooms_per_user: int = 20
+    max_rooms: int = 10_000
+    max_room_name: int = 32
+    history_lines: int = 50
+    history_max_bytes: int = 64 << 20
 
 
 class ChatCore:
@@ -134,7 +228,15 @@ class ChatCore:
         self.worker_id = worker_id
         self.settings: ChatConfig = settings or ChatSettings()
         self.rng = rng or random.Random()
-        self.registry: Registry[Any, LocalUser] = Registry() if registry is None else registry
+        default_room = getattr(self.settings, "default_room", "#lobby")
+        self.registry: Registry[Any, LocalUser] = Registry(default_room) if registry is None else registry
+        self.default = self.registry.default  # the default room's key
+        s = self.settings
+        # This worker's copy of the recent lines of the rooms it has members in.
+        self.history = History(getattr(s, "history_lines", 50), getattr(s, "history_max_bytes", 64 << 20))
+        # An upgrade's taker copies what it broadcasts for clients on their way: then every line of a
+        # room is made for members talking elsewhere too, whether or not it has any yet.
+        self.collecting = False
         self.ready = False  # True once the broker answered our HELLO
         self.nonce = 0
         self.syncing = False  # waiting for a snapshot after a broker restart
@@ -164,24 +266,40 @@ class ChatCore:
     def bus_restarted(self) -> list[E.Event]:
         """A new broker: the control batch that re-announces our clients and asks for a snapshot.
 
-        The new broker rebuilds the roster from every worker's RESYNC; our snapshot says which
-        of our clients kept their names. Clients still pending keep their JOIN in flight: it is
-        among the batches sent again after this one, so it is decided after our RESYNC. Until
-        the snapshot the clients' lines wait: a client may yet lose its name.
+        The new broker rebuilds the roster and the rooms from every worker's RESYNC (a client
+        in any room but the default one is listed with its rooms' names) and the rooms'
+        history from the workers' copies; our snapshot says which of our clients kept their
+        names. Clients still pending keep their JOIN in flight: it is among the batches sent
+        again after this one, so it is decided after our RESYNC. Until the snapshot the
+        clients' lines wait: a client may yet lose its name.
         """
-        members = [(self.worker_id, u.conn, u.nick, u.since, u.ip)
-                   for u in self.registry.users() if u.state == ACTIVE]
+        members: list[tuple[Any, ...]] = []
+        for u in self.registry.users():
+            if u.state != ACTIVE:
+                continue
+            t: tuple[Any, ...] = (self.worker_id, u.conn, u.nick, u.since, u.ip)
+            if u.rooms and u.rooms is not self.registry.default_rooms:
+                t += ([self.room_name(k) for k in u.rooms],)
+            members.append(t)
         self.syncing = True
         self.lost_told = False
         self.nonce = 0
-        return [E.Resync(members), self.hello()]
+        control: list[E.Event] = [E.Resync(members)]
+        if self.history.enabled and self.history.rooms:
+            control.append(E.HistoryCopy(self.history.snapshot()))
+        return [*control, self.hello()]
+
+    def room_name(self, key: str) -> str:
+        """A room's name as it is shown (as first created), for a room this worker has members in."""
+        rs = self.registry.room_set(key)
+        return rs.name if rs is not None else key
 
     def messages_lost(self) -> list[Effect]:
-        """Tell the room that bus traffic was lost; once per broker epoch is enough."""
+        """Tell every client that bus traffic was lost; once per broker epoch is enough."""
         if self.lost_told:
             return []
         self.lost_told = True
-        return [Broadcast(LOST_NOTICE)]
+        return [Broadcast(LOST_NOTICE, EMPTY, ANYWHERE)]
 
     # -- client side -------------------------------------------------------------------------
 
@@ -191,14 +309,43 @@ class ChatCore:
         self.registry.set_user(conn, user)
         return [Publish(self._join(user, ""))]
 
-    def adopt(self, conn: int, ip: str, since: float, nick: str) -> None:
-        """A client handed over by another worker in an upgrade: it keeps its name (the taker publishes
-        the Adopt that moves it in the roster) and needs no welcome."""
-        self.registry.set_user(conn, LocalUser(conn, ip, since, nick, state=ACTIVE))
+    def adopt(self, conn: int, ip: str, since: float, nick: str, rooms: Sequence[str] = (), active: str = "") -> None:
+        """A client handed over by another worker in an upgrade: it keeps its name and rooms (the taker
+        publishes the Adopt that moves it in the roster) and needs no welcome. `rooms` are names."""
+        user = LocalUser(conn, ip, since, nick, state=ACTIVE)
+        self.registry.set_user(conn, user)
+        names = list(rooms) or [self.room_name(self.default)]
+        keys = tuple(fold(name) for name in names)
+        for key, name in zip(keys, names, strict=True):
+            self._count_in(key, name)
+        user.rooms = self.registry.default_rooms if keys == self.registry.default_rooms else keys
+        user.active = fold(active) if active and fold(active) in keys else keys[-1]
+
+    def _count_in(self, key: str, name: str) -> None:
+        self.registry.count_in(key, name)
+
+    def _count_out(self, key: str) -> None:
+        self.registry.count_out(key)
+
+    def prune_history(self) -> None:
+        """Forget the copies of rooms this worker has no member in any more.
+
+        Not done the moment the last member leaves: until the broker has decided that leave,
+        it still routes the room here, and a client joining meanwhile keeps the copy going
+        (the broker sends a fresh copy, events.Seed, only when it starts routing a room here).
+        """
+        for key in self.history.keys():
+            rs = self.registry.room_set(key)
+            if rs is None or rs.members <= 0:
+                self.history.drop(key)
 
     def forget(self, conn: int) -> None:
         """The client was handed to another worker: it lives on there, so no Leave."""
-        self.registry.drop_user(conn)
+        self._drop(conn)
+
+    def _drop(self, conn: int) -> LocalUser | None:
+        """Forget a client's chat state (and its place in its rooms)."""
+        return self.registry.drop_user(conn)
 
     def _join(self, user: LocalUser, old: str) -> E.Join:
         s = self.settings
@@ -218,7 +365,7 @@ class ChatCore:
             # lines go out once the bus has decided on its name, then it leaves and is closed.
             user.leaving = reason
             return []
-        self.registry.drop_user(conn)
+        self._drop(conn)
         # Published even for a pending client: Leave follows its Join in bus order, so the
         # broker removes it again whether or not the claim was accepted.
         return [Publish(E.Leave(conn, reason))]
@@ -242,10 +389,10 @@ class ChatCore:
         if not text.strip():
             return []
         if text.startswith("//"):
-            return [Publish(E.Chat(conn, text[1:].encode(), user.nick.encode()))]
-        if text.startswith("/"):
+            text = text[1:]
+        elif text.startswith("/"):
             return self._command(user, text, now or self.clock)
-        return [Publish(E.Chat(conn, text.encode(), user.nick.encode()))]
+        return [Publish(E.Chat(conn, text.encode(), user.nick.encode()), user.active or self.default)]
 
     def _command(self, user: LocalUser, text: str, now: float) -> list[Effect]:
         word, _, rest = text[1:].partition(" ")
@@ -257,11 +404,9 @@ class ChatCore:
         if cmd == "me":
             if not arg:
                 return [self._error(conn, "usage: /me ACTION")]
-            return [Publish(E.Me(conn, rest.lstrip().encode(), user.nick.encode()))]
+            return [Publish(E.Me(conn, rest.lstrip().encode(), user.nick.encode()), user.active or self.default)]
         if cmd == "who":
-            # The broker answers from the roster in bus order; later lines wait for the answer.
-            user.claiming = True
-            return [Publish(E.Who(conn))]
+            return self._who(user, arg)
         if cmd == "whois":
             if not arg:
                 return [self._error(conn, "usage: /whois NICK")]
@@ -270,9 +415,77 @@ class ChatCore:
         if cmd == "help":
             return [Send(conn, b"".join(encode_line(h) for h in HELP))]
         if cmd == "quit":
-            self.registry.drop_user(conn)
+            self._drop(conn)
             return [Send(conn, encode_line("*** Goodbye")), Close(conn, "quit"), Publish(E.Leave(conn, arg))]
+        if cmd == "join":
+            return self._join_cmd(user, arg)
+        if cmd == "part":
+            return self._part_cmd(user, arg)
+        if cmd == "rooms":
+            user.claiming = True
+            return [Publish(E.ListRooms(conn, int(arg) if arg.isdigit() else 1))]
+        if cmd == "msg":
+            to, _, said = rest.lstrip().partition(" ")
+            said = said.strip()
+            if not to or not said:
+                return [self._error(conn, "usage: /msg NICK TEXT")]
+            if nick_problem(to):
+                return [self._error(conn, f"no such user {to}")]
+            user.claiming = True  # the confirmation comes back in order, before what the client says next
+            return [Publish(E.Msg(conn, to, said.encode(), user.nick.encode()))]
         return [self._error(conn, f"unknown command /{word}. Type /help for commands.")]
+
+    def _who(self, user: LocalUser, arg: str) -> list[Effect]:
+        """/who [#ROOM] [PAGE]: the broker answers from the rooms in bus order; later lines wait for it."""
+        room, page = "", 1
+        for word in arg.split():
+            if word.startswith("#"):
+                room = word
+            elif word.isdigit():
+                page = int(word)
+        if room:
+            problem = room_problem(room, 255)
+            if problem:
+                return [self._error(user.conn, problem)]
+        elif user.active and user.active != self.default:
+            room = self.room_name(user.active)
+        user.claiming = True
+        if not room and page == 1:
+            return [Publish(E.Who(user.conn))]
+        return [Publish(E.WhoRoom(user.conn, room, page))]
+
+    def _join_cmd(self, user: LocalUser, arg: str) -> list[Effect]:
+        conn = user.conn
+        room = arg.split()[0] if arg else ""
+        if not room:
+            return [self._error(conn, "usage: /join #ROOM")]
+        problem = room_problem(room, getattr(self.settings, "max_room_name", 32))
+        if problem:
+            return [self._error(conn, problem)]
+        key = fold(room)
+        if key in user.rooms:
+            # A room the client is in: it talks there from now on; nothing to decide.
+            user.active = key
+            return [Place(conn, user.rooms, key), Send(conn, encode_line(f"*** Now talking in {self.room_name(key)}"))]
+        s = self.settings
+        user.claiming = True
+        return [Publish(E.JoinRoom(conn, room, getattr(s, "max_rooms_per_user", 20), getattr(s, "max_rooms", 10_000)))]
+
+    def _part_cmd(self, user: LocalUser, arg: str) -> list[Effect]:
+        conn = user.conn
+        first, _, more = arg.partition(" ")
+        if first.startswith("#"):
+            room, reason = first, more.strip()
+        else:
+            room, reason = self.room_name(user.active or self.default), arg
+        key = fold(room)
+        if key not in user.rooms:
+            return [self._error(conn, f"you are not in {room}")]
+        if user.rooms == (self.default,):
+            name = self.room_name(key)
+            return [self._error(conn, f"you are only in {name}; join another room before leaving it")]
+        user.claiming = True
+        return [Publish(E.PartRoom(conn, self.room_name(key), reason))]
 
     def _nick(self, user: LocalUser, new: str) -> list[Effect]:
         conn = user.conn
@@ -297,11 +510,18 @@ class ChatCore:
 
     # -- bus side ----------------------------------------------------------------------------
 
-    def on_bus(self, publisher: str, events: list[E.Event], replay: bool = False) -> list[Effect]:
+    def route_gen(self, route: str) -> int:
+        """The generation of our membership of a route's room (see wire.OrderTracker.place)."""
+        return self.registry.gen(route) if route else 0
+
+    def on_bus(self, publisher: str, events: list[E.Event], replay: bool = False,
+               room: str | None = None) -> list[Effect]:
         """Apply one bus batch, in order, and say what each local client receives.
 
-        `replay` marks a batch this worker saw before a broker restart and now sees again: its
-        clients were told about it the first time, and the roster is the broker's to rebuild.
+        `room` is the batch's route: the room its chat lines were said in (None or "": the
+        default room). `replay` marks a batch this worker saw before a broker restart and now
+        sees again: its clients were told about it the first time, and the directory is the
+        broker's to rebuild.
         """
         out: list[Effect] = []
         if self.waiting_for_snapshot:
@@ -310,7 +530,7 @@ class ChatCore:
             for i, ev in enumerate(events):
                 if type(ev) is E.Snapshot and ev.worker == self.worker_id and ev.nonce == self.nonce:
                     out.extend(self._load_snapshot(ev.members))
-                    out.extend(self.on_bus(publisher, events[i + 1:], replay))
+                    out.extend(self.on_bus(publisher, events[i + 1:], replay, room))
                     return out
                 if self.ready and not replay and type(ev) in E.VISIBLE:
                     self.undelivered += 1
@@ -319,6 +539,7 @@ class ChatCore:
         if replay:
             return out
         mine = publisher == self.worker_id
+        key = room or self.default
         run: list[tuple[int, bytes]] = []
         for ev in events:
             if type(ev) is E.Chat:
@@ -327,23 +548,36 @@ class ChatCore:
                 run.append((ev.conn if mine else -1, b"* " + ev.nick + b" " + ev.text + CRLF))
             else:
                 if run:
-                    self._flush_run(run, out)
+                    self._flush_run(run, out, key)
                     run = []
                 self._verdict(mine, ev, out)
         if run:
-            self._flush_run(run, out)
+            self._flush_run(run, out, key)
         return out
 
-    def _flush_run(self, run: list[tuple[int, bytes]], out: list[Effect]) -> None:
+    def _flush_run(self, run: list[tuple[int, bytes]], out: list[Effect], key: str) -> None:
+        """A run of chat lines of room `key`: one broadcast to the room, and the senders' own view."""
         users = self.registry
         senders = {c for c, _ in run if c >= 0 and users.user(c) is not None}
         everything = b"".join(line for _, line in run)
-        out.append(Broadcast(everything, frozenset(senders) if senders else EMPTY))
+        exclude = frozenset(senders) if senders else EMPTY
+        rooms = () if key == self.default else (key,)
+        out.append(Broadcast(everything, exclude, rooms, HERE))
+        rs = users.room_set(key)
+        if rs is not None and (rs.away or self.collecting):
+            # Members talking in another room get the room's name in front of each line.
+            prefix = rs.prefix
+            out.append(Broadcast(b"".join(prefix + line for _, line in run), exclude, rooms, AWAY))
         for s in senders:
             # A sender never sees its own lines, but does see the others' in the same order.
-            rest = b"".join(line for c, line in run if c != s)
+            rest = [line for c, line in run if c != s]
             if rest:
-                out.append(Send(s, rest))
+                user = users.user(s)
+                if rs is not None and user is not None and user.active != key:
+                    rest = [rs.prefix + line for line in rest]
+                out.append(Send(s, b"".join(rest)))
+        if rs is not None and self.history.max_lines > 0:
+            self.history.add(key, self.clock, len(run), everything)
 
     def _verdict(self, mine: bool, ev: E.Event, out: list[Effect]) -> None:
         """One of the broker's verdicts (or a Snapshot): tell everyone, act for our own clients."""
@@ -353,6 +587,12 @@ class ChatCore:
         elif type(ev) in E.UNREADABLE:
             self.unreadable += 1
 
+    def _scope(self, keys: Sequence[str]) -> tuple[str, ...]:
+        """Broadcast.rooms for these room keys (() for the default room alone)."""
+        if len(keys) == 1 and keys[0] == self.default:
+            return ()
+        return tuple(keys) if keys else ()
+
     def _on_snapshot(self, _mine: bool, ev: E.Snapshot, out: list[Effect]) -> None:
         if ev.worker == self.worker_id and ev.nonce == self.nonce:
             out.extend(self._load_snapshot(ev.members))
@@ -360,6 +600,16 @@ class ChatCore:
     def _on_gone(self, _mine: bool, ev: E.Gone, out: list[Effect]) -> None:
         if ev.nicks and self.settings.announce_joins:
             out.append(Broadcast(b"".join(encode_line(f"*** {n} left (connection lost)") for n in ev.nicks)))
+
+    def _on_lost(self, _mine: bool, ev: E.Lost, out: list[Effect]) -> None:
+        """A worker died: each of its clients is announced to those who shared a room with it, once."""
+        if not ev.members or not self.settings.announce_joins:
+            return
+        by_scope: dict[tuple[str, ...], list[bytes]] = {}
+        for nick, keys in ev.members:
+            by_scope.setdefault(self._scope(list(keys)), []).append(encode_line(f"*** {nick} left (connection lost)"))
+        for scope, lines in by_scope.items():
+            out.append(Broadcast(b"".join(lines), EMPTY, scope))
 
     def _on_adopted(self, mine: bool, ev: E.Adopted, out: list[Effect]) -> None:
         user = self.registry.user(ev.conn) if mine else None
@@ -387,7 +637,32 @@ class ChatCore:
         if ev.old:
             out.append(Broadcast(encode_line(f"*** {ev.old} is now known as {ev.nick}"), exclude))
         elif self.settings.announce_joins:
-            out.append(Broadcast(encode_line(f"*** {ev.nick} joined"), exclude))
+            out.append(Broadcast(encode_line(f"*** {ev.nick} joined"), exclude, (), HERE))
+            if self.registry.has_away(self.default) or self.collecting:
+                # Those talking in another room are told which room.
+                name = self.room_name(self.default)
+                out.append(Broadcast(encode_line(f"*** {ev.nick} joined {name}"), exclude, (), AWAY))
+
+    def _on_rejoined(self, mine: bool, ev: E.Rejoined, out: list[Effect]) -> None:
+        user, exclude = self._mine(mine, ev.conn)
+        if user is not None and user.state != ACTIVE:
+            self._set_rooms(user, tuple(ev.rooms), out)  # the broker's account of its rooms is the one
+            out.extend(self._entered(user, ev.nick))
+        out.append(Broadcast(encode_line(f"*** {ev.old} is now known as {ev.nick}"), exclude, self._scope(ev.rooms)))
+
+    def _set_rooms(self, user: LocalUser, keys: tuple[str, ...], out: list[Effect]) -> None:
+        if not keys or set(keys) == set(user.rooms):
+            return
+        for key in keys:
+            if key not in user.rooms:
+                self._count_in(key, key)
+        for key in user.rooms:
+            if key not in keys:
+                self._count_out(key)
+        user.rooms = self.registry.default_rooms if keys == self.registry.default_rooms else keys
+        if user.active not in keys:
+            user.active = keys[-1]
+        out.append(Place(user.conn, user.rooms, user.active))
 
     def _on_refused(self, mine: bool, ev: E.Refused, out: list[Effect]) -> None:
         user, _ = self._mine(mine, ev.conn)
@@ -400,16 +675,23 @@ class ChatCore:
             return
         full = ev.why == E.FULL
         notice = "server full" if full else "too many connections from your address"
-        self.registry.drop_user(ev.conn)
+        self._drop(ev.conn)
         out.extend([Send(ev.conn, encode_line(f"*** Error: {notice}")),
                     Close(ev.conn, "refused_server_full" if full else "refused_per_ip")])
 
     def _on_renamed(self, mine: bool, ev: E.Renamed, out: list[Effect]) -> None:
-        user, exclude = self._mine(mine, ev.conn)
+        self._renamed(mine, ev.conn, ev.old, ev.new, (), out)
+
+    def _on_nick_changed(self, mine: bool, ev: E.NickChanged, out: list[Effect]) -> None:
+        self._renamed(mine, ev.conn, ev.old, ev.new, self._scope(ev.rooms), out)
+
+    def _renamed(self, mine: bool, conn: int, old: str, new: str, scope: tuple[str, ...], out: list[Effect]) -> None:
+        """A rename: everyone who shares a room with the client is told once."""
+        user, exclude = self._mine(mine, conn)
         if user is not None:
-            user.nick = ev.new
-            out.append(Send(ev.conn, encode_line(f"*** You are now known as {ev.new}")))
-        out.append(Broadcast(encode_line(f"*** {ev.old} is now known as {ev.new}"), exclude))
+            user.nick = new
+            out.append(Send(conn, encode_line(f"*** You are now known as {new}")))
+        out.append(Broadcast(encode_line(f"*** {old} is now known as {new}"), exclude, scope))
         if user is not None:
             out.extend(self._answered(user))
 
@@ -425,11 +707,71 @@ class ChatCore:
             reason = f" ({ev.reason})" if ev.reason else ""
             out.append(Broadcast(encode_line(f"*** {ev.nick} left{reason}")))
 
+    def _on_quit(self, _mine: bool, ev: E.Quit, out: list[Effect]) -> None:
+        """A client left the cluster: everyone who shared a room with it is told once."""
+        if self.settings.announce_joins:
+            reason = f" ({ev.reason})" if ev.reason else ""
+            out.append(Broadcast(encode_line(f"*** {ev.nick} left{reason}"), EMPTY, self._scope(ev.rooms)))
+
     def _on_reply(self, mine: bool, ev: E.Reply, out: list[Effect]) -> None:
         user, _ = self._mine(mine, ev.conn)
         if user is not None:
             out.append(Send(ev.conn, encode_line(ev.text)))
             out.extend(self._answered(user))
+
+    def _on_room_joined(self, mine: bool, ev: E.RoomJoined, out: list[Effect]) -> None:
+        key = fold(ev.room)
+        user, exclude = self._mine(mine, ev.conn)
+        if user is not None and key not in user.rooms:
+            self._count_in(key, ev.room)
+            user.rooms = (self.registry.default_rooms if key == self.default and not user.rooms
+                          else (*user.rooms, key))
+            user.active = key
+            out.append(Place(user.conn, user.rooms, key))
+        if self.settings.announce_joins:
+            out.append(Broadcast(encode_line(f"*** {ev.nick} joined {ev.room}"), exclude, self._scope([key])))
+
+    def _on_room_intro(self, mine: bool, ev: E.RoomIntro, out: list[Effect]) -> None:
+        """For the joiner: who is there, then the room's recent lines (our copy, seeded by the broker)."""
+        user, _ = self._mine(mine, ev.conn)
+        if user is None:
+            return
+        out.append(Send(ev.conn, encode_line(ev.text)))
+        replay = self.history.replay(fold(ev.room))
+        if replay:
+            out.append(Send(ev.conn, replay))
+        out.extend(self._answered(user))
+
+    def _on_room_parted(self, mine: bool, ev: E.RoomParted, out: list[Effect]) -> None:
+        key = fold(ev.room)
+        user, exclude = self._mine(mine, ev.conn)
+        if self.settings.announce_joins:
+            reason = f" ({ev.reason})" if ev.reason else ""
+            out.append(Broadcast(encode_line(f"*** {ev.nick} left {ev.room}{reason}"), exclude, self._scope([key])))
+        if user is None or key not in user.rooms:
+            return
+        was_active = user.active == key
+        rest = tuple(k for k in user.rooms if k != key)
+        user.rooms = self.registry.default_rooms if rest == self.registry.default_rooms else rest
+        if was_active:
+            user.active = rest[-1] if rest else ""
+        self._count_out(key)
+        out.append(Place(user.conn, user.rooms, user.active))
+        now = f"; now talking in {self.room_name(user.active)}" if was_active and rest else ""
+        out.append(Send(ev.conn, encode_line(f"*** You left {ev.room}{now}")))
+        if rest:
+            out.extend(self._answered(user))
+        # else: the broker puts the client back in the default room in this same batch (RoomJoined,
+        # RoomIntro), and the intro answers it.
+
+    def _on_private(self, _mine: bool, ev: E.Private, out: list[Effect]) -> None:
+        if ev.worker == self.worker_id and self.registry.user(ev.conn) is not None:
+            out.append(Send(ev.conn, b"*" + ev.nick + b"* " + ev.text + CRLF))
+
+    def _on_seed(self, _mine: bool, ev: E.Seed, out: list[Effect]) -> None:
+        """The broker routes the room here from now on: its recent lines are the start of our copy."""
+        if self.history.max_lines > 0:
+            self.history.load(ev.room, ev.lines)
 
     def _answered(self, user: LocalUser) -> list[Effect]:
         """The client's claim or question came back: what it said meanwhile goes on."""
@@ -446,6 +788,9 @@ class ChatCore:
                 f"*** Notice: your nickname was taken while the server recovered; you are now known as {nick}"))]
         else:
             effects = [Send(user.conn, encode_line(self.settings.welcome.format(nick=nick)))]
+            if not user.rooms:  # a new client: the broker put it in the default room
+                self._count_in(self.default, self.room_name(self.default))
+                user.rooms, user.active = self.registry.default_rooms, self.default
             if user.leaving is None:
                 effects.append(Enter(user.conn))
         user.state = ACTIVE
@@ -465,7 +810,7 @@ class ChatCore:
         if not user.backlog:
             user.backlog = None
         if user.leaving is not None and not self._holds(user) and self.registry.user(user.conn) is user:
-            self.registry.drop_user(user.conn)
+            self._drop(user.conn)
             effects += [Publish(E.Leave(user.conn, user.leaving)), Close(user.conn, "quit")]
         return effects
 
@@ -502,4 +847,7 @@ class ChatCore:
 _VERDICTS: dict[type[E.Event], Any] = {
     E.Snapshot: ChatCore._on_snapshot, E.Gone: ChatCore._on_gone, E.Adopted: ChatCore._on_adopted,
     E.Joined: ChatCore._on_joined, E.Refused: ChatCore._on_refused, E.Renamed: ChatCore._on_renamed,
-    E.Taken: ChatCore._on_taken, E.Left: ChatCore._on_left, E.Reply: ChatCore._on_reply}
+    E.Taken: ChatCore._on_taken, E.Left: ChatCore._on_left, E.Reply: ChatCore._on_reply,
+    E.Lost: ChatCore._on_lost, E.Rejoined: ChatCore._on_rejoined, E.NickChanged: ChatCore._on_nick_changed,
+    E.Quit: ChatCore._on_quit, E.RoomJoined: ChatCore._on_room_joined, E.RoomIntro: ChatCore._on_room_intro,
+    E.RoomParted: ChatCore._on_room_parted, E.Private: ChatCore._on_private, E.Seed: ChatCore._on_seed}

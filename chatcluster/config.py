@@ -82,6 +82,24 @@ def _telnet_mode(value: Any) -> str | None:
     return None
 
 
+def _room(value: Any) -> str | None:
+    from .rooms import room_problem  # pure, and only needed here
+
+    problem = room_problem(str(value))
+    return f"is not a valid room name: {problem}" if problem else None
+
+
+def _history_db(value: Any) -> str | None:
+    if not value:
+        return None
+    path = os.path.abspath(os.path.expanduser(str(value)))
+    if os.path.isdir(path):
+        return "names a directory; name a file in it, for example history.db"
+    if not os.path.isdir(os.path.dirname(path)):
+        return f"is in a directory that does not exist ({os.path.dirname(path)}); create it first"
+    return None
+
+
 def _welcome(value: Any) -> str | None:
     if "\n" in value or "\r" in value:
         return "must be a single line"
@@ -302,6 +320,66 @@ SETTINGS: tuple[Setting, ...] = (
         "Serve Prometheus metrics at http://HOST:PORT/metrics (for example 127.0.0.1:9464); empty means off.",
         check=_listen_address,
         section="monitoring",
+    ),
+    # -- rooms, private messages and history -------------------------------------------------------
+    Setting(
+        "default_room",
+        "#lobby",
+        str,
+        "The room every client starts in and returns to when it leaves its last room.",
+        check=_room,
+        section="rooms",
+    ),
+    Setting(
+        "max_rooms_per_user",
+        20,
+        int,
+        "Most rooms one client may be in at once.",
+        live=True,
+        check=_between(1, 100_000),
+        section="rooms",
+    ),
+    Setting(
+        "max_rooms",
+        10_000,
+        int,
+        "Most rooms in the whole cluster; a room exists while someone is in it.",
+        live=True,
+        check=_between(1, 10_000_000),
+        section="rooms",
+    ),
+    Setting(
+        "max_room_name",
+        32,
+        int,
+        "Longest room name, in characters after the #.",
+        live=True,
+        check=_between(1, 100),
+        section="rooms",
+    ),
+    Setting(
+        "history_lines",
+        50,
+        int,
+        "Recent lines of each room kept and shown to a joiner; 0 turns history off.",
+        check=_between(0, 100_000),
+        section="rooms",
+    ),
+    Setting(
+        "history_max_bytes",
+        64 << 20,
+        int,
+        "Most bytes of history kept for all rooms together (the oldest lines go first).",
+        check=_between(0, 1 << 40),
+        section="rooms",
+    ),
+    Setting(
+        "history_db",
+        "",
+        str,
+        "SQLite file that keeps the history across a full stop and start; empty: history stays in memory.",
+        check=_history_db,
+        section="rooms",
     ),
 )
 

@@ -1,36 +1,39 @@
 """Carrying out what the chat core decided, and feeding it the bus: the one glue between chat and I/O.
 
-The chat core returns effects (publish this, send that to one client, send
-this to the room, the client entered the room, close it); `apply` resolves
-each to the client it concerns through the worker's `Registry` and hands it to
-a `Sink`, which does the I/O: the worker's sink writes to sockets, a test's
-sink records bytes. `feed_bus` is the other direction: the items a bus
-receiver drains (batches, and the markers for a new broker, a gap, a replay,
-an unreadable message) become chat core calls, in order. Both exist once, so
-a test that drives the chat through them runs the code the worker runs. Pure.
+The chat core returns effects (publish this on that route, send that to one
+client, send this to the members of some rooms, the client entered or moved
+between rooms, close it); `apply` resolves each to the clients it concerns
+through the worker's `Registry` and hands it to a `Sink`, which does the I/O:
+the worker's sink writes to sockets, a test's sink records bytes. `feed_bus`
+is the other direction: the items a bus receiver drains (batches, and the
+markers for a new broker, a gap, an unreadable message) become chat core
+calls, in order, after each batch's place in its publisher's numbering of its
+route is checked (`wire.OrderTracker.place`) against the core's membership at
+that very point. Both exist once, so a test that drives the chat through them
+runs the code the worker runs. Pure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from . import chat as C
 from . import events as E
 from .registry import Registry
-from .wire import BAD, GAP, REPLAY, RESTARTED
+from .wire import BAD, GAP, REPLAY, RESTARTED, Batch, OrderTracker
 
-T = TypeVar("T", contravariant=True)
+T = TypeVar("T")
 
 
 class Sink(Protocol[T]):
     """Where effects and bus markers end up; T is the sink's client type."""
 
-    def publish(self, event: E.Event) -> None: ...
+    def publish(self, event: E.Event, route: str) -> None: ...
 
     def send(self, client: T, data: bytes) -> None: ...
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None: ...
+    def broadcast(self, b: C.Broadcast, recipients: Iterable[tuple[int, T]]) -> None: ...
 
     def entered(self, client: T) -> None: ...
 
@@ -47,9 +50,11 @@ def apply(effects: Sequence[C.Effect], registry: Registry[Any, Any], sink: Sink[
     """Carry out the chat core's effects in order; an effect for a connection gone meanwhile is dropped."""
     for e in effects:
         if isinstance(e, C.Broadcast):
-            sink.broadcast(e.data, e.exclude)
+            sink.broadcast(e, registry.recipients(e.rooms, e.part) if e.rooms != C.ANYWHERE else registry.room())
         elif isinstance(e, C.Publish):
-            sink.publish(e.event)
+            sink.publish(e.event, e.route)
+        elif isinstance(e, C.Place):
+            registry.place(e.conn, e.rooms, e.active)
         else:
             client = registry.by_conn(e.conn)
             if client is None:
@@ -63,21 +68,38 @@ def apply(effects: Sequence[C.Effect], registry: Registry[Any, Any], sink: Sink[
                 sink.close(client, e.why)
 
 
-def feed_bus(core: C.ChatCore, items: list[tuple[str, Any]], registry: Registry[Any, Any], sink: Sink[Any]) -> None:
+def feed_bus(core: C.ChatCore, items: list[tuple[str, Any]], registry: Registry[Any, Any], sink: Sink[Any],
+             order: OrderTracker | None = None) -> None:
     """Hand what a bus receiver drained to the chat core, in order, and carry out the effects."""
     for publisher, payload in items:
         if publisher == RESTARTED:
             sink.bus_restarted(core.bus_restarted())
         elif publisher == GAP:
-            sink.bus_trouble(GAP, payload)
-            if core.ready:
-                # Told before the lines that follow the gap, once per broker epoch.
-                apply(core.messages_lost(), registry, sink)
+            lost(core, registry, sink, payload)
         elif publisher == BAD:
             sink.bus_trouble(BAD, payload)
-        elif publisher == REPLAY:
-            apply(core.on_bus(payload[0], payload[1], replay=True), registry, sink)
         else:
-            effects = core.on_bus(publisher, payload)
+            batch: Batch = payload
+            if order is not None and batch.pseq:
+                where = order.place(publisher, batch.route, batch.pseq, core.route_gen(batch.route))
+                if where == REPLAY:
+                    apply(core.on_bus(publisher, batch.events, True, batch.route), registry, sink)
+                    continue
+                if where is not None:
+                    lost(core, registry, sink, where)
+            effects = core.on_bus(publisher, batch.events, False, batch.route)
             apply(effects, registry, sink)
-            sink.batch_done(publisher, payload, effects)
+            if order is not None and not batch.route:
+                for ev in batch.events:
+                    if type(ev) is E.Seed:  # we receive this room's traffic from here on
+                        order.baseline(ev.room, core.route_gen(ev.room), ev.seqs)
+                    elif type(ev) is E.Lost:  # a dead worker publishes nothing more
+                        order.forget_publisher(ev.worker)
+            sink.batch_done(publisher, batch.events, effects)
+
+
+def lost(core: C.ChatCore, registry: Registry[Any, Any], sink: Sink[Any], text: str) -> None:
+    sink.bus_trouble(GAP, text)
+    if core.ready:
+        # Told before the lines that follow the gap, once per broker epoch.
+        apply(core.messages_lost(), registry, sink)

@@ -40,7 +40,23 @@ TAKEN = 17
 LEFT = 18
 ADOPTED = 19
 REPLY = 20
-PRESSURE = 21
+JOIN_ROOM = 21
+PART_ROOM = 22
+MSG = 23
+LIST_ROOMS = 24
+WHO_ROOM = 25
+ROOM_JOINED = 26
+ROOM_INTRO = 27
+ROOM_PARTED = 28
+PRIVATE = 29
+QUIT = 30
+LOST = 31
+NICK_CHANGED = 32
+REJOINED = 33
+SEED = 34
+HISTORY_COPY = 35
+NUMBERING = 36
+PRESSURE = 37
 
 # Why a claim was refused (Refused.why).
 TAKEN_WHY, FULL, PER_IP = "taken", "full", "address"
@@ -146,6 +162,71 @@ class Leave(Event, kind=LEAVE):
     reason: str
 
 
+class JoinRoom(Event, kind=JOIN_ROOM):
+    """/join #ROOM of a room the client is not in; the limits travel with it, like Join's."""
+
+    __slots__ = ()
+    conn: int
+    room: str  # as typed (valid); the broker folds it
+    max_rooms_per_user: int
+    max_rooms: int
+
+
+class PartRoom(Event, kind=PART_ROOM):
+    """/part: leave one room (its key); leaving the last one puts the client back in the default room."""
+
+    __slots__ = ()
+    conn: int
+    room: str
+    reason: str
+
+
+class Msg(Event, kind=MSG):
+    """/msg NICK TEXT: a private line; the sender's nickname travels with it, as with Chat."""
+
+    __slots__ = ()
+    conn: int
+    to: str
+    text: bytes
+    nick: bytes
+
+
+class ListRooms(Event, kind=LIST_ROOMS):
+    """/rooms [PAGE]."""
+
+    __slots__ = ()
+    conn: int
+    page: int
+
+
+class WhoRoom(Event, kind=WHO_ROOM):
+    """/who [#ROOM] [PAGE]; room "" is the default room, answered in today's words ("users online")."""
+
+    __slots__ = ()
+    conn: int
+    room: str
+    page: int
+
+
+class HistoryCopy(Event, kind=HISTORY_COPY):
+    """After a broker restart a worker hands over its copies of the rooms' recent lines.
+
+    rooms: [(room key, [(unix time, line with CRLF), ...]), ...]
+    """
+
+    __slots__ = ()
+    rooms: list[Any]
+
+
+class Numbering(Event, kind=NUMBERING):
+    """After a broker restart a worker says where its numbering of each route stands: [(route, the last
+    number it saw come back)], so the new broker can tell a worker that starts receiving a room where
+    every publisher's numbering of it is (see Seed)."""
+
+    __slots__ = ()
+    routes: list[Any]
+
+
 class Hello(Event, kind=HELLO):
     """A booting or resyncing worker asks where its view starts; also proves its bus path."""
 
@@ -154,7 +235,8 @@ class Hello(Event, kind=HELLO):
 
 
 class Resync(Event, kind=RESYNC):
-    """After a broker restart a worker re-announces its clients: (worker, conn, nick, since, ip) each."""
+    """After a broker restart a worker re-announces its clients: (worker, conn, nick, since, ip) each,
+    with a sixth item, the names of its rooms, for a client that is in any room but the default one."""
 
     __slots__ = ()
     members: list[Any]
@@ -176,7 +258,8 @@ class Adopt(Event, kind=ADOPT):
 
 
 class Handoff(Event, kind=HANDOFF):
-    """Where in the order a worker hands its clients to new_worker (see migrate.py)."""
+    """Where in the order a worker hands its clients to new_worker (see migrate.py); from there on the
+    broker routes to new_worker whatever it routes to the giver, since its clients are on their way."""
 
     __slots__ = ()
     new_worker: str
@@ -292,6 +375,91 @@ class Reply(Event, kind=REPLY):
     text: str
 
 
+class RoomJoined(Event, kind=ROOM_JOINED):
+    """A client joined a room (room: its name as first created); the joiner's worker makes it active."""
+
+    __slots__ = ()
+    conn: int
+    nick: str
+    room: str
+
+
+class RoomIntro(Event, kind=ROOM_INTRO):
+    """For the joiner alone: who is in the room (text), then the room's history, which its worker has."""
+
+    __slots__ = ()
+    conn: int
+    room: str
+    text: str
+
+
+class RoomParted(Event, kind=ROOM_PARTED):
+    __slots__ = ()
+    conn: int
+    nick: str
+    room: str
+    reason: str
+
+
+class Private(Event, kind=PRIVATE):
+    """A /msg for client conn of worker; only that worker receives it."""
+
+    __slots__ = ()
+    worker: str
+    conn: int
+    nick: bytes
+    text: bytes
+
+
+class Quit(Event, kind=QUIT):
+    """A client left the cluster; everyone who shares one of these rooms (keys) with it is told, once."""
+
+    __slots__ = ()
+    conn: int
+    nick: str
+    reason: str
+    rooms: Sequence[str]
+
+
+class Lost(Event, kind=LOST):
+    """A worker process died: its clients [(nick, room keys), ...] are gone."""
+
+    __slots__ = ()
+    worker: str
+    members: list[Any]
+
+
+class NickChanged(Event, kind=NICK_CHANGED):
+    """A rename won; everyone who shares one of these rooms (keys) with the client is told, once."""
+
+    __slots__ = ()
+    conn: int
+    old: str
+    new: str
+    rooms: Sequence[str]
+
+
+class Rejoined(Event, kind=REJOINED):
+    """A client that lost its name in a broker restart has a new one; for the others that is a rename."""
+
+    __slots__ = ()
+    conn: int
+    nick: str
+    old: str
+    rooms: Sequence[str]
+
+
+class Seed(Event, kind=SEED):
+    """For a worker that starts receiving a room's traffic (its first member there): the room's recent
+    lines, for its copy, and [(publisher, last number)] of the room's route so far (None: not known),
+    so that it can tell a missing first batch from a publisher's numbering of the room."""
+
+    __slots__ = ()
+    room: str
+    lines: list[Any]
+    seqs: list[Any] | None
+
+
 # -- what a receiver could not read ------------------------------------------------------------
 
 
@@ -311,12 +479,17 @@ class Malformed(Event):
 
 KINDS: dict[int, type[Event]] = {cls.KIND: cls for cls in (
     Chat, Me, Join, Nick, Leave, Hello, Snapshot, Resync, Gone, Ping, Adopt, Handoff, Who, Whois,
-    Joined, Refused, Renamed, Taken, Left, Adopted, Reply, Pressure)}
+    Joined, Refused, Renamed, Taken, Left, Adopted, Reply, JoinRoom, PartRoom, Msg, ListRooms, WhoRoom,
+    RoomJoined, RoomIntro, RoomParted, Private, Quit, Lost, NickChanged, Rejoined, Seed, HistoryCopy, Numbering,
+    Pressure)}
 
 # Requests the broker's roster decides (see roster.Roster.decide).
-ROSTER_REQUESTS: frozenset[type[Event]] = frozenset({Join, Nick, Leave, Hello, Resync, Gone, Adopt, Who, Whois})
+ROSTER_REQUESTS: frozenset[type[Event]] = frozenset({
+    Join, Nick, Leave, Hello, Resync, Gone, Adopt, Who, Whois, Handoff, JoinRoom, PartRoom, Msg, ListRooms,
+    WhoRoom, HistoryCopy, Numbering})
 # Events a client would see something of: lost ones are worth a "messages may have been lost".
-VISIBLE: frozenset[type[Event]] = frozenset({Chat, Me, Joined, Renamed, Left, Gone})
+VISIBLE: frozenset[type[Event]] = frozenset({
+    Chat, Me, Joined, Renamed, Left, Gone, RoomJoined, RoomParted, Private, Quit, Lost, NickChanged, Rejoined})
 # What a receiver could not read.
 UNREADABLE: frozenset[type[Event]] = frozenset({Unknown, Malformed})
 

@@ -5,8 +5,9 @@ runtime directory and sends it messages: each is a 4-byte length and a JSON
 object carrying its `format` number, its `kind` and how many file descriptors
 ride with it (`SCM_RIGHTS`, on the message's first bytes). The descriptors are
 the listening socket and the client sockets themselves; with each client goes
-its `ClientState`: nickname, unfinished input line, lines read but not yet
-processed, unsent output and flood-control tokens. A reader accepts every
+its `ClientState`: nickname, rooms and the room it talks in, unfinished input
+line, lines read but not yet processed, unsent output and flood-control
+tokens. A reader accepts every
 format up to its own (`upgrade()` brings an older message up to date), so a
 worker of version N+1 takes clients from one of version N; a message from
 newer code is refused with an error that says so. This module only encodes,
@@ -21,14 +22,16 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import roster as R
 from .protocol import Line, LineReader, LineTooLong, TokenBucket
+from .rooms import room_problem
 
-# The handoff message format this code writes; it reads every format up to this one. Format 2: a
-# client's line reader snapshot carries its telnet option state (protocol.LineReader, format 2).
+# The handoff message format this code writes; it reads every format up to this one.
+# 1: the first. 2: each client also carries its rooms (names) and the room it talks in, and its line
+# reader snapshot carries its telnet option state (protocol.LineReader, format 2).
 FORMAT = 2
 LENGTH = struct.Struct("!I")
 # A sanity bound on the announced length. Senders keep messages near FRAME_TARGET, but one
@@ -83,8 +86,9 @@ def send(sock: socket.socket, kind: str, body: Mapping[str, Any] | None = None, 
 def upgrade(message: dict[str, Any]) -> dict[str, Any]:
     """Bring a message of an older format up to FORMAT, or refuse one from newer code.
 
-    Format 2 differs from format 1 only inside a client's line reader snapshot, which
-    protocol.LineReader.from_state reads in both forms, so a format 1 message needs no change
+    Format 1 clients carry no rooms: they are in the default room only, which is what
+    `state_from_wire` makes of a client without "rooms"; their line reader snapshot is of
+    format 1, which protocol.LineReader.from_state still reads. So nothing needs changing
     here; tests/test_handoff.py keeps a format 1 message that must still be read.
     """
     fmt = message.get("format")
@@ -178,6 +182,8 @@ class ClientState:
     unread: bytes  # bytes received but not yet parsed
     eof: bool  # the client had closed its side
     idle: float  # seconds since it last sent anything
+    rooms: list[str] = field(default_factory=list)  # names of its rooms in the order joined ([]: the default room)
+    active: str = ""  # name of the room it talks in
 
 
 def b64(data: bytes) -> str:
@@ -188,7 +194,7 @@ def state_to_wire(s: ClientState, now: float) -> dict[str, Any]:
     lines = [ev.text if type(ev) is Line else {"too_long": ev.limit} for ev in s.lines]  # type: ignore[union-attr]
     return {"conn": s.conn, "ip": s.ip, "nick": s.nick, "since": s.since, "reader": s.reader.state(),
             "bucket": s.bucket.state(now), "out": b64(s.out), "lines": lines, "unread": b64(s.unread),
-            "eof": s.eof, "idle": s.idle}
+            "eof": s.eof, "idle": s.idle, "rooms": list(s.rooms), "active": s.active}
 
 
 def state_from_wire(d: Mapping[str, Any], now: float, telnet: str = "off") -> ClientState:
@@ -211,11 +217,15 @@ def state_from_wire(d: Mapping[str, Any], now: float, telnet: str = "off") -> Cl
             bucket=TokenBucket.from_state(_typed(d, "bucket", dict), now),
             out=base64.b64decode(_typed(d, "out", str), validate=True), lines=lines,
             unread=base64.b64decode(d.get("unread", ""), validate=True), eof=bool(d.get("eof", False)),
-            idle=float(d.get("idle", 0.0)))
+            idle=float(d.get("idle", 0.0)), rooms=[str(r) for r in d.get("rooms", [])],
+            active=str(d.get("active", "")))
     except (KeyError, TypeError, ValueError) as exc:
         raise HandoffError(f"client state in a handoff message is malformed: {exc}") from None
     if R.nick_problem(state.nick):
         raise HandoffError(f"client state in a handoff message has an invalid nickname {state.nick!r}")
+    for name in [*state.rooms, *([state.active] if state.active else [])]:
+        if room_problem(name, 255):
+            raise HandoffError(f"client state in a handoff message has an invalid room {name!r}")
     return state
 
 

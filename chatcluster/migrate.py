@@ -11,8 +11,10 @@ nickname claim or a held line slipped out after the marker, it marks again),
 and its output queues hold exactly what its clients must see up to P. It sends
 the clients right then, before it applies anything after P. The taker sees
 the same marker at the same point P of its own copy of the order, and from
-there keeps a copy of everything it broadcasts to its room. When the clients
-arrive, each gets the giver's queue, then that copy, and joins the room: every
+there keeps a copy of everything it broadcasts (the broker routes to it, from
+P on, whatever it routes to the giver, so it gets the traffic of the giver's
+rooms too). When the clients arrive, each gets the giver's queue, then what of
+that copy was for its rooms (`chat.tail_for`), and joins its rooms: every
 message after P comes through the taker, every one up to P through the giver.
 
 The taker publishes ADOPT for each client (the broker's roster moves the
@@ -60,6 +62,7 @@ from .handoff import (
     state_from_wire,
     state_to_wire,
 )
+from .rooms import fold
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -77,9 +80,12 @@ def export_client(w: Worker, c: Client, now: float) -> ClientState:
     user = w.registry.user(c.conn)
     assert user is not None
     out = b"".join(c.out) if c.out else b""
+    core = w.core
     return ClientState(conn=c.conn, ip=c.ip, nick=user.nick, since=user.since, reader=reader_of(c, w.settings),
                        bucket=bucket_of(c, w.settings, now),
-                       out=out, lines=[], unread=bytes(c.pending), eof=c.eof, idle=max(0.0, now - c.last_rx))
+                       out=out, lines=[], unread=bytes(c.pending), eof=c.eof, idle=max(0.0, now - c.last_rx),
+                       rooms=[core.room_name(k) for k in user.rooms],
+                       active=core.room_name(user.active) if user.active else "")
 
 
 # -- the giver: an old worker handing its clients over ---------------------------------------
@@ -333,7 +339,7 @@ class Taker:
         self.incoming: list[tuple[ClientState, int]] = []
         self.end_token: int | None = None
         self.marks: dict[int, int] = {}  # marker token -> position in `copy` where it was seen
-        self.copy: list[bytes] = []  # what the room was sent since the first marker
+        self.copy: list[C.Broadcast] = []  # what was broadcast since the first marker
         self.awaiting: set[int] = set()  # conns whose ADOPT has not come back yet
         self.installed = False
         self.adopted = 0
@@ -471,9 +477,9 @@ class Taker:
         except OSError as exc:
             log.error("worker %d: cannot answer %s: %s", self.w.worker_no, self.source, exc)
 
-    def collect(self, data: bytes) -> None:
-        """A broadcast to the room, after a marker: the adopted clients must get it too."""
-        self.copy.append(data)
+    def collect(self, b: C.Broadcast) -> None:
+        """A broadcast after a marker: the adopted clients in its rooms must get it too."""
+        self.copy.append(b)
 
     def begin(self) -> None:
         self.boot()
@@ -498,7 +504,7 @@ class Taker:
             for ev in events:
                 if type(ev) is E.Handoff and ev.new_worker == w.worker_id:
                     self.marks[int(ev.token)] = len(self.copy)
-                    w.collect = self.collect
+                    w.collecting(self.collect)
             self.maybe_install()
         elif publisher == w.worker_id and self.awaiting:
             for ev in events:
@@ -513,14 +519,15 @@ class Taker:
     def maybe_install(self) -> None:
         if self.installed or self.end_token is None or self.end_token not in self.marks:
             return
-        self.install(b"".join(self.copy[self.marks[self.end_token]:]))
+        self.install(self.copy[self.marks[self.end_token]:])
 
-    def install(self, tail: bytes) -> None:
-        """Make every received client ours: its queue, then what the room got since P, then live."""
+    def install(self, tail: list[C.Broadcast]) -> None:
+        """Make every received client ours: its queue, then what its rooms got since P, then live."""
         w = self.w
         self.installed = True
         self.copy = []
-        w.collect = None
+        w.collecting(None)
+        default = w.registry.default
         now = time.monotonic()
         placed: list[tuple[Client, ClientState]] = []
         s = w.settings
@@ -530,9 +537,12 @@ class Taker:
             st.reader.max_line_bytes = s.max_line_bytes
             st.bucket.configure(s.flood_rate, s.flood_burst)
             conn = c.conn
-            w.core.adopt(conn, st.ip, st.since, st.nick)
+            w.core.adopt(conn, st.ip, st.since, st.nick, st.rooms, st.active)
             w.registry.enter(c)
-            data = st.out + tail
+            user = w.registry.user(conn)
+            assert user is not None
+            names = {fold(name): name for name in st.rooms}
+            data = st.out + C.tail_for(tail, user.rooms, user.active, names, default)
             if data:
                 w.output.queue(c, data)
             # Published before anything the client says: the roster moves the name first.
@@ -542,7 +552,7 @@ class Taker:
         self.incoming = []
         self.adopted = len(placed)
         log.info("worker %d: adopted %d clients from %s (%d bytes of room traffic since the cut)", w.worker_no,
-                 len(placed), self.source, len(tail))
+                 len(placed), self.source, sum(len(b.data) for b in tail))
         for c, st in placed:
             c.eof = st.eof
             resume_input(w, c, st)
@@ -598,7 +608,7 @@ class Taker:
             self.pidfd = -1
         self.reader.close()
         if w.collect == self.collect:
-            w.collect = None
+            w.collecting(None)
         if w.handoff is self:
             w.handoff = None
 

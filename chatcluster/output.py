@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from .client import Client, SharedOut
@@ -61,8 +61,10 @@ class Output:
         if c.outlen > self.limits.max_sendq_bytes and not c.closing:
             self.enforce_sendq(c)
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> int:
-        """Queue `data` for every client in the room but those in `exclude`; returns how many got it."""
+    def broadcast(self, data: bytes, exclude: frozenset[int],
+                  recipients: Iterable[tuple[int, Client]] | None = None) -> int:
+        """Queue `data` for every recipient (default: every client receiving traffic) but those in `exclude`;
+        returns how many got it."""
         dirty = self.dirty
         n = len(data)
         lines = data.count(b"\n")  # a broadcast may carry a run of lines
@@ -71,7 +73,7 @@ class Output:
         over: list[Client] | None = None
         fresh: SharedOut | None = None  # for the clients that had nothing queued
         grown: dict[int, tuple[SharedOut, SharedOut]] = {}  # id(shared) -> (it, it + data)
-        for conn, c in self.registry.room():
+        for conn, c in self.registry.room() if recipients is None else recipients:
             if exclude and conn in exclude:
                 continue
             out = c.out

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import zmq
@@ -46,7 +46,7 @@ from .settings import LiveSettings, read_live_config
 from .shedding import LISTEN_PAUSE, Shedder
 from .stopping import SHUTDOWN_LINE, Stop
 from .telnet import greeting as telnet_greeting
-from .wire import GAP
+from .wire import GAP, Outbox
 
 log = logging.getLogger("chatcluster.worker")
 
@@ -73,6 +73,7 @@ SEND_BUFFER = 64 << 10
 FLUSH_SLICE = 256
 HEARTBEAT_EVERY = 0.25
 PING_EVERY = 0.5
+PRUNE_EVERY = 10.0
 # A closing client gets this long to take what is queued for it: one that never reads
 # must not keep its descriptor for ever.
 CLOSE_LINGER = 10.0
@@ -128,13 +129,13 @@ class Worker:
         self.counters = stats.resume_slot(slot, os.getpid(), worker_no, generation, self.started)
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.bus = BusClient(self.ctx, Endpoints.in_dir(runtime_dir), worker_id, self.counters)
-        self.registry: Registry[Client, C.LocalUser] = Registry()
+        self.registry: Registry[Client, C.LocalUser] = Registry(self.settings.default_room)
         self.core = C.ChatCore(worker_id, self.settings, registry=self.registry)
         self.output = Output(self.registry, self.settings, self.close, worker_no, self.counters)
         self.shedder = Shedder(worker_no, self.counters)
         self.ep = select.epoll()
         self.listener: socket.socket | None = None
-        self.outgoing: list[E.Event] = []
+        self.outgoing = Outbox()  # what this loop pass publishes, by route
         self.timers: list[tuple[float, int]] = []  # (when, conn) for throttled clients
         self.ready: list[Client] = []  # clients that used their read budget with input left over
         self.ready_conns: set[int] = set()
@@ -148,6 +149,7 @@ class Worker:
         self.last_publish = 0.0
         self.last_beat = 0.0
         self.last_hello = 0.0
+        self.last_prune = 0.0
         self.stop: Stop | None = None
         self.stop_signal = 0
         self.reload_pending = False
@@ -160,7 +162,7 @@ class Worker:
         self.handoff: Handoff | None = None
         self.handoff_requested = False
         self.frozen = False  # a giver past its cut point: read nothing more
-        self.collect: Callable[[bytes], None] | None = None  # a taker copying the room's traffic
+        self.collect: Callable[[C.Broadcast], None] | None = None  # a taker copying its rooms' traffic
         self.sink = _Sink(self)
         self.greeting = telnet_greeting(cfg.telnet_negotiation)
 
@@ -551,10 +553,15 @@ class Worker:
     def apply(self, effects: list[C.Effect]) -> None:
         dispatch.apply(effects, self.registry, self.sink)
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
-        self.output.broadcast(data, exclude)
+    def broadcast(self, b: C.Broadcast, recipients: Iterable[tuple[int, Client]]) -> None:
+        self.output.broadcast(b.data, b.exclude, recipients)
         if self.collect is not None:
-            self.collect(data)  # clients on their way here from our predecessor get it too
+            self.collect(b)  # clients on their way here from our predecessor get it too
+
+    def collecting(self, collect: Callable[[C.Broadcast], None] | None) -> None:
+        """A taker copies what is broadcast to its rooms for the clients on their way here (see migrate)."""
+        self.collect = collect
+        self.core.collecting = collect is not None
 
     def entered(self, c: Client) -> None:
         if c.throttled and not c.pending:
@@ -587,8 +594,7 @@ class Worker:
     # -- bus ----------------------------------------------------------------------------------
 
     def publish(self) -> None:
-        events, self.outgoing = self.outgoing, []
-        self.bus.publish(events)
+        events = self.bus.publish_all(self.outgoing)
         self.last_publish = time.monotonic()
         if self.handoff is not None:
             self.handoff.published(events)
@@ -606,7 +612,8 @@ class Worker:
             self.output.stamp = self.bus.oldest_stamp
             budget -= self.bus.drained_bytes
             undelivered, unreadable = core.undelivered, core.unreadable
-            dispatch.feed_bus(core, items, self.registry, self.sink)
+            core.clock = time.time()  # the time of the lines, for the rooms' history
+            dispatch.feed_bus(core, items, self.registry, self.sink, self.bus.order)
             if core.undelivered > undelivered:
                 self.counters.bus_gaps += core.undelivered - undelivered
                 log.warning("worker %d: bus gap detected: %d events arrived before the roster snapshot "
@@ -630,7 +637,8 @@ class Worker:
         """Tell the cluster whether our clients keep up; give parked heavy senders their turn."""
         stuck = self.output.lagging_bytes(now, LAGGING) if self.output.stuck else 0
         behind = now - self.bus_behind_since if self.bus_behind_since else 0.0
-        self.outgoing.extend(self.backpressure.tick(now, stuck, behind))
+        for ev in self.backpressure.tick(now, stuck, behind):
+            self.outgoing.append(ev)
         if self.parked and self.backpressure.allowance(now) >= HEAVY_LEAST:
             parked, self.parked = self.parked, []
             for c in parked:
@@ -661,6 +669,10 @@ class Worker:
         if self.core.syncing and now - self.last_hello > 1.0:
             self.bus.send_control([self.core.hello()])
             self.last_hello = now
+        if now - self.last_prune >= PRUNE_EVERY:
+            self.last_prune = now
+            self.bus.order.prune(self.registry.gens())  # the numbering of rooms we have left
+            self.core.prune_history()
         if now - self.last_publish >= PING_EVERY and self.stop is None:
             self.outgoing.append(E.Ping())
         if self.outgoing:
@@ -770,14 +782,14 @@ class _Sink:
     def __init__(self, w: Worker) -> None:
         self.w = w
 
-    def publish(self, event: E.Event) -> None:
-        self.w.outgoing.append(event)
+    def publish(self, event: E.Event, route: str) -> None:
+        self.w.outgoing.append(event, route)
 
     def send(self, c: Client, data: bytes) -> None:
         self.w.output.queue(c, data)
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
-        self.w.broadcast(data, exclude)
+    def broadcast(self, b: C.Broadcast, recipients: Iterable[tuple[int, Client]]) -> None:
+        self.w.broadcast(b, recipients)
 
     def entered(self, c: Client) -> None:
         self.w.entered(c)

@@ -1,8 +1,9 @@
 """The chat rules, with two or three ChatCore replicas joined by an in-memory bus.
 
 No sockets and no processes: `Net` is the pure model of the cluster. The broker
-is the real sequencing logic (`broker.Broker`) emitting into one list per worker
-instead of a PUB socket, each worker's bookkeeping is the real
+is the real sequencing and routing logic (`broker.Broker`) emitting into one list
+per worker (the one its topic names) instead of a PUB socket, each worker's
+bookkeeping is the real
 `wire.OrderTracker`, and client bytes go through the real `protocol.LineReader`.
 Effects and bus items go through the worker's own `dispatch.apply` and
 `dispatch.feed_bus`, into a sink that records bytes per client instead of
@@ -63,7 +64,7 @@ class Replica:
     core: C.ChatCore
     order: wire.OrderTracker
     queue: list[tuple[bytes, bytes]] = field(default_factory=list)  # stamped messages not yet read
-    outgoing: list[E.Event] = field(default_factory=list)
+    outgoing: wire.Outbox = field(default_factory=wire.Outbox)
     clients: dict[int, Client] = field(default_factory=dict)
     readers: dict[int, LineReader] = field(default_factory=dict)
     lost_told: int = 0
@@ -76,18 +77,18 @@ class Recorder:
         self.net, self.w = net, w
         self.rep = net.workers[w]
 
-    def publish(self, event: E.Event) -> None:
-        self.rep.outgoing.append(event)
+    def publish(self, event: E.Event, route: str) -> None:
+        self.rep.outgoing.append(event, route)
 
     def send(self, c: Client, data: bytes) -> None:
         if not c.closed:
             c.raw += data
 
-    def broadcast(self, data: bytes, exclude: frozenset[int]) -> None:
-        for conn, c in self.rep.core.registry.room():
-            if conn not in exclude:
-                c.raw += data
-        if data == C.LOST_NOTICE:
+    def broadcast(self, b: C.Broadcast, recipients: Iterable[tuple[int, Client]]) -> None:
+        for conn, c in recipients:
+            if conn not in b.exclude:
+                c.raw += b.data
+        if b.data == C.LOST_NOTICE:
             self.rep.lost_told += 1
 
     def entered(self, c: Client) -> None:
@@ -99,8 +100,8 @@ class Recorder:
         self.net.apply(self.w, self.rep.core.disconnect(c.conn, ""))
 
     def bus_restarted(self, control: list[E.Event]) -> None:
-        self.net.inbox.append(wire.encode(self.w, 0, control))
-        self.net.inbox.extend(p for _, p in self.rep.order.unacked)
+        self.net.inbox.append(self.rep.order.resync_batch(control))
+        self.net.inbox.extend(p for *_, p in self.rep.order.unacked)
 
     def bus_trouble(self, kind: str, text: str) -> None:
         pass
@@ -120,14 +121,20 @@ class Net:
         self.clock = 0.0  # the broker's monotonic clock
         self.inbox: list[bytes] = []  # pushed by workers, not yet read by the broker
         self.workers: dict[str, Replica] = {}
-        self.broker = B.Broker(self.emit, (), self.clock)
+        self.broker = self.new_broker(())
         for w in workers:
             self.boot(w)
 
     # -- the bus -----------------------------------------------------------------------------
 
+    def new_broker(self, workers: Iterable[str]) -> B.Broker:
+        s = self.settings
+        settings = B.BrokerSettings(s.default_room, s.history_lines, s.history_max_bytes)
+        return B.Broker(self.emit, list(workers), self.clock, settings, clock=lambda: self.now)
+
     def emit(self, header: bytes, payload: bytes) -> None:
-        for rep in self.workers.values():
+        rep = self.workers.get(wire.unstamp(header)[0])
+        if rep is not None:
             rep.queue.append((header, payload))
 
     def boot(self, w: str) -> Replica:
@@ -141,9 +148,8 @@ class Net:
 
     def flush(self, w: str) -> None:
         rep = self.workers[w]
-        if rep.outgoing:
-            events, rep.outgoing = rep.outgoing, []
-            self.inbox.append(rep.order.number(events))
+        for route, events in rep.outgoing.take():
+            self.inbox.append(rep.order.number(events, route))
 
     def read_bus(self, w: str, limit: int | None = None) -> None:
         """Worker `w` handles what the broker sent it, as `Worker.handle_bus` does."""
@@ -152,11 +158,12 @@ class Net:
         while rep.queue and (limit is None or count < limit):
             header, payload = rep.queue.pop(0)
             count += 1
-            epoch, gseq, _ = wire.read_header(header)
+            _, epoch, _, wseq = wire.unstamp(header)
             items: list[tuple[str, Any]] = []
-            if not rep.order.accept(epoch, gseq, payload, items):
-                rep.order.accept(epoch, gseq, payload, items)
-            dispatch.feed_bus(rep.core, items, rep.core.registry, Recorder(self, w))
+            if not rep.order.accept(epoch, wseq, payload, items):
+                rep.order.accept(epoch, wseq, payload, items)
+            rep.core.clock = self.now
+            dispatch.feed_bus(rep.core, items, rep.core.registry, Recorder(self, w), rep.order)
             self.flush(w)
 
     def step_broker(self) -> None:
@@ -257,7 +264,7 @@ class Net:
             if n:
                 del self.workers[w].queue[-n:]
         self.clock += 10
-        self.broker = B.Broker(self.emit, list(self.workers), self.clock)
+        self.broker = self.new_broker(self.workers)
         self.broker.nudge(self.clock)
 
     # -- views -------------------------------------------------------------------------------

@@ -29,7 +29,14 @@ SAMPLES: list[E.Event] = [
     E.Resync([("w1", 1, "Ann", 1.0, "::1")]), E.Gone("w2", ["Ann"]), E.Ping(), E.Adopt("w1", 4, 11),
     E.Handoff("w2", 3), E.Who(6), E.Whois(7, "Ann", 2.5), E.Joined(8, "Ed", ""), E.Refused(9, "Fi", E.FULL, ""),
     E.Renamed(10, "Gu", "Ha"), E.Taken(11, "Ix", 1), E.Left(12, "Jo", "quit"), E.Adopted("w1", 4, 11, 1),
-    E.Reply(13, "*** 1 user online: Ann"), E.Pressure("w2", 1),
+    E.Reply(13, "*** 1 user online: Ann"),
+    E.JoinRoom(14, "#Rust", 20, 10_000), E.PartRoom(15, "#Rust", "later"), E.Msg(16, "Ann", b"psst", b"Bo"),
+    E.ListRooms(17, 1), E.WhoRoom(18, "#Rust", 2), E.RoomJoined(19, "Ann", "#Rust"),
+    E.RoomIntro(20, "#Rust", "*** You joined #Rust; 1 user here: Ann"), E.RoomParted(21, "Ann", "#Rust", ""),
+    E.Private("w2", 22, b"Bo", b"psst"), E.Quit(23, "Ann", "bye", ["#lobby", "#rust"]),
+    E.Lost("w3", [("Ann", ["#lobby"])]), E.NickChanged(24, "Ann", "Anna", ["#lobby"]),
+    E.Rejoined(25, "Cy2", "Cy", ["#lobby"]), E.Seed("#rust", [(1.5, b"Ann: hi\r\n")], [("w1", 3)]),
+    E.HistoryCopy([("#rust", [(1.5, b"Ann: hi\r\n")])]), E.Numbering([("#rust", 3)]), E.Pressure("w2", 1),
 ]
 
 
@@ -50,8 +57,8 @@ def test_the_wire_bytes_are_those_of_plain_tuples() -> None:
     batch = [E.Chat(1, b"hi", b"Ann"), E.Join(2, "Bo", 1700000000.0, "127.0.0.1", "", 100000, 0), E.Ping()]
     plain = [(0, 1, b"hi", b"Ann"), (2, 2, "Bo", 1700000000.0, "127.0.0.1", "", 100000, 0), (9,)]
     payload = wire.encode("w1", 7, batch)
-    head = wire.PREFIX.pack(3, wire.FLAG_ROSTER, 7, 2) + b"w1"
-    assert payload.startswith(head) and wire.WIRE_VERSION == 3
+    head = wire.PREFIX.pack(4, wire.FLAG_ROSTER, 7, 3, 2, 0) + b"w1"  # version 4: event count and route
+    assert payload.startswith(head) and wire.WIRE_VERSION == 4
     # (marshal's own reference flags depend on reference counts, so compare what the bytes say.)
     body = marshal.loads(payload[len(head):])
     assert body == plain and all(type(t) is tuple for t in body)
@@ -111,14 +118,14 @@ def test_the_broker_drops_what_it_cannot_read_or_decide_and_keeps_sequencing() -
     broker.receive(wire.encode("w1", 0, [E.Hello(5)]), 0.0)
     assert len(sent) == 2  # the batch, then the snapshot
     broker.receive(b"\x03garbage", 0.0)
-    bad = wire.PREFIX.pack(3, wire.FLAG_ROSTER, 1, 2) + b"w1" + marshal.dumps([(E.JOIN, 1), (77,), (E.WHO, 4)])
+    bad = wire.PREFIX.pack(4, wire.FLAG_ROSTER, 1, 3, 2, 0) + b"w1" + marshal.dumps([(E.JOIN, 1), (77,), (E.WHO, 4)])
     broker.receive(bad, 0.0)
     # The malformed Join is dropped, the unknown kind passed on, the Who answered.
     publisher, pseq, events = wire.decode(sent[-1])
     assert (publisher, pseq) == ("w1", 1)
     assert [type(ev) for ev in events] == [E.Unknown, E.Reply]
     assert broker.unreadable == 2 and broker.unknown == 1
-    unmarshallable = wire.PREFIX.pack(3, wire.FLAG_ROSTER, 2, 2) + b"w1" + b"\xff\x00"
+    unmarshallable = wire.PREFIX.pack(4, wire.FLAG_ROSTER, 2, 0, 2, 0) + b"w1" + b"\xff\x00"
     broker.receive(unmarshallable, 0.0)
     assert broker.unreadable == 3
     broker.receive(wire.encode("w1", 3, [E.Who(4)]), 0.0)
@@ -145,7 +152,8 @@ def test_no_module_reads_an_event_by_position_outside_the_wire_edge() -> None:
 
 
 def test_the_pure_modules_import_nothing_that_does_io() -> None:
-    pure = ["events", "protocol", "roster", "chat", "registry", "dispatch", "wire", "stopping", "textfmt"]
+    pure = ["events", "protocol", "roster", "chat", "registry", "dispatch", "wire", "stopping", "textfmt", "rooms",
+            "directory", "history"]
     io = {"worker", "bus", "broker", "supervisor", "cli", "upgrade", "migrate", "roles", "zmq", "socket", "select"}
     for name in pure:
         tree = ast.parse((pathlib.Path(E.__file__).parent / f"{name}.py").read_text())

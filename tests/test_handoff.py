@@ -207,3 +207,21 @@ def test_client_state_survives_the_wire_mid_telnet_command() -> None:
     assert back.eof and back.idle == 1.5
     assert back.bucket.available(500.0) == 2  # tokens carried over, not refilled by the clock change
     assert back.reader.feed(b"\x01ok\n") == [Line("café ok")]
+
+
+def test_a_format_1_client_is_in_the_default_room_only() -> None:
+    st = H.state_from_wire(json.loads(FORMAT_1_CLIENTS)["clients"][0], now=0.0)
+    assert (st.rooms, st.active) == ([], "")
+
+
+def test_client_state_carries_its_rooms_and_the_room_it_talks_in() -> None:
+    st = H.ClientState(conn=3, ip="::1", nick="bob", since=5.0, reader=LineReader(64), bucket=TokenBucket(2.0, 4, 10.0),
+                       out=b"", lines=[], unread=b"", eof=False, idle=0.0, rooms=["#lobby", "#Rust"], active="#Rust")
+    back = H.state_from_wire(json.loads(json.dumps(H.state_to_wire(st, now=10.0))), now=10.0)
+    assert (back.rooms, back.active) == (["#lobby", "#Rust"], "#Rust")
+
+
+def test_client_state_with_an_invalid_room_is_refused() -> None:
+    good = json.loads(FORMAT_1_CLIENTS)["clients"][0]
+    with pytest.raises(H.HandoffError, match="invalid room"):
+        H.state_from_wire({**good, "rooms": ["#ok", "no hash"]}, now=0.0)

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "chatcluster"
 # Rules and data only: they must import nothing that does I/O or runs processes.
 PURE = ("protocol", "chat", "roster", "config", "events", "telnet", "registry", "dispatch", "wire", "stopping",
-        "textfmt", "settings")
+        "textfmt", "settings", "rooms", "directory", "history", "backpressure")
 IMPURE = ("worker", "bus", "broker", "supervisor", "cli", "upgrade", "migrate", "roles", "output", "shedding")
 
 

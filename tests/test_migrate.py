@@ -162,3 +162,43 @@ def test_clients_are_sent_in_messages_of_bounded_descriptors_and_size() -> None:
     assert migrate.batches([]) == []
     huge = [{"out": "x" * (64 << 20), "unread": ""}]  # one client over the target still goes, alone
     assert [(s.start, s.stop) for s in migrate.batches(huge)] == [(0, 1)]
+
+
+def test_moved_clients_get_what_their_rooms_got_after_the_cut_each_as_its_rooms_say(rig: Rig) -> None:
+    old = rig.worker(1)
+    a = rig.client(old)  # talks in #x
+    b = rig.client(old)  # in #x, talks in the lobby
+    listener = old.unlisten()
+    assert listener is not None
+    listener.close()
+    third = rig.worker(3)
+    z = rig.client(third)  # talks in #x from a worker that takes no part in the handoff
+    old.listen()
+    new = rig.worker(2, succeeds=("w1", os.getpid()))
+    everyone = (old, new, third)
+    for c in (a, b, z):
+        c.say("/join #x")
+        until(lambda c=c: any(x.startswith("*** You joined #x") for x in c.lines), *everyone, clients=[c])
+    b.say("/join #lobby")
+    until(lambda: "*** Now talking in #lobby" in b.lines, *everyone, clients=[b])
+    z.say("before the cut")
+    until(lambda: f"#x {z.nick}: before the cut" in b.lines and f"{z.nick}: before the cut" in a.lines, *everyone,
+          clients=[a, b])
+    giver = begin_handoff(old, new)
+    until(lambda: giver.state == migrate.SENT, old, third, clients=[a, b])
+    taker = new.handoff
+    assert isinstance(taker, migrate.Taker)
+    # The broker routes #x to the successor from the cut on, though it has no member there yet.
+    z.say("after the cut")
+    until(lambda: taker.copy, new, third, handoff=False, clients=[z])
+    assert not taker.installed
+    until(lambda: taker.installed, new)
+    z.say("live")
+    until(lambda: f"#x {z.nick}: live" in b.lines and f"{z.nick}: live" in a.lines, new, third, old,
+          clients=[a, b])
+    assert [x for x in a.lines if z.nick in x and ": " in x] == [f"{z.nick}: {t}" for t in
+                                                                  ("before the cut", "after the cut", "live")]
+    assert [x for x in b.lines if z.nick in x and ": " in x] == [f"#x {z.nick}: {t}" for t in
+                                                                  ("before the cut", "after the cut", "live")]
+    a.say("from the new worker")  # still talking in #x
+    until(lambda: f"{a.nick}: from the new worker" in z.lines, new, third, clients=[z])
