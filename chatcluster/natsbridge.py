@@ -469,10 +469,23 @@ class Bridge:
         assert self.js is not None
         s = self.s
         last = self.start_seq if after is None else after
-        sub = await self.js.subscribe(
-            s.subjects, stream=s.stream, ordered_consumer=True, idle_heartbeat=s.consumer_heartbeat,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=api.ConsumerConfig(opt_start_seq=last + 1))
+        delay = 0.1
+        while True:
+            # During a leader election creating the consumer times out: try again until it exists.
+            # Once it exists, nats-py re-creates it by itself whenever its heartbeats stop.
+            try:
+                sub = await self.js.subscribe(
+                    s.subjects, stream=s.stream, ordered_consumer=True, idle_heartbeat=s.consumer_heartbeat,
+                    deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                    config=api.ConsumerConfig(opt_start_seq=last + 1))
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
+                    nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as e:
+                if self._closing:
+                    return
+                log.info("cannot create the stream consumer yet (%s); retrying", _explain(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         try:
             while True:
                 try:
@@ -564,7 +577,7 @@ class KvClaims:
         except nats.js.errors.BucketNotFoundError:
             kv = await bridge.js.create_key_value(api.KeyValueConfig(
                 bucket=bucket, history=1, replicas=replicas or bridge.s.replicas,
-                storage=api.StorageType.FILE))
+                storage=api.StorageType.FILE, max_bytes=64 << 20))
         return cls(kv)
 
     async def claim(self, key: str, owner: bytes) -> int | None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import _stop_with_parent, free_port, wait_for
+from netns_support import Netns
 
 MIN_VERSION = (2, 11, 0)  # the oldest nats-server the project supports (see docs/multihost.md)
 READY_WAIT = 30.0
@@ -169,6 +170,7 @@ class NatsNode:
     monitor_port: int
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    netns: Netns | None = None  # run inside this namespace, on its address, instead of on loopback
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -182,8 +184,12 @@ class NatsNode:
     def store(self) -> Path:
         return self.home / "jetstream"
 
+    @property
+    def host(self) -> str:
+        return self.netns.addr if self.netns else "127.0.0.1"
+
     def url(self, tls: bool = False) -> str:
-        return f"{'tls' if tls else 'nats'}://127.0.0.1:{self.client_port}"
+        return f"{'tls' if tls else 'nats'}://{self.host}:{self.client_port}"
 
     @property
     def pid(self) -> int:
@@ -200,8 +206,12 @@ class NatsNode:
         log.write(f"--- start {self.starts} ---\n".encode())
         log.flush()
         try:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, preexec_fn=_stop_with_parent)
+            argv = [self.binary, "-c", str(self.conf)]
+            if self.netns is not None:
+                self.proc = self.netns.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            else:
+                self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, preexec_fn=_stop_with_parent)
         finally:
             log.close()
 
@@ -236,8 +246,18 @@ class NatsNode:
             self.kill()
 
     def monitor(self, path: str, timeout: float = 2.0) -> dict[str, object] | None:
+        if self.netns is not None:  # asked from inside the namespace: never connect into one from outside
+            code = ("import sys,urllib.request,urllib.error\n"
+                    f"try: r=urllib.request.urlopen('http://{self.host}:{self.monitor_port}{path}',timeout={timeout})\n"
+                    "except urllib.error.HTTPError as e: r=e\n"
+                    "sys.stdout.write(r.read().decode())")
+            out = self.netns.python(code, check=False).stdout
+            try:
+                return json.loads(out)  # type: ignore[no-any-return]
+            except ValueError:
+                return None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=timeout) as resp:
+            with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}{path}", timeout=timeout) as resp:
                 return json.loads(resp.read())  # type: ignore[no-any-return]
         except urllib.error.HTTPError as e:  # /healthz answers 503 with a body while not ready
             try:
@@ -262,7 +282,7 @@ class NatsCluster:
     """1 or 3 nats-server nodes with JetStream on loopback; `with NatsCluster(3) as nc: ...`."""
 
     def __init__(self, size: int = 3, *, tls_auth: bool = False, sync_always: bool = False,
-                 cluster_name: str = "cc-test") -> None:
+                 cluster_name: str = "cc-test", netns: list[Netns] | None = None) -> None:
         binary, why = nats_server_binary()
         if binary is None:
             raise RuntimeError(why)
@@ -270,6 +290,9 @@ class NatsCluster:
         self.size = size
         self.cluster_name = cluster_name
         self.sync_always = sync_always
+        if netns is not None and len(netns) != size:
+            raise ValueError("give one namespace per node")
+        self.netns = netns
         self.dir = Path(tempfile.mkdtemp(prefix="cc-nats-", dir="/tmp"))
         self.auth: TlsAuth | None = make_tls_auth(str(self.dir / "pki")) if tls_auth else None
         self.nodes: list[NatsNode] = []
@@ -281,29 +304,32 @@ class NatsCluster:
         for i in range(self.size):
             home = self.dir / f"n{i + 1}"
             home.mkdir(exist_ok=True)
-            self.nodes.append(NatsNode(f"n{i + 1}", self.binary, home, free_port(), free_port(), free_port()))
+            ns = self.netns[i] if self.netns else None
+            # In a namespace of its own a node has the whole port range to itself.
+            ports = (4222, 6222, 8222) if ns else (free_port(), free_port(), free_port())
+            self.nodes.append(NatsNode(f"n{i + 1}", self.binary, home, *ports, netns=ns))
         for node in self.nodes:
             node.conf.write_text(self._config(node))
 
     def _config(self, node: NatsNode) -> str:
         lines = [
             f"server_name: {node.name}",
-            f"listen: 127.0.0.1:{node.client_port}",
-            f"http: 127.0.0.1:{node.monitor_port}",
+            f"listen: {node.host}:{node.client_port}",
+            f"http: {node.host}:{node.monitor_port}",
             "jetstream {",
             f"  store_dir: {json.dumps(str(node.store))}",
             "  max_memory_store: 64MB",
-            "  max_file_store: 1GB",
+            "  max_file_store: 8GB",  # a reservation limit: streams reserve their max_bytes
             "  sync_interval: always" if self.sync_always else "",
             "}",
         ]
         if self.size > 1:
-            routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in self.nodes if n is not node)
-            lines += ["cluster {", f"  name: {self.cluster_name}", f"  listen: 127.0.0.1:{node.cluster_port}",
+            routes = ", ".join(f"nats-route://{n.host}:{n.cluster_port}" for n in self.nodes if n is not node)
+            lines += ["cluster {", f"  name: {self.cluster_name}", f"  listen: {node.host}:{node.cluster_port}",
                       f"  routes: [{routes}]"]
             if self.auth:
                 a = self.auth
-                routes = ", ".join(f"nats-route://route:{a.password}@127.0.0.1:{n.cluster_port}"
+                routes = ", ".join(f"nats-route://route:{a.password}@{n.host}:{n.cluster_port}"
                                    for n in self.nodes if n is not node)
                 lines[-1] = f"  routes: [{routes}]"
                 lines += [f"  authorization {{ user: route, password: {json.dumps(a.password)} }}",
