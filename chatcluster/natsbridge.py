@@ -53,6 +53,7 @@ HDR_KIND = "Cc-Kind"
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "disconnected", "closed"
+STALLED = "stalled"  # connected, but the stream has not acknowledged anything for stall_after seconds
 
 
 class NatsError(Exception):
@@ -84,6 +85,7 @@ class NatsSettings:
     outbox_max_age: float = 30.0  # a batch that waited longer than this is handed back, not sent
     consumer_heartbeat: float = 0.5  # the ordered consumer is re-created after two missed heartbeats
     ping_interval: float = 2.0  # how fast a silently dead connection is noticed
+    stall_after: float = 12.0  # longer than a leader election (5-9 s): the stream lost its majority
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -216,7 +218,7 @@ class Bridge:
         self._wake = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
         self._closing = False
-        self._said_hello = False
+        self._reading = False
         self.start_seq = 0  # the stream position this bridge started reading after
 
     # -- connection --------------------------------------------------------------------------
@@ -341,11 +343,10 @@ class Bridge:
                 await asyncio.sleep(0.01)
         self._closing = True
         if self._publisher is not None:
+            # Bounded: on Python 3.11 a cancel that races a completing wait_for inside nats-py can be
+            # lost; the loop then ends by itself at its next turn, since it checks _closing.
             self._publisher.cancel()
-            try:
-                await self._publisher
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.wait({self._publisher}, timeout=3)
         self._set_state(CLOSED, "closed the NATS connection")
         if self.nc is not None:
             await _quiet_close(self.nc)
@@ -413,7 +414,7 @@ class Bridge:
         """
         assert self.js is not None
         s = self.s
-        while True:
+        while not self._closing:
             if not self._outbox:
                 self._wake.clear()
                 try:
@@ -428,7 +429,7 @@ class Bridge:
                        HDR_INC: incarnation, HDR_NUM: str(number), HDR_KIND: p.kind}
             started = time.monotonic()
             delay = 0.02
-            while True:
+            while not self._closing:
                 if incarnation != self.incarnation:  # this host was declared gone meanwhile
                     break
                 try:
@@ -444,13 +445,19 @@ class Bridge:
                     # Timeouts, no responders (an election), a reconnect in progress, 503s: the same id again.
                     self.stats.publish_retries += 1
                     log.debug("publish attempt failed (%s); retrying", _explain(e))
-                    if self.state != CONNECTED:
-                        self._expire_waiting()
+                    self._expire_waiting()
+                    if self.state == CONNECTED and time.monotonic() - started > s.stall_after:
+                        self._set_state(STALLED, f"NATS has acknowledged nothing for {s.stall_after:.0f} s "
+                                                 "(has the stream lost its majority?)")
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.25)
                     continue
+                if incarnation != self.incarnation:  # handed back while in flight: the outbox is new
+                    break
                 self.number = number
                 self._pop()
+                if self.state == STALLED:
+                    self._set_state(CONNECTED, "NATS acknowledges again")
                 self.stats.published += 1
                 self.stats.duplicates_acked += bool(ack.duplicate)
                 self.stats.last_acked_seq = max(self.stats.last_acked_seq, ack.seq)
@@ -467,6 +474,9 @@ class Bridge:
         re-claim its users, since everyone else has let them go.
         """
         assert self.js is not None
+        if self._reading:
+            raise RuntimeError("a bridge has one reader: the host book must see every message once")
+        self._reading = True
         s = self.s
         last = self.start_seq if after is None else after
         delay = 0.1

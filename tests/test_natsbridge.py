@@ -315,6 +315,37 @@ def test_lost_connection_is_told_once_and_held_batches_arrive_after(make_nats: C
     run(scenario(), 90)
 
 
+@pytest.mark.slow
+def test_a_stream_without_its_majority_is_reported_stalled_until_it_is_back(
+        make_nats: Callable[..., NatsCluster]) -> None:
+    c = make_nats(3)
+
+    async def scenario() -> None:
+        states: list[str] = []
+        a = await NB.Bridge(settings(c, "a", replicas=3, stall_after=2.0),
+                            on_state=lambda s, d: states.append(s)).start()
+        r = Reader(a)
+        a.submit(b"a:before")
+        await r.until(lambda: len(r.batches()) == 1, 10, "the first batch")
+        # Kill the two nodes the bridge is not connected to: it stays connected, but nothing is acknowledged.
+        assert a.nc is not None and a.nc.connected_url is not None
+        port = a.nc.connected_url.port
+        others = [n for n in c.nodes if n.client_port != port]
+        for n in others:
+            n.kill()
+        a.submit(b"a:during")
+        await r.until(lambda: a.state == NB.STALLED, 20, "the stalled state")
+        for n in others:
+            n.start()
+        await r.until(lambda: len(r.batches()) == 2, 60, "the held batch after the majority is back")
+        assert [x.data for x in r.batches()] == [b"a:before", b"a:during"]
+        assert states == [NB.CONNECTED, NB.STALLED, NB.CONNECTED], states
+        r.stop()
+        await a.close()
+
+    run(scenario(), 120)
+
+
 def test_a_full_outbox_refuses_and_old_waiting_batches_are_handed_back(
         make_nats: Callable[..., NatsCluster]) -> None:
     c = make_nats(1)
