@@ -40,7 +40,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH.parent / "tests"))  # the NATS cluster harness lives with the tests
 
-from _common import latency_summary, print_table, warn_if_busy, write_result  # noqa: E402
+from _common import exit_cleanly_on_sigterm, latency_summary, print_table, warn_if_busy, write_result  # noqa: E402
 from nats_support import NatsCluster, nats_server_binary  # noqa: E402
 
 from chatcluster import natsbridge as NB  # noqa: E402
@@ -130,6 +130,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 s runs, each failover case once")
     ap.add_argument("--json", default=None, help="results name (default nats_latency[-quick])")
     args = ap.parse_args()
+    exit_cleanly_on_sigterm()  # the clusters' `with` blocks stop their servers and remove their files
     binary, why = nats_server_binary()
     if binary is None:
         print(f"nats_latency: {why}", file=sys.stderr)

@@ -113,14 +113,13 @@ class HostBook:
         out: list[Outcome] = []
         # The sender's own message proves it alive; everyone else's lease is checked first.
         for node in sorted(self.hosts):
-            h = self.hosts[node]
-            if node != st.node and self.clock - h.last_seen > self.lease:
+            if node != st.node and self.clock - self.hosts[node].last_seen > self.lease:
                 out.append(self._forget(node, st.seq, "lease"))
         key = (st.node, st.incarnation)
         if key in self.gone:
             out.append(Dropped(st, "stale"))
             return out
-        h = self.hosts.get(st.node)
+        h: _Host | None = self.hosts.get(st.node)
         if h is not None and h.incarnation != st.incarnation:
             out.append(self._forget(st.node, st.seq, "restarted"))
             h = None

@@ -32,8 +32,9 @@ import secrets
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
@@ -86,7 +87,6 @@ class NatsSettings:
     consumer_heartbeat: float = 0.5  # the ordered consumer is re-created after two missed heartbeats
     ping_interval: float = 2.0  # how fast a silently dead connection is noticed
     stall_after: float = 12.0  # longer than a leader election (5-9 s): the stream lost its majority
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -619,7 +619,7 @@ class KvClaims:
         return e.value, e.revision
 
 
-def run_forever(main: Callable[[], Awaitable[None]]) -> None:
+def run_forever(main: Callable[[], Coroutine[Any, Any, object]]) -> None:
     """Run a bridge coroutine; a NatsError becomes one line on stderr and exit status 1."""
     try:
         asyncio.run(main())

@@ -282,7 +282,7 @@ class NatsCluster:
     """1 or 3 nats-server nodes with JetStream on loopback; `with NatsCluster(3) as nc: ...`."""
 
     def __init__(self, size: int = 3, *, tls_auth: bool = False, sync_always: bool = False,
-                 cluster_name: str = "cc-test", netns: list[Netns] | None = None) -> None:
+                 cluster_name: str = "cc-test", netns: list[Netns] | None = None, tls_tool: str = "auto") -> None:
         binary, why = nats_server_binary()
         if binary is None:
             raise RuntimeError(why)
@@ -294,7 +294,7 @@ class NatsCluster:
             raise ValueError("give one namespace per node")
         self.netns = netns
         self.dir = Path(tempfile.mkdtemp(prefix="cc-nats-", dir="/tmp"))
-        self.auth: TlsAuth | None = make_tls_auth(str(self.dir / "pki")) if tls_auth else None
+        self.auth: TlsAuth | None = make_tls_auth(str(self.dir / "pki"), tls_tool) if tls_auth else None
         self.nodes: list[NatsNode] = []
         self._make_nodes()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,6 +339,7 @@ def test_a_stream_without_its_majority_is_reported_stalled_until_it_is_back(
         for n in others:
             n.start()
         await r.until(lambda: len(r.batches()) == 2, 60, "the held batch after the majority is back")
+        await r.until(lambda: a.state == NB.CONNECTED, 10, "the acknowledgement")  # may come after the delivery
         assert [x.data for x in r.batches()] == [b"a:before", b"a:during"]
         assert states == [NB.CONNECTED, NB.STALLED, NB.CONNECTED], states
         r.stop()
@@ -408,6 +410,25 @@ def test_tls_and_password_work_and_a_client_without_credentials_is_refused(
             await NB.Bridge(settings(c, "z", **no_ca)).start()
 
     run(scenario(), 90)
+
+
+@pytest.mark.parametrize("tool", ["cryptography", "openssl"])
+def test_certificates_made_either_way_secure_a_node(make_nats: Callable[..., NatsCluster], tool: str) -> None:
+    if tool == "cryptography":
+        pytest.importorskip("cryptography")
+    elif shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    c = make_nats(1, tls_auth=True, tls_tool=tool)
+    a = c.auth
+    assert a is not None
+
+    async def scenario() -> None:
+        x = await NB.Bridge(settings(c, "x", user=a.user, password_file=a.password_file, ca_file=a.ca,
+                                     cert_file=a.client_cert, key_file=a.client_key)).start()
+        assert x.nc is not None and x.nc.connected_url is not None and x.nc.connected_url.scheme == "tls"
+        await x.close()
+
+    run(scenario(), 30)
 
 
 # -- claims ----------------------------------------------------------------------------------
