@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fan-out blast: chatcluster against the asyncio baseline.")
     parser.add_argument("--server", choices=["both", *_common.SERVER_KINDS], default="both")
     parser.add_argument("--workers", type=int, default=2, help="chatcluster workers")
+    parser.add_argument("--server-args", default="", help="more arguments for chatcluster start, space-separated")
     parser.add_argument("--receivers", type=int, default=200)
     parser.add_argument("--senders", type=int, default=4)
     parser.add_argument("--lines", type=int, default=5000, help="lines per sender")
@@ -138,6 +139,8 @@ def run_one(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     scrape = kind == "chatcluster" and args.scrape_every > 0
     metrics_port = _common.free_port() if scrape else 0
     extra = ["--metrics-listen", f"127.0.0.1:{metrics_port}"] if scrape else []
+    if kind == "chatcluster":
+        extra += args.server_args.split()
     server = Server(kind, workers=args.workers, log_name="fanout", extra_args=extra).start()
     scraper = Scraper(metrics_port, args.scrape_every).start() if scrape else None
     try:

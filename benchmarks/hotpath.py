@@ -109,10 +109,13 @@ def per_recipient_python(clients: int, rounds: int) -> dict[str, float]:
     best_queue = best_flush = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()
+        output.stamp = time.monotonic_ns()  # as if from the bus: the latency is measured per recipient too
+        output.pass_no += 1
         output.broadcast(line, chat.EMPTY)
         t1 = time.perf_counter()
         while output.dirty:
             output.flush_dirty(W.FLUSH_SLICE)
+        output.settle()
         t2 = time.perf_counter()
         best_queue = min(best_queue, t1 - t0)
         best_flush = min(best_flush, t2 - t1)

@@ -75,18 +75,17 @@ class SharedOut(list[bytes]):
     Output.queue), and the bytes are joined once for all the clients that send them.
     """
 
-    __slots__ = ("joined", "stamp", "lines", "seen_in", "bucket", "delay")
+    __slots__ = ("joined", "stamp", "lines", "seen_in", "done")
 
     def __init__(self, chunks: tuple[bytes, ...], lines: int = 0) -> None:
         super().__init__(chunks)
         self.joined: bytes | None = None
         # For the delivery latency: the broker's stamp (monotonic ns) of the oldest line in it, how
-        # many lines it holds, and the histogram bucket and delay worked out once per loop pass.
+        # many lines it holds, and how many clients got it whole in the loop pass `seen_in`.
         self.stamp = 0
         self.lines = lines
         self.seen_in = -1
-        self.bucket = 0
-        self.delay = 0.0
+        self.done = 0
 
     def join(self) -> bytes:
         if self.joined is None:

@@ -43,6 +43,8 @@ class Output:
         self.counters = counters
         self.stamp = 0  # monotonic ns the broker stamped the bus message being applied (0: none)
         self.pass_no = 0  # the worker's loop pass, so a broadcast's latency is worked out once per pass
+        self.sent_bytes = 0  # bytes handed to the kernel since the last settle()
+        self.delivered: list[SharedOut] = []  # shared outputs some client got whole in this pass
         self.dirty: list[Client] = []
         # Clients whose kernel buffer is full, with output still queued here, and since when
         # they have not caught up: the measure of whether the clients keep up (backpressure).
@@ -118,10 +120,11 @@ class Output:
             del dirty[:limit]
         else:
             batch, self.dirty = dirty, []
-        registry = self.registry
+        get = self.registry.fd_index.get
+        flush = self.flush
         for c in batch:
-            if c.out is not None and c in registry:
-                self.flush(c)
+            if c.out is not None and get(c.fd) is c:
+                flush(c)
 
     def flush(self, c: Client) -> None:
         out = c.out
@@ -139,19 +142,16 @@ class Output:
         except OSError:
             self.close(c, "connection lost")
             return
-        self.counters.bytes_delivered += sent
+        self.sent_bytes += sent
         if sent == len(data):
             if type(out) is SharedOut and out.stamp:
-                # Delivery latency inside the server, from the broker's stamp to the send() that
-                # handed the lines to the kernel, once per line. Worked out once per broadcast and
-                # loop pass, so a recipient in a large room costs an increment, not a clock reading.
-                k = self.counters
+                # Delivery latency: counted per recipient here, turned into the histogram once per
+                # broadcast and pass in settle(), so a recipient in a large room costs an increment.
                 if out.seen_in != self.pass_no:
                     out.seen_in = self.pass_no
-                    out.delay = (time.monotonic_ns() - out.stamp) / 1e9
-                    out.bucket = latency_bucket(out.delay)
-                k.latency[out.bucket] += out.lines
-                k.latency_sum += out.delay * out.lines
+                    out.done = 0
+                    self.delivered.append(out)
+                out.done += 1
             c.out = None
             c.outlen = 0
             if self.stuck:
@@ -166,6 +166,21 @@ class Output:
             self.stuck[c.conn] = (c, time.monotonic())
         if c.outlen > self.limits.max_sendq_bytes and not c.closing:
             self.kick_slow_reader(c)
+
+    def settle(self) -> None:
+        """Put this pass's deliveries into the counters: bytes, and the latency of every line
+        from the broker's stamp to the send() that handed it to the kernel."""
+        k = self.counters
+        k.bytes_delivered += self.sent_bytes
+        self.sent_bytes = 0
+        if self.delivered:
+            now = time.monotonic_ns()
+            for out in self.delivered:
+                delay = (now - out.stamp) / 1e9
+                n = out.done * out.lines
+                k.latency[latency_bucket(delay)] += n
+                k.latency_sum += delay * n
+            self.delivered = []
 
     def forget(self, c: Client) -> None:
         """The client is gone from this worker: drop what was queued for it."""

@@ -62,10 +62,6 @@ HEAVY_LEAST = 4096  # a heavy sender waits until its share allows at least this 
 LAGGING = 2.0  # a client behind for longer than this is a slow reader, not a sign of congestion
 ACCEPTS_PER_WAKE = 256
 BUS_BATCHES_PER_PASS = 512
-# The kernel's send buffer of a client socket. Left to autotuning it grows to megabytes per
-# client (net.ipv4.tcp_wmem), where output waits unseen: a chat line needs little buffering, and
-# output queued here is what the send queue limit and the backpressure below can see.
-SEND_BUFFER = 64 << 10
 # Clients given their output per loop pass. A broadcast to a large room is sent in slices, and
 # between two slices the loop reads its clients and drains the bus: a line said meanwhile is
 # published at once and joins the output of the clients not served yet, instead of waiting
@@ -247,7 +243,7 @@ class Worker:
         began = time.monotonic()
         self.output.pass_no += 1
         self.pass_left = self.backpressure.pass_budget()
-        by_fd = self.registry.by_fd
+        by_fd = self.registry.fd_index.get
         output = self.output
         for fd, ev in events:
             c = by_fd(fd)
@@ -260,7 +256,7 @@ class Worker:
                 continue
             if ev & READ_EVENTS and not c.throttled:
                 self.read(c)
-            if ev & EPOLLOUT and c.out is not None and c in self.registry:
+            if ev & EPOLLOUT and c.out is not None and by_fd(c.fd) is c:
                 output.flush(c)
         if self.ready:
             self.read_leftovers()
@@ -285,6 +281,7 @@ class Worker:
         self.housekeeping(now)
         if self.stop_signal:
             self.begin_stop(now)
+        self.output.settle()
         self.counters.observe_loop(time.monotonic() - began)
         return self.stop is not None and self.stop.over(now, len(self.registry))
 
@@ -395,7 +392,8 @@ class Worker:
                     continue
                 raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            if s.send_buffer_bytes:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s.send_buffer_bytes)
             if s.tcp_keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, s.keepalive_idle)
