@@ -490,6 +490,7 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
         broker.tick(now)
         if now >= next_beat:
             next_beat = now + BEAT_EVERY
+            counters.rooms, counters.members = broker.rooms_total, broker.memberships_total
             beat()
         if writer is not None and writer.pending:
             writer.flush()

@@ -104,6 +104,7 @@ class Snapshot:
             "upgrades": {"succeeded": h.upgrades_succeeded, "refused": h.upgrades_refused,
                          "failed": h.upgrades_failed},
             "supervisor_heartbeat_age_s": round(self.heartbeat_age(h.supervisor_heartbeat), 2),
+            "rooms": None if self.rooms is None else {"rooms": self.rooms.rooms, "members": self.rooms.members},
             "broker": None if not self.broker.heartbeat else {
                 "heartbeat_age_s": round(self.heartbeat_age(self.broker.heartbeat), 2),
                 "batches_in": self.broker.batches_in, "bytes_in": self.broker.bytes_in,
@@ -140,8 +141,10 @@ class Snapshot:
 
 def read(stats: S.StatsFile, runtime_dir: str, supervisor_pid: int) -> Snapshot:
     """The stats file's figures alone, without looking at any process."""
+    broker = stats.broker_counters()
     return Snapshot(supervisor_pid=supervisor_pid, runtime_dir=runtime_dir, taken=time.monotonic(),
-                    header=stats.header(), broker=stats.broker_counters(), positions=stats.positions())
+                    header=stats.header(), broker=broker, positions=stats.positions(),
+                    rooms=RoomTotals(broker.rooms, broker.members) if broker.heartbeat else None)
 
 
 def open_stats(runtime_dir: str, supervisor_pid: int) -> S.StatsFile:

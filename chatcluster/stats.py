@@ -39,7 +39,7 @@ from typing import Any
 
 from .paths import create_exclusive
 
-MAGIC = b"CCSTATS4"
+MAGIC = b"CCSTATS5"
 # Twice the most workers config allows: a generation being replaced and the new one coexist.
 SLOTS = 2048
 
@@ -212,6 +212,8 @@ class BrokerCounters:
     bytes_in: int = 0
     batches_out: int = 0
     bytes_out: int = 0
+    rooms: int = 0  # rooms that exist now (cluster totals only: never one figure per room)
+    members: int = 0  # room memberships now, summed over all rooms
 
 
 def _fields(annotations: dict[str, Any]) -> tuple[tuple[str, str], ...]:

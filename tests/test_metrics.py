@@ -725,7 +725,6 @@ def test_delivered_lines_are_timed_from_the_bus_stamp(make_cluster: Callable[...
 
 
 @pytest.mark.slow
-
 def test_every_loop_pass_is_timed(make_cluster: Callable[..., Cluster]) -> None:
     cl, port = with_metrics(make_cluster, 2)
     a = cl.client()
@@ -735,7 +734,6 @@ def test_every_loop_pass_is_timed(make_cluster: Callable[..., Cluster]) -> None:
 
 
 @pytest.mark.slow
-
 def test_bus_traffic_is_counted_both_ways(make_cluster: Callable[..., Cluster]) -> None:
     cl, port = with_metrics(make_cluster, 2)
     a = cl.client()
@@ -753,3 +751,21 @@ def test_the_broker_reports_its_heartbeat_and_traffic(make_cluster: Callable[...
     quickly(port, lambda s: s.has("chatcluster_broker_heartbeat_age_seconds")
             and s.sum("chatcluster_broker_heartbeat_age_seconds") < 5
             and s.sum("chatcluster_broker_batches_total", direction="received") > 0, "the broker's figures")
+
+
+@pytest.mark.slow
+def test_rooms_and_members_are_cluster_totals(make_cluster: Callable[..., Cluster]) -> None:
+    cl, port = with_metrics(make_cluster, 2)
+    a, b = cl.client(), cl.client()
+    a.say("/join #alpha")
+    a.wait_line(r"\*\*\* You joined #alpha.*")
+    b.say("/join #beta")
+    b.wait_line(r"\*\*\* You joined #beta.*")
+    # #lobby (both), #alpha and #beta: 3 rooms, 4 memberships; one series each, whatever the rooms.
+    scrape = quickly(port, lambda s: s.sum("chatcluster_rooms") == 3 and s.sum("chatcluster_room_members") == 4,
+                     "3 rooms and 4 memberships")
+    assert [ls for n, ls, _ in scrape.samples if n in ("chatcluster_rooms", "chatcluster_room_members")] == [{}, {}]
+    status = json.loads(subprocess.run(
+        [sys.executable, "-m", "chatcluster", "status", "--json", "--runtime-dir", cl.runtime_dir,
+         "--port", str(cl.port)], capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    assert status["rooms"] == {"rooms": 3, "members": 4}
