@@ -228,7 +228,12 @@ class Directory:
         if to is None:
             return self._reply(publisher, ev.conn, f"*** Error: no such user {ev.to}")
         text = ev.text.decode("utf-8", "replace")
-        return [(E.Private(to.worker, to.conn, ev.nick, ev.text), frozenset((to.worker,))),
+        targets = frozenset((to.worker,))
+        if to.worker in self.aliases:
+            # Handed over in an upgrade but not adopted yet: the giver has sent the client away,
+            # its successor delivers the line (see chat.ChatCore.arriving).
+            targets |= {self.aliases[to.worker]}
+        return [(E.Private(to.worker, to.conn, ev.nick, ev.text), targets),
                 (E.Reply(ev.conn, f"-> *{to.nick}* {text}"), self._mine(publisher))]
 
     def _list_rooms(self, publisher: str, ev: E.ListRooms) -> Decided:

@@ -287,6 +287,20 @@ def test_a_handoff_sends_the_givers_traffic_to_its_successor_until_the_giver_is_
     assert d.audience("#a") == {"w2"} and d.rooms.rooms_of("w2", 9) == ["#lobby", "#a"]
 
 
+def test_a_private_line_for_a_client_being_handed_over_reaches_the_successor_too() -> None:
+    # From the giver's HANDOFF marker until the successor's ADOPT, the roster still has the
+    # client at the giver, which has already sent it away: the line must reach the successor.
+    d = D.Directory()
+    claim(d, "w1", 1, "ann")
+    claim(d, "w3", 4, "cy")
+    d.decide("w1", E.Handoff("w2", 1))
+    out = d.decide("w3", E.Msg(4, "ann", b"are you there", b"cy"))
+    assert out[0] == (E.Private("w1", 1, b"cy", b"are you there"), only("w1", "w2"))
+    d.decide("w2", E.Adopt("w1", 1, 9))
+    out = d.decide("w3", E.Msg(4, "ann", b"and now", b"cy"))
+    assert out[0] == (E.Private("w2", 9, b"cy", b"and now"), only("w2"))
+
+
 @given(st.lists(st.tuples(st.sampled_from(["w1", "w2", "w3"]), st.integers(1, 3),
                           st.sampled_from(["join", "part", "nick", "leave", "claim", "msg"]),
                           st.sampled_from(["#a", "#B", "#lobby"])), max_size=50))
