@@ -237,8 +237,7 @@ class Directory:
                 (E.Reply(ev.conn, f"-> *{to.nick}* {text}"), self._mine(publisher))]
 
     def _list_rooms(self, publisher: str, ev: E.ListRooms) -> Decided:
-        listing = self.rooms.listing()
-        items = [f"{name} ({size})" for name, size in listing]
+        items = self.rooms.listing()  # formats only the items of the page shown
         text = page_text(len(items), "room", "", items, ev.page, PAGE_SIZE, "/rooms")
         return self._reply(publisher, ev.conn, "*** " + text)
 

@@ -6,7 +6,9 @@ rooms from the workers' lists) at their place in the one bus order, like the
 roster's changes, so every worker is told the same thing at the same point.
 Each room knows its members by worker, which is what routing needs: a room's
 traffic goes to the workers that have members there (`audience`). Sorted
-member lists for /who are made when asked and kept until the room changes.
+member lists for /who are made when asked and kept until the room changes;
+the rooms are kept sorted by name as they come and go, so /rooms formats only
+the page it shows.
 A room is named as it was first created and compared case-insensitively; it
 exists while it has members, except the default room, which always exists.
 Pure: no sockets, no clock; it knows members by (worker, conn), names come
@@ -15,7 +17,9 @@ from the roster (see `directory`).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Sequence
+from typing import overload
 
 from .roster import NICK_CHARS
 
@@ -67,7 +71,7 @@ class Rooms:
     place in the default room's member set; `extra` holds the room list of the others.
     """
 
-    __slots__ = ("default", "default_name", "rooms", "extra", "memberships", "version")
+    __slots__ = ("default", "default_name", "rooms", "extra", "memberships", "version", "order")
 
     def __init__(self, default_room: str = "#lobby") -> None:
         self.default = fold(default_room)
@@ -76,6 +80,9 @@ class Rooms:
         self.extra: dict[tuple[str, int], list[str]] = {}  # members whose rooms are not just [default]
         self.memberships = 0  # (member, room) pairs: the sum of the rooms' sizes
         self.version = 0  # changes whenever a room appears, goes or changes size (for /rooms)
+        # Every room's key, sorted: kept as rooms come and go, so that /rooms neither sorts nor
+        # formats every room for each request (the broker answers it in the one order).
+        self.order: list[str] = [self.default]
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -111,6 +118,7 @@ class Rooms:
         room = self.rooms.get(key)
         if room is None:
             room = self.rooms[key] = Room(key, name)
+            bisect.insort(self.order, key)
         conns = room.by_worker.get(worker)
         if conns is None:
             conns = room.by_worker[worker] = set()
@@ -142,6 +150,7 @@ class Rooms:
         self._changed(room, -1)
         if not room.size and key != self.default:
             del self.rooms[key]
+            del self.order[bisect.bisect_left(self.order, key)]
 
     def _changed(self, room: Room, delta: int) -> None:
         room.size += delta
@@ -177,6 +186,7 @@ class Rooms:
             self._drop(old_worker, old_conn, key)
             if key not in self.rooms:  # it was its last member for a moment
                 self.rooms[key] = room
+                bisect.insort(self.order, key)
             self.add(worker, conn, key, room.name)
         self.extra.pop((old_worker, old_conn), None)
         self._set_rooms(worker, conn, keys)
@@ -233,6 +243,32 @@ class Rooms:
             room.sorted = (room.version, names)
         return room.sorted[1]
 
-    def listing(self) -> list[tuple[str, int]]:
-        """(name, members) of every room, sorted by name case-insensitively."""
-        return sorted(((r.name, r.size) for r in self.rooms.values()), key=lambda p: (p[0].lower(), p[0]))
+    def listing(self) -> Listing:
+        """Every room as `#name (members)`, sorted by name case-insensitively, made as it is read."""
+        return Listing(self)
+
+
+class Listing(Sequence[str]):
+    """The rooms as /rooms shows them, in order; an item is made only when it is read, so a page
+    of a long list costs that page. A view: it changes with the rooms."""
+
+    __slots__ = ("_rooms",)
+
+    def __init__(self, rooms: Rooms) -> None:
+        self._rooms = rooms
+
+    def __len__(self) -> int:
+        return len(self._rooms.order)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        rooms = self._rooms.rooms
+        if isinstance(i, slice):
+            return [f"{r.name} ({r.size})" for r in (rooms[k] for k in self._rooms.order[i])]
+        r = rooms[self._rooms.order[i]]
+        return f"{r.name} ({r.size})"

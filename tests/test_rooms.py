@@ -158,6 +158,7 @@ def test_two_replicas_applying_the_same_order_agree_and_counts_add_up(ops: list[
         {k: (r.name, {w: set(s) for w, s in r.by_worker.items()}) for k, r in b.rooms.items()}
     for rooms in replicas:
         assert rooms.memberships == sum(r.size for r in rooms.rooms.values())
+        assert rooms.order == sorted(rooms.rooms)  # what /rooms lists, kept in order as rooms come and go
         for r in rooms.rooms.values():
             assert r.size == sum(len(s) for s in r.by_worker.values())
             assert all(s for s in r.by_worker.values())
@@ -263,6 +264,45 @@ def test_rooms_lists_every_room_with_its_size_sorted() -> None:
     d.decide("w1", E.JoinRoom(1, "#alpha", 20, 100))
     [(reply, _)] = d.decide("w1", E.ListRooms(1, 1))
     assert reply.text == "*** 3 rooms: #Alpha (2), #lobby (2), #zed (1)"
+
+
+class CountedName(str):
+    """A room name that counts how often it is compared case-insensitively or formatted."""
+
+    uses = 0
+
+    def lower(self) -> str:
+        CountedName.uses += 1
+        return str.lower(self)
+
+    def __format__(self, spec: str) -> str:
+        CountedName.uses += 1
+        return str.__format__(self, spec)
+
+
+def test_rooms_costs_one_page_however_many_rooms_there_are() -> None:
+    # The broker answers every /rooms in the one order: sorting and formatting every room for
+    # each request let a few clients asking /rooms over and over stall the whole cluster's chat.
+    d = D.Directory()
+    for i in range(1203):
+        claim(d, "w1", i, f"u{i:04d}")
+        d.decide("w1", E.JoinRoom(i, CountedName(f"#R{1202 - i:04d}"), 20, 10_000))
+    CountedName.uses = 0
+    [(first, _)] = d.decide("w1", E.ListRooms(0, 1))
+    assert first.text.startswith("*** 1204 rooms (1-500; /rooms 2 for more): #lobby (1203), #R0000 (1), ")
+    assert first.text.endswith(", #R0498 (1)")
+    assert CountedName.uses <= 500  # the names on the page, not every room's
+    CountedName.uses = 0
+    [(last, _)] = d.decide("w1", E.ListRooms(0, 3))
+    assert last.text.startswith("*** 1204 rooms (1001-1204): #R0999 (1), ") and last.text.endswith(", #R1202 (1)")
+    assert CountedName.uses <= 500
+    d.decide("w1", E.PartRoom(5, "#r1197", ""))  # a room goes, another comes: the order follows
+    d.decide("w1", E.JoinRoom(5, "#Q", 20, 10_000))
+    [(again, _)] = d.decide("w1", E.ListRooms(0, 3))
+    assert again.text.startswith("*** 1204 rooms (1001-1204): #R0998 (1), ")
+    assert "#R1197" not in again.text and again.text.endswith(", #R1202 (1)")
+    assert d.decide("w1", E.ListRooms(0, 1))[0][0].text.startswith("*** 1204 rooms (1-500; /rooms 2 for more): "
+                                                                  "#lobby (1203), #Q (1), #R0000 (1), ")
 
 
 def test_whois_shows_the_rooms_of_someone_not_only_in_the_default_room() -> None:
