@@ -105,6 +105,7 @@ class Directory:
             seed = self._seed(publisher, rooms.default, had)
         else:
             seed = []  # its rooms came back with its worker's resync after a broker restart
+            rooms.renamed(publisher, ev.conn)  # named only now: its rooms' sorted names must show it
         if ev.old:
             keys = rooms.rooms_of(publisher, ev.conn)
             rejoined = E.Rejoined(ev.conn, ev.nick, ev.old, list(keys))

@@ -6,7 +6,8 @@ rooms from the workers' lists) at their place in the one bus order, like the
 roster's changes, so every worker is told the same thing at the same point.
 Each room knows its members by worker, which is what routing needs: a room's
 traffic goes to the workers that have members there (`audience`). Sorted
-member lists for /who are made when asked and kept until the room changes;
+member lists for /who and a joiner's listing are made when first asked and
+then kept up to date a member at a time (a join, a part, a rename);
 the rooms are kept sorted by name as they come and go, so /rooms formats only
 the page it shows.
 A room is named as it was first created and compared case-insensitively; it
@@ -25,6 +26,13 @@ from .roster import NICK_CHARS
 
 MAX_ROOM_NAME = 32  # characters after the "#" (the setting max_room_name may lower it)
 EMPTY: frozenset[str] = frozenset()
+TOUCHED_MAX = 64  # members changed since a room's sorted names were brought up to date, before
+# making them anew is cheaper (plus a sixteenth of the room)
+
+
+def _order(name: str) -> tuple[str, str]:
+    """How member names are sorted: case-insensitively, then as spelled."""
+    return (name.lower(), name)
 
 
 def fold(name: str) -> str:
@@ -49,7 +57,7 @@ def room_problem(name: str, max_length: int = MAX_ROOM_NAME) -> str | None:
 class Room:
     """One room: its members by worker, and what is made from them on demand."""
 
-    __slots__ = ("key", "name", "by_worker", "size", "version", "sorted", "audience")
+    __slots__ = ("key", "name", "by_worker", "size", "version", "names", "placed", "touched", "audience")
 
     def __init__(self, key: str, name: str) -> None:
         self.key = key
@@ -57,8 +65,26 @@ class Room:
         self.by_worker: dict[str, set[int]] = {}
         self.size = 0
         self.version = 0  # changes whenever the member list or a member's name changes
-        self.sorted: tuple[int, list[str]] | None = None  # (version, member names sorted)
+        # The members' names sorted (see _order), made when first asked for and from then on kept
+        # up to date a member at a time: `placed` is the name each member has in the list (by
+        # worker, then conn), `touched` the members that came, went or were renamed since the
+        # list was last brought up to date. A join of a big room, and /who after it, then cost a
+        # few bisections instead of a sort of the whole room. None: not made (or dropped).
+        self.names: list[str] | None = None
+        self.placed: dict[str, dict[int, str]] | None = None
+        self.touched: set[tuple[str, int]] | None = None
         self.audience: frozenset[str] | None = None  # workers with members here; None: make it again
+
+    def touch(self, worker: str, conn: int) -> None:
+        """The member came, went or changed its name: its place in the sorted names is out of date."""
+        self.version += 1
+        if self.names is None:
+            return
+        if self.touched is None:
+            self.touched = set()
+        self.touched.add((worker, conn))
+        if len(self.touched) > TOUCHED_MAX + self.size // 16:
+            self.names = self.placed = self.touched = None  # made anew when next asked for
 
     def __repr__(self) -> str:
         return f"Room({self.name!r}, {self.size} members on {len(self.by_worker)} workers)"
@@ -127,6 +153,7 @@ class Rooms:
             return False
         before = self.rooms_of(worker, conn)
         conns.add(conn)
+        room.touch(worker, conn)
         self._changed(room, +1)
         self._set_rooms(worker, conn, [*before, key])
         return True
@@ -147,6 +174,7 @@ class Rooms:
         if not conns:
             del room.by_worker[worker]
             room.audience = None
+        room.touch(worker, conn)
         self._changed(room, -1)
         if not room.size and key != self.default:
             del self.rooms[key]
@@ -154,7 +182,6 @@ class Rooms:
 
     def _changed(self, room: Room, delta: int) -> None:
         room.size += delta
-        room.version += 1
         self.memberships += delta
         self.version += 1
 
@@ -195,7 +222,7 @@ class Rooms:
     def renamed(self, worker: str, conn: int) -> None:
         """A member changed its name: the sorted lists of its rooms are out of date."""
         for key in self.rooms_of(worker, conn):
-            self.rooms[key].version += 1
+            self.rooms[key].touch(worker, conn)
 
     def resync(self, worker: str, members: Iterable[Sequence[object]]) -> None:
         """After a broker restart: the worker's members are in exactly these rooms.
@@ -233,15 +260,47 @@ class Rooms:
         return frozenset(out)
 
     def sorted_names(self, key: str, name_of: Callable[[str, int], str | None]) -> list[str]:
-        """The names of the room's members sorted case-insensitively, made again only when the room changed."""
+        """The names of the room's members sorted case-insensitively: made once, then brought up to
+        date by the members that changed since (the list is the room's own: do not change it)."""
         room = self.rooms.get(key)
         if room is None:
             return []
-        if room.sorted is None or room.sorted[0] != room.version:
-            names = [n for w, conns in room.by_worker.items() for c in conns if (n := name_of(w, c)) is not None]
-            names.sort(key=lambda n: (n.lower(), n))
-            room.sorted = (room.version, names)
-        return room.sorted[1]
+        if room.names is None or room.placed is None:
+            placed: dict[str, dict[int, str]] = {}
+            names: list[str] = []
+            for w, conns in room.by_worker.items():
+                mine = placed[w] = {}
+                for c in conns:
+                    n = name_of(w, c)
+                    if n is not None:
+                        mine[c] = n
+                        names.append(n)
+            names.sort(key=_order)
+            room.names, room.placed, room.touched = names, placed, None
+        elif room.touched:
+            self._catch_up(room, room.names, room.placed, name_of)
+        return room.names
+
+    @staticmethod
+    def _catch_up(room: Room, names: list[str], placed: dict[str, dict[int, str]],
+                  name_of: Callable[[str, int], str | None]) -> None:
+        """Take the touched members out of the sorted names, then put back those still here as named now."""
+        touched = room.touched or set()
+        room.touched = None
+        for w, c in touched:
+            mine = placed.get(w)
+            old = mine.pop(c, None) if mine is not None else None
+            if old is not None:
+                del names[bisect.bisect_left(names, _order(old), key=_order)]
+                if not mine:
+                    del placed[w]
+        for w, c in touched:
+            conns = room.by_worker.get(w)
+            if conns is not None and c in conns:
+                n = name_of(w, c)
+                if n is not None:
+                    bisect.insort(names, n, key=_order)
+                    placed.setdefault(w, {})[c] = n
 
     def listing(self) -> Listing:
         """Every room as `#name (members)`, sorted by name case-insensitively, made as it is read."""
