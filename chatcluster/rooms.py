@@ -277,21 +277,26 @@ class Rooms:
                         names.append(n)
             names.sort(key=_order)
             room.names, room.placed, room.touched = names, placed, None
-        elif room.touched:
-            self._catch_up(room, room.names, room.placed, name_of)
+        elif room.touched and not self._catch_up(room, room.names, room.placed, name_of):
+            room.names = room.placed = room.touched = None  # (cannot happen) make it anew
+            return self.sorted_names(key, name_of)
         return room.names
 
     @staticmethod
     def _catch_up(room: Room, names: list[str], placed: dict[str, dict[int, str]],
-                  name_of: Callable[[str, int], str | None]) -> None:
-        """Take the touched members out of the sorted names, then put back those still here as named now."""
+                  name_of: Callable[[str, int], str | None]) -> bool:
+        """Take the touched members out of the sorted names, then put back those still here as named
+        now; False if a name was not where it should be."""
         touched = room.touched or set()
         room.touched = None
         for w, c in touched:
             mine = placed.get(w)
             old = mine.pop(c, None) if mine is not None else None
             if old is not None:
-                del names[bisect.bisect_left(names, _order(old), key=_order)]
+                i = bisect.bisect_left(names, _order(old), key=_order)
+                if i == len(names) or names[i] != old:
+                    return False
+                del names[i]
                 if not mine:
                     del placed[w]
         for w, c in touched:
@@ -301,6 +306,7 @@ class Rooms:
                 if n is not None:
                     bisect.insort(names, n, key=_order)
                     placed.setdefault(w, {})[c] = n
+        return True
 
     def listing(self) -> Listing:
         """Every room as `#name (members)`, sorted by name case-insensitively, made as it is read."""
