@@ -500,6 +500,9 @@ class ChatCore:
         first, _, more = arg.partition(" ")
         if first.startswith("#"):
             room, reason = first, more.strip()
+        elif first and fold("#" + first) in user.rooms:
+            # `/part rust` while in #rust means #rust, not the active room with the reason "rust".
+            return [self._error(conn, f"a room name starts with #, as in #{first}")]
         else:
             room, reason = self.room_name(user.active or self.default), arg
         key = fold(room)

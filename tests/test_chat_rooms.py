@@ -129,6 +129,22 @@ def test_part_errors_are_told_and_nothing_changes(net: Net) -> None:
     assert net.workers["w1"].outgoing == [] and net.inbox == []
 
 
+def test_part_of_one_of_your_rooms_named_without_its_hash_leaves_nothing(net: Net) -> None:
+    # `/part rust` while in #rust used to leave the active room (#lobby) with the reason "rust".
+    ann, bob = named(net, ("w1", "ann"), ("w2", "bob"))
+    joined(net, ann, "#Rust")
+    net.say(ann, "/join #lobby")
+    mark = len(bob.lines)
+    net.say(ann, "/part rust")
+    assert ann.lines[-1] == "*** Error: a room name starts with #, as in #rust"
+    assert since(bob, mark) == []
+    net.say(ann, "/part RUST is boring")
+    assert ann.lines[-1] == "*** Error: a room name starts with #, as in #RUST"
+    net.say(ann, "/part see you")  # words that name none of its rooms are the reason
+    assert ann.lines[-1] == "*** You left #lobby; now talking in #Rust"
+    assert since(bob, mark) == ["*** ann left #lobby (see you)"]
+
+
 @pytest.mark.parametrize(("line", "error"), [
     ("/join", "*** Error: usage: /join #ROOM"),
     ("/join rust", "*** Error: a room name starts with #, as in #rust"),
