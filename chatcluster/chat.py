@@ -141,17 +141,30 @@ def receives(b: Broadcast, rooms: tuple[str, ...], active: str, default: str) ->
     return any(k in rooms for k in keys)
 
 
+def transit_key(worker: str, conn: int) -> str:
+    """Broadcast.rooms[0] of a private line for client `conn` of `worker`, on its way here in an upgrade.
+
+    No room's key starts with a NUL, so no client here receives such a broadcast; a taker's
+    copy keeps it for that one client (see tail_for).
+    """
+    return f"\0{worker}\0{conn}"
+
+
 def tail_for(copy: Sequence[Broadcast], rooms: tuple[str, ...], active: str, names: Mapping[str, str],
-             default: str) -> bytes:
+             default: str, origin: str = "") -> bytes:
     """What of a run of broadcasts a client in `rooms` (talking in `active`) would have received.
 
-    For a client on its way to a worker in an upgrade. The worker makes the prefixed lines
+    For a client on its way to a worker in an upgrade; `origin` is its transit_key, which picks
+    out the private lines sent to it meanwhile. The worker makes the prefixed lines
     (part AWAY) of a room only for a room it knows; for one it has no member in yet, a run of
     lines (part HERE) comes alone and the prefix is made here from the client's room `names`.
     """
     out: list[bytes] = []
     for i, b in enumerate(copy):
-        if receives(b, rooms, active, default):
+        if b.rooms and b.rooms[0][:1] == "\0":
+            if b.rooms[0] == origin:
+                out.append(b.data)
+        elif receives(b, rooms, active, default):
             out.append(b.data)
         elif b.part == HERE and b.rooms != ANYWHERE:
             key = (b.rooms or (default,))[0]
@@ -176,6 +189,7 @@ class LocalUser:
     leaving: str | None = None  # gone (with this reason) while lines waited: they go out first
     rooms: tuple[str, ...] = ()  # the keys of its rooms, in the order joined (set once it is welcomed)
     active: str = ""  # the key of the room its lines go to
+    origin: tuple[str, int] | None = None  # (worker, conn) it had before an upgrade moved it, until adopted
 
     @property
     def waiting(self) -> bool:
@@ -245,6 +259,9 @@ class ChatCore:
         self.missed = False  # some of them arrived during the current resync
         self.clock = 0.0  # the latest time a caller passed in, for lines answered later
         self.unreadable = 0  # bus events of an unknown kind or shape: counted, logged by the worker
+        # Clients handed to us in an upgrade whose ADOPT is not decided yet, by their place at the
+        # giver: the roster still has them there, so a private line for them is addressed there.
+        self.arriving: dict[tuple[str, int], int] = {}
 
     @property
     def local(self) -> Mapping[int, LocalUser]:
@@ -309,11 +326,15 @@ class ChatCore:
         self.registry.set_user(conn, user)
         return [Publish(self._join(user, ""))]
 
-    def adopt(self, conn: int, ip: str, since: float, nick: str, rooms: Sequence[str] = (), active: str = "") -> None:
+    def adopt(self, conn: int, ip: str, since: float, nick: str, rooms: Sequence[str] = (), active: str = "",
+              origin: tuple[str, int] | None = None) -> None:
         """A client handed over by another worker in an upgrade: it keeps its name and rooms (the taker
-        publishes the Adopt that moves it in the roster) and needs no welcome. `rooms` are names."""
-        user = LocalUser(conn, ip, since, nick, state=ACTIVE)
+        publishes the Adopt that moves it in the roster) and needs no welcome. `rooms` are names;
+        `origin` is its (worker, conn) at the giver, where the roster has it until the Adopt."""
+        user = LocalUser(conn, ip, since, nick, state=ACTIVE, origin=origin)
         self.registry.set_user(conn, user)
+        if origin is not None:
+            self.arriving[origin] = conn
         names = list(rooms) or [self.room_name(self.default)]
         keys = tuple(fold(name) for name in names)
         for key, name in zip(keys, names, strict=True):
@@ -345,7 +366,10 @@ class ChatCore:
 
     def _drop(self, conn: int) -> LocalUser | None:
         """Forget a client's chat state (and its place in its rooms)."""
-        return self.registry.drop_user(conn)
+        user = self.registry.drop_user(conn)
+        if user is not None and user.origin is not None:
+            self.arriving.pop(user.origin, None)
+        return user
 
     def _join(self, user: LocalUser, old: str) -> E.Join:
         s = self.settings
@@ -476,6 +500,9 @@ class ChatCore:
         first, _, more = arg.partition(" ")
         if first.startswith("#"):
             room, reason = first, more.strip()
+        elif first and fold("#" + first) in user.rooms:
+            # `/part rust` while in #rust means #rust, not the active room with the reason "rust".
+            return [self._error(conn, f"a room name starts with #, as in #{first}")]
         else:
             room, reason = self.room_name(user.active or self.default), arg
         key = fold(room)
@@ -614,6 +641,9 @@ class ChatCore:
     def _on_adopted(self, mine: bool, ev: E.Adopted, out: list[Effect]) -> None:
         user = self.registry.user(ev.conn) if mine else None
         if user is not None:
+            if user.origin is not None:
+                self.arriving.pop(user.origin, None)  # the roster has it here now
+                user.origin = None
             if ev.accepted:
                 user.state = ACTIVE
             else:
@@ -765,8 +795,19 @@ class ChatCore:
         # RoomIntro), and the intro answers it.
 
     def _on_private(self, _mine: bool, ev: E.Private, out: list[Effect]) -> None:
-        if ev.worker == self.worker_id and self.registry.user(ev.conn) is not None:
-            out.append(Send(ev.conn, b"*" + ev.nick + b"* " + ev.text + CRLF))
+        line = b"*" + ev.nick + b"* " + ev.text + CRLF
+        conn = ev.conn
+        if ev.worker != self.worker_id:
+            # For a client another worker is handing to us in an upgrade (the broker sends us
+            # what it sends the giver): here already, or still on its way, when the line waits
+            # in the copy of what it must get on arrival.
+            conn = self.arriving.get((ev.worker, ev.conn), -1)
+            if conn < 0:
+                if self.collecting:
+                    out.append(Broadcast(line, EMPTY, (transit_key(ev.worker, ev.conn),)))
+                return
+        if self.registry.user(conn) is not None:
+            out.append(Send(conn, line))
 
     def _on_seed(self, _mine: bool, ev: E.Seed, out: list[Effect]) -> None:
         """The broker routes the room here from now on: its recent lines are the start of our copy."""

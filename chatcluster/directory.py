@@ -105,6 +105,7 @@ class Directory:
             seed = self._seed(publisher, rooms.default, had)
         else:
             seed = []  # its rooms came back with its worker's resync after a broker restart
+            rooms.renamed(publisher, ev.conn)  # named only now: its rooms' sorted names must show it
         if ev.old:
             keys = rooms.rooms_of(publisher, ev.conn)
             rejoined = E.Rejoined(ev.conn, ev.nick, ev.old, list(keys))
@@ -228,12 +229,16 @@ class Directory:
         if to is None:
             return self._reply(publisher, ev.conn, f"*** Error: no such user {ev.to}")
         text = ev.text.decode("utf-8", "replace")
-        return [(E.Private(to.worker, to.conn, ev.nick, ev.text), frozenset((to.worker,))),
+        targets = frozenset((to.worker,))
+        if to.worker in self.aliases:
+            # Handed over in an upgrade but not adopted yet: the giver has sent the client away,
+            # its successor delivers the line (see chat.ChatCore.arriving).
+            targets |= {self.aliases[to.worker]}
+        return [(E.Private(to.worker, to.conn, ev.nick, ev.text), targets),
                 (E.Reply(ev.conn, f"-> *{to.nick}* {text}"), self._mine(publisher))]
 
     def _list_rooms(self, publisher: str, ev: E.ListRooms) -> Decided:
-        listing = self.rooms.listing()
-        items = [f"{name} ({size})" for name, size in listing]
+        items = self.rooms.listing()  # formats only the items of the page shown
         text = page_text(len(items), "room", "", items, ev.page, PAGE_SIZE, "/rooms")
         return self._reply(publisher, ev.conn, "*** " + text)
 

@@ -537,12 +537,13 @@ class Taker:
             st.reader.max_line_bytes = s.max_line_bytes
             st.bucket.configure(s.flood_rate, s.flood_burst)
             conn = c.conn
-            w.core.adopt(conn, st.ip, st.since, st.nick, st.rooms, st.active)
+            w.core.adopt(conn, st.ip, st.since, st.nick, st.rooms, st.active, origin=(self.source, st.conn))
             w.registry.enter(c)
             user = w.registry.user(conn)
             assert user is not None
             names = {fold(name): name for name in st.rooms}
-            data = st.out + C.tail_for(tail, user.rooms, user.active, names, default)
+            origin = C.transit_key(self.source, st.conn)  # picks out the private lines sent to it meanwhile
+            data = st.out + C.tail_for(tail, user.rooms, user.active, names, default, origin)
             if data:
                 w.output.queue(c, data)
             # Published before anything the client says: the roster moves the name first.

@@ -6,7 +6,10 @@ rooms from the workers' lists) at their place in the one bus order, like the
 roster's changes, so every worker is told the same thing at the same point.
 Each room knows its members by worker, which is what routing needs: a room's
 traffic goes to the workers that have members there (`audience`). Sorted
-member lists for /who are made when asked and kept until the room changes.
+member lists for /who and a joiner's listing are made when first asked and
+then kept up to date a member at a time (a join, a part, a rename);
+the rooms are kept sorted by name as they come and go, so /rooms formats only
+the page it shows.
 A room is named as it was first created and compared case-insensitively; it
 exists while it has members, except the default room, which always exists.
 Pure: no sockets, no clock; it knows members by (worker, conn), names come
@@ -15,12 +18,21 @@ from the roster (see `directory`).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Sequence
+from typing import overload
 
 from .roster import NICK_CHARS
 
 MAX_ROOM_NAME = 32  # characters after the "#" (the setting max_room_name may lower it)
 EMPTY: frozenset[str] = frozenset()
+TOUCHED_MAX = 64  # members changed since a room's sorted names were brought up to date, before
+# making them anew is cheaper (plus a sixteenth of the room)
+
+
+def _order(name: str) -> tuple[str, str]:
+    """How member names are sorted: case-insensitively, then as spelled."""
+    return (name.lower(), name)
 
 
 def fold(name: str) -> str:
@@ -45,7 +57,7 @@ def room_problem(name: str, max_length: int = MAX_ROOM_NAME) -> str | None:
 class Room:
     """One room: its members by worker, and what is made from them on demand."""
 
-    __slots__ = ("key", "name", "by_worker", "size", "version", "sorted", "audience")
+    __slots__ = ("key", "name", "by_worker", "size", "version", "names", "placed", "touched", "audience")
 
     def __init__(self, key: str, name: str) -> None:
         self.key = key
@@ -53,8 +65,26 @@ class Room:
         self.by_worker: dict[str, set[int]] = {}
         self.size = 0
         self.version = 0  # changes whenever the member list or a member's name changes
-        self.sorted: tuple[int, list[str]] | None = None  # (version, member names sorted)
+        # The members' names sorted (see _order), made when first asked for and from then on kept
+        # up to date a member at a time: `placed` is the name each member has in the list (by
+        # worker, then conn), `touched` the members that came, went or were renamed since the
+        # list was last brought up to date. A join of a big room, and /who after it, then cost a
+        # few bisections instead of a sort of the whole room. None: not made (or dropped).
+        self.names: list[str] | None = None
+        self.placed: dict[str, dict[int, str]] | None = None
+        self.touched: set[tuple[str, int]] | None = None
         self.audience: frozenset[str] | None = None  # workers with members here; None: make it again
+
+    def touch(self, worker: str, conn: int) -> None:
+        """The member came, went or changed its name: its place in the sorted names is out of date."""
+        self.version += 1
+        if self.names is None:
+            return
+        if self.touched is None:
+            self.touched = set()
+        self.touched.add((worker, conn))
+        if len(self.touched) > TOUCHED_MAX + self.size // 16:
+            self.names = self.placed = self.touched = None  # made anew when next asked for
 
     def __repr__(self) -> str:
         return f"Room({self.name!r}, {self.size} members on {len(self.by_worker)} workers)"
@@ -67,7 +97,7 @@ class Rooms:
     place in the default room's member set; `extra` holds the room list of the others.
     """
 
-    __slots__ = ("default", "default_name", "rooms", "extra", "memberships", "version")
+    __slots__ = ("default", "default_name", "rooms", "extra", "memberships", "version", "order")
 
     def __init__(self, default_room: str = "#lobby") -> None:
         self.default = fold(default_room)
@@ -76,6 +106,9 @@ class Rooms:
         self.extra: dict[tuple[str, int], list[str]] = {}  # members whose rooms are not just [default]
         self.memberships = 0  # (member, room) pairs: the sum of the rooms' sizes
         self.version = 0  # changes whenever a room appears, goes or changes size (for /rooms)
+        # Every room's key, sorted: kept as rooms come and go, so that /rooms neither sorts nor
+        # formats every room for each request (the broker answers it in the one order).
+        self.order: list[str] = [self.default]
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -111,6 +144,7 @@ class Rooms:
         room = self.rooms.get(key)
         if room is None:
             room = self.rooms[key] = Room(key, name)
+            bisect.insort(self.order, key)
         conns = room.by_worker.get(worker)
         if conns is None:
             conns = room.by_worker[worker] = set()
@@ -119,6 +153,7 @@ class Rooms:
             return False
         before = self.rooms_of(worker, conn)
         conns.add(conn)
+        room.touch(worker, conn)
         self._changed(room, +1)
         self._set_rooms(worker, conn, [*before, key])
         return True
@@ -139,13 +174,14 @@ class Rooms:
         if not conns:
             del room.by_worker[worker]
             room.audience = None
+        room.touch(worker, conn)
         self._changed(room, -1)
         if not room.size and key != self.default:
             del self.rooms[key]
+            del self.order[bisect.bisect_left(self.order, key)]
 
     def _changed(self, room: Room, delta: int) -> None:
         room.size += delta
-        room.version += 1
         self.memberships += delta
         self.version += 1
 
@@ -177,6 +213,7 @@ class Rooms:
             self._drop(old_worker, old_conn, key)
             if key not in self.rooms:  # it was its last member for a moment
                 self.rooms[key] = room
+                bisect.insort(self.order, key)
             self.add(worker, conn, key, room.name)
         self.extra.pop((old_worker, old_conn), None)
         self._set_rooms(worker, conn, keys)
@@ -185,7 +222,7 @@ class Rooms:
     def renamed(self, worker: str, conn: int) -> None:
         """A member changed its name: the sorted lists of its rooms are out of date."""
         for key in self.rooms_of(worker, conn):
-            self.rooms[key].version += 1
+            self.rooms[key].touch(worker, conn)
 
     def resync(self, worker: str, members: Iterable[Sequence[object]]) -> None:
         """After a broker restart: the worker's members are in exactly these rooms.
@@ -223,16 +260,80 @@ class Rooms:
         return frozenset(out)
 
     def sorted_names(self, key: str, name_of: Callable[[str, int], str | None]) -> list[str]:
-        """The names of the room's members sorted case-insensitively, made again only when the room changed."""
+        """The names of the room's members sorted case-insensitively: made once, then brought up to
+        date by the members that changed since (the list is the room's own: do not change it)."""
         room = self.rooms.get(key)
         if room is None:
             return []
-        if room.sorted is None or room.sorted[0] != room.version:
-            names = [n for w, conns in room.by_worker.items() for c in conns if (n := name_of(w, c)) is not None]
-            names.sort(key=lambda n: (n.lower(), n))
-            room.sorted = (room.version, names)
-        return room.sorted[1]
+        if room.names is None or room.placed is None:
+            placed: dict[str, dict[int, str]] = {}
+            names: list[str] = []
+            for w, conns in room.by_worker.items():
+                mine = placed[w] = {}
+                for c in conns:
+                    n = name_of(w, c)
+                    if n is not None:
+                        mine[c] = n
+                        names.append(n)
+            names.sort(key=_order)
+            room.names, room.placed, room.touched = names, placed, None
+        elif room.touched and not self._catch_up(room, room.names, room.placed, name_of):
+            room.names = room.placed = room.touched = None  # (cannot happen) make it anew
+            return self.sorted_names(key, name_of)
+        return room.names
 
-    def listing(self) -> list[tuple[str, int]]:
-        """(name, members) of every room, sorted by name case-insensitively."""
-        return sorted(((r.name, r.size) for r in self.rooms.values()), key=lambda p: (p[0].lower(), p[0]))
+    @staticmethod
+    def _catch_up(room: Room, names: list[str], placed: dict[str, dict[int, str]],
+                  name_of: Callable[[str, int], str | None]) -> bool:
+        """Take the touched members out of the sorted names, then put back those still here as named
+        now; False if a name was not where it should be."""
+        touched = room.touched or set()
+        room.touched = None
+        for w, c in touched:
+            mine = placed.get(w)
+            old = mine.pop(c, None) if mine is not None else None
+            if old is not None:
+                i = bisect.bisect_left(names, _order(old), key=_order)
+                if i == len(names) or names[i] != old:
+                    return False
+                del names[i]
+                if not mine:
+                    del placed[w]
+        for w, c in touched:
+            conns = room.by_worker.get(w)
+            if conns is not None and c in conns:
+                n = name_of(w, c)
+                if n is not None:
+                    bisect.insort(names, n, key=_order)
+                    placed.setdefault(w, {})[c] = n
+        return True
+
+    def listing(self) -> Listing:
+        """Every room as `#name (members)`, sorted by name case-insensitively, made as it is read."""
+        return Listing(self)
+
+
+class Listing(Sequence[str]):
+    """The rooms as /rooms shows them, in order; an item is made only when it is read, so a page
+    of a long list costs that page. A view: it changes with the rooms."""
+
+    __slots__ = ("_rooms",)
+
+    def __init__(self, rooms: Rooms) -> None:
+        self._rooms = rooms
+
+    def __len__(self) -> int:
+        return len(self._rooms.order)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        rooms = self._rooms.rooms
+        if isinstance(i, slice):
+            return [f"{r.name} ({r.size})" for r in (rooms[k] for k in self._rooms.order[i])]
+        r = rooms[self._rooms.order[i]]
+        return f"{r.name} ({r.size})"

@@ -129,6 +129,22 @@ def test_part_errors_are_told_and_nothing_changes(net: Net) -> None:
     assert net.workers["w1"].outgoing == [] and net.inbox == []
 
 
+def test_part_of_one_of_your_rooms_named_without_its_hash_leaves_nothing(net: Net) -> None:
+    # `/part rust` while in #rust used to leave the active room (#lobby) with the reason "rust".
+    ann, bob = named(net, ("w1", "ann"), ("w2", "bob"))
+    joined(net, ann, "#Rust")
+    net.say(ann, "/join #lobby")
+    mark = len(bob.lines)
+    net.say(ann, "/part rust")
+    assert ann.lines[-1] == "*** Error: a room name starts with #, as in #rust"
+    assert since(bob, mark) == []
+    net.say(ann, "/part RUST is boring")
+    assert ann.lines[-1] == "*** Error: a room name starts with #, as in #RUST"
+    net.say(ann, "/part see you")  # words that name none of its rooms are the reason
+    assert ann.lines[-1] == "*** You left #lobby; now talking in #Rust"
+    assert since(bob, mark) == ["*** ann left #lobby (see you)"]
+
+
 @pytest.mark.parametrize(("line", "error"), [
     ("/join", "*** Error: usage: /join #ROOM"),
     ("/join rust", "*** Error: a room name starts with #, as in #rust"),
@@ -429,3 +445,24 @@ def test_a_client_in_transit_gets_what_its_rooms_got_as_its_rooms_say() -> None:
     assert C.tail_for(copy, ("#lobby", "#x"), "#lobby", names, "#lobby") == (
         b"a: hi\r\n#X b: one\r\n#X b: two\r\n*** c left\r\n")
     assert C.tail_for(copy, ("#lobby",), "#lobby", names, "#lobby") == b"a: hi\r\n"
+
+
+def test_a_private_line_for_a_client_in_transit_reaches_it_at_the_successor() -> None:
+    # The successor (w2) of worker w1 in an upgrade: from w1's HANDOFF marker until its own ADOPT
+    # of the client is back, a /msg is still addressed to the client's place at w1.
+    taker = C.ChatCore("w2")
+    taker.ready = True
+    taker.collecting = True  # the marker was seen: w2 copies what its clients on their way must get
+    out = taker.on_bus("w3", [E.Private("w1", 7, b"cy", b"before it arrived")])
+    copy = [e for e in out if isinstance(e, C.Broadcast)]
+    lobby = ("#lobby",)
+    assert C.tail_for(copy, lobby, "#lobby", {}, "#lobby", C.transit_key("w1", 7)) == b"*cy* before it arrived\r\n"
+    assert C.tail_for(copy, lobby, "#lobby", {}, "#lobby", C.transit_key("w1", 8)) == b""  # someone else's
+    assert C.tail_for(copy, lobby, "#lobby", {}, "#lobby") == b""
+    taker.collecting = False
+    taker.adopt(3, "127.0.0.1", NOW, "ann", origin=("w1", 7))  # here now; its ADOPT is on the bus
+    out = taker.on_bus("w3", [E.Private("w1", 7, b"cy", b"while adopting")])
+    assert out == [C.Send(3, b"*cy* while adopting\r\n")]
+    taker.on_bus("w2", [E.Adopted("w1", 7, 3, 1)])  # the roster has it here from now on
+    assert taker.on_bus("w3", [E.Private("w1", 7, b"cy", b"stale")]) == []
+    assert taker.on_bus("w3", [E.Private("w2", 3, b"cy", b"after")]) == [C.Send(3, b"*cy* after\r\n")]

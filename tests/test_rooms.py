@@ -137,6 +137,78 @@ def test_sorted_names_are_made_again_only_when_the_room_changed() -> None:
     assert rooms.sorted_names("#a", name_of) == ["_x", "Alice", "Zed"]
 
 
+def test_a_join_a_part_and_a_rename_update_the_sorted_names_without_making_them_again() -> None:
+    # The broker lists a room's members for every /join and /who of it: sorting the whole room
+    # again after each join or part cost milliseconds per join of a room of 10,000.
+    rooms = R.Rooms()
+    names = {("w1", i): f"u{i:04d}" for i in range(1000)}
+    calls: list[tuple[str, int]] = []
+
+    def name_of(w: str, c: int) -> str | None:
+        calls.append((w, c))
+        return names.get((w, c))
+
+    for w, c in names:
+        rooms.add(w, c, "#a", "#a")
+    assert rooms.sorted_names("#a", name_of) == sorted(names.values())
+    calls.clear()
+    names[("w2", 5)] = "Zz"
+    rooms.add("w2", 5, "#a", "#a")  # a join
+    rooms.remove("w1", 3, "#a")  # a part
+    del names[("w1", 3)]
+    names[("w1", 7)] = "A7"
+    rooms.renamed("w1", 7)  # a rename
+    want = sorted(names.values(), key=lambda n: (n.lower(), n))
+    assert rooms.sorted_names("#a", name_of) == want
+    assert len(calls) <= 3  # the members that changed, not the whole room
+    assert rooms.sorted_names("#a", name_of) == want and len(calls) <= 3
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove", "leave", "die", "move", "rename", "look"]),
+                          st.sampled_from(["w1", "w2", "w3"]), st.integers(1, 4),
+                          st.sampled_from(["#lobby", "#a", "#B"])), max_size=80))
+def test_sorted_names_kept_up_to_date_always_equal_a_fresh_sort(ops: list[tuple[str, str, int, str]]) -> None:
+    rooms = R.Rooms()
+    names: dict[tuple[str, int], str] = {}
+    serial = 0
+
+    def name_of(w: str, c: int) -> str | None:
+        return names.get((w, c))
+
+    def fresh(key: str) -> list[str]:
+        room = rooms.rooms[key]
+        got = [names[(w, c)] for w, conns in room.by_worker.items() for c in conns]
+        return sorted(got, key=lambda n: (n.lower(), n))
+
+    for op, w, c, name in ops:
+        serial += 1
+        key = R.fold(name)
+        if op == "add":
+            names.setdefault((w, c), f"{'ab'[serial % 2]}{serial}")
+            rooms.add(w, c, key, name)
+        elif op == "remove":
+            rooms.remove(w, c, key)
+        elif op == "leave":
+            rooms.remove_member(w, c)
+        elif op == "die":
+            rooms.remove_worker(w)
+        elif op == "move":
+            if rooms.is_member(w, c) and not rooms.is_member("w9", c):
+                names[("w9", c)] = names[(w, c)]
+                rooms.move(w, c, "w9", c)
+        elif op == "rename":
+            if (w, c) in names:
+                names[(w, c)] = f"{'BA'[serial % 2]}{serial}"
+                rooms.renamed(w, c)
+        elif key in rooms.rooms:
+            assert rooms.sorted_names(key, name_of) == fresh(key)
+        for (mw, mc) in list(names):
+            if not rooms.is_member(mw, mc):
+                del names[(mw, mc)]  # gone from every room: gone from the roster too
+    for key in rooms.rooms:
+        assert rooms.sorted_names(key, name_of) == fresh(key)
+
+
 @given(st.lists(st.tuples(st.sampled_from(["add", "remove", "leave", "die", "move"]), st.sampled_from(["w1", "w2"]),
                           st.integers(1, 4), st.sampled_from(["#lobby", "#a", "#B", "#c"])), max_size=60))
 def test_two_replicas_applying_the_same_order_agree_and_counts_add_up(ops: list[tuple[str, str, int, str]]) -> None:
@@ -158,6 +230,7 @@ def test_two_replicas_applying_the_same_order_agree_and_counts_add_up(ops: list[
         {k: (r.name, {w: set(s) for w, s in r.by_worker.items()}) for k, r in b.rooms.items()}
     for rooms in replicas:
         assert rooms.memberships == sum(r.size for r in rooms.rooms.values())
+        assert rooms.order == sorted(rooms.rooms)  # what /rooms lists, kept in order as rooms come and go
         for r in rooms.rooms.values():
             assert r.size == sum(len(s) for s in r.by_worker.values())
             assert all(s for s in r.by_worker.values())
@@ -239,6 +312,19 @@ def test_leaving_renaming_and_dying_say_which_rooms_the_client_was_in() -> None:
     assert d.rooms.memberships == 0
 
 
+def test_a_client_renamed_after_a_broker_restart_is_listed_under_its_new_name() -> None:
+    # After a broker restart w1's ann lost her name to w2's (w2 re-listed first); she is still in
+    # her rooms, and claims a new name. /who of her rooms must show it, made before or after.
+    d = D.Directory()
+    d.decide("w2", E.Resync([("w2", 1, "ann", 1.0, "ip")]))
+    d.decide("w1", E.Resync([("w1", 1, "ann", 1.0, "ip", ["#lobby", "#a"])]))
+    assert d.decide("w2", E.WhoRoom(1, "#a", 1))[0][0].text == "*** 0 users in #a: "
+    [(rejoined, _)] = d.decide("w1", E.Join(1, "bob", 1.0, "ip", "ann", 0, 0))
+    assert rejoined == E.Rejoined(1, "bob", "ann", ["#lobby", "#a"])
+    assert d.decide("w2", E.WhoRoom(1, "#a", 1))[0][0].text == "*** 1 user in #a: bob"
+    assert d.decide("w2", E.Who(1))[0][0].text == "*** 2 users online: ann, bob"
+
+
 def test_who_is_answered_from_a_cache_for_the_asker_alone_and_paged() -> None:
     d = D.Directory()
     for i in range(1203):
@@ -265,6 +351,45 @@ def test_rooms_lists_every_room_with_its_size_sorted() -> None:
     assert reply.text == "*** 3 rooms: #Alpha (2), #lobby (2), #zed (1)"
 
 
+class CountedName(str):
+    """A room name that counts how often it is compared case-insensitively or formatted."""
+
+    uses = 0
+
+    def lower(self) -> str:
+        CountedName.uses += 1
+        return str.lower(self)
+
+    def __format__(self, spec: str) -> str:
+        CountedName.uses += 1
+        return str.__format__(self, spec)
+
+
+def test_rooms_costs_one_page_however_many_rooms_there_are() -> None:
+    # The broker answers every /rooms in the one order: sorting and formatting every room for
+    # each request let a few clients asking /rooms over and over stall the whole cluster's chat.
+    d = D.Directory()
+    for i in range(1203):
+        claim(d, "w1", i, f"u{i:04d}")
+        d.decide("w1", E.JoinRoom(i, CountedName(f"#R{1202 - i:04d}"), 20, 10_000))
+    CountedName.uses = 0
+    [(first, _)] = d.decide("w1", E.ListRooms(0, 1))
+    assert first.text.startswith("*** 1204 rooms (1-500; /rooms 2 for more): #lobby (1203), #R0000 (1), ")
+    assert first.text.endswith(", #R0498 (1)")
+    assert CountedName.uses <= 500  # the names on the page, not every room's
+    CountedName.uses = 0
+    [(last, _)] = d.decide("w1", E.ListRooms(0, 3))
+    assert last.text.startswith("*** 1204 rooms (1001-1204): #R0999 (1), ") and last.text.endswith(", #R1202 (1)")
+    assert CountedName.uses <= 500
+    d.decide("w1", E.PartRoom(5, "#r1197", ""))  # a room goes, another comes: the order follows
+    d.decide("w1", E.JoinRoom(5, "#Q", 20, 10_000))
+    [(again, _)] = d.decide("w1", E.ListRooms(0, 3))
+    assert again.text.startswith("*** 1204 rooms (1001-1204): #R0998 (1), ")
+    assert "#R1197" not in again.text and again.text.endswith(", #R1202 (1)")
+    assert d.decide("w1", E.ListRooms(0, 1))[0][0].text.startswith("*** 1204 rooms (1-500; /rooms 2 for more): "
+                                                                  "#lobby (1203), #Q (1), #R0000 (1), ")
+
+
 def test_whois_shows_the_rooms_of_someone_not_only_in_the_default_room() -> None:
     d = D.Directory()
     claim(d, "w1", 1, "ann")
@@ -285,6 +410,20 @@ def test_a_handoff_sends_the_givers_traffic_to_its_successor_until_the_giver_is_
     assert sorted(ev.room for ev, _ in seeds) == ["#a", "#lobby"]  # w2 starts receiving both
     d.decide(D.BROKER, E.Gone("w1"))
     assert d.audience("#a") == {"w2"} and d.rooms.rooms_of("w2", 9) == ["#lobby", "#a"]
+
+
+def test_a_private_line_for_a_client_being_handed_over_reaches_the_successor_too() -> None:
+    # From the giver's HANDOFF marker until the successor's ADOPT, the roster still has the
+    # client at the giver, which has already sent it away: the line must reach the successor.
+    d = D.Directory()
+    claim(d, "w1", 1, "ann")
+    claim(d, "w3", 4, "cy")
+    d.decide("w1", E.Handoff("w2", 1))
+    out = d.decide("w3", E.Msg(4, "ann", b"are you there", b"cy"))
+    assert out[0] == (E.Private("w1", 1, b"cy", b"are you there"), only("w1", "w2"))
+    d.decide("w2", E.Adopt("w1", 1, 9))
+    out = d.decide("w3", E.Msg(4, "ann", b"and now", b"cy"))
+    assert out[0] == (E.Private("w2", 9, b"cy", b"and now"), only("w2"))
 
 
 @given(st.lists(st.tuples(st.sampled_from(["w1", "w2", "w3"]), st.integers(1, 3),

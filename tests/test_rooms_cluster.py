@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,3 +260,42 @@ def test_rooms_and_history_survive_an_upgrade(make_cluster: Make) -> None:
     got = [re.sub(STAMP, "", x) for x in after(cy, r"\*\*\* You joined #x; .*")[:2]]
     assert got == ["ann: before the upgrade", "ann: after the upgrade"]
     assert not any(LOST in c.lines for c in (ann, bob, cy))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_private_lines_sent_through_upgrades_all_arrive_once_in_order(make_cluster: Make) -> None:
+    # While a client is handed to its successor, the roster still has it at the old worker until
+    # the successor's ADOPT: a /msg decided in that window used to be confirmed to its sender and
+    # shown to nobody. A steady stream of them through a few upgrades lands in every window.
+    cl = make_cluster(2, extra=("--flood-rate", "0"))
+    sender, recipient = named(cl.clients_on_distinct_workers(2), "sender", "recipient")
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            sender.send(f"/msg recipient n{i}\r\n")
+            sent.append(i)
+            i += 1
+            stop.wait(0.002)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    try:
+        for _ in range(3):
+            done = subprocess.run([sys.executable, "-m", "chatcluster", "upgrade", "--port", str(cl.port),
+                                   "--runtime-dir", cl.runtime_dir], capture_output=True, text=True, cwd=REPO,
+                                  timeout=150)
+            assert done.returncode == 0, done.stderr
+    finally:
+        stop.set()
+        thread.join()
+    last = sent[-1]
+    sender.wait_line(rf"-> \*recipient\* n{last}", timeout=30)
+    recipient.wait_line(rf"\*sender\* n{last}", timeout=30)
+    got = [int(m.group(1)) for x in recipient.lines if (m := re.fullmatch(r"\*sender\* n(\d+)", x))]
+    confirmed = [int(m.group(1)) for x in sender.lines if (m := re.fullmatch(r"-> \*recipient\* n(\d+)", x))]
+    assert confirmed == sent
+    assert got == sent, f"missing {sorted(set(sent) - set(got))[:10]}"
