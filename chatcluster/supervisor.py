@@ -58,6 +58,7 @@ HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
 # stop it (the default action of TTIN and TTOU) or end it (that of HUP, USR1 and USR2). A worker
 # installs its own HUP handler once it can reload.
 CHILD_IGNORES = ("HUP", "TTIN", "TTOU", "USR1", "USR2")
+HANDLED_SIGNALS = frozenset(getattr(signal, "SIG" + name) for name in HANDLED)
 
 
 @dataclass
@@ -160,8 +161,18 @@ class Supervisor:
     # -- process creation ---------------------------------------------------------------------
 
     def _fork(self, role: str, body: Callable[[], int | None], keep: tuple[int, ...] = ()) -> int:
-        pid = os.fork()
+        # Blocked across the fork: until the child has put its own dispositions in place, a
+        # signal meant for it (a stop right after a scale-up, or right after an upgrade forked
+        # its new generation) would run the supervisor's handler in the child and be forgotten
+        # there. Blocked, it waits until the child can act on it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return pid
         code: int = 1
         try:
@@ -169,6 +180,7 @@ class Supervisor:
             for name in HANDLED:
                 ignored = name in CHILD_IGNORES
                 signal.signal(getattr(signal, "SIG" + name), signal.SIG_IGN if ignored else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in (self.wake_r, self.wake_w, self.broker_control):
                 if fd >= 0 and fd not in keep:
                     os.close(fd)
