@@ -51,6 +51,9 @@ TICK = 0.2  # the main loop wakes at least this often to check heartbeats
 SPAWN_STEP = 4
 RUNTIME_CHECK = 2.0  # seconds between looks for files deleted from the runtime directory
 BUS_BIND_GRACE = 10.0  # a broker this old has bound its sockets, even if we never saw them
+# A pass of the loop this long after the previous one means the supervisor itself did not run:
+# the whole cluster was frozen (docker pause, a cgroup freezer, Ctrl-Z, a paused VM) or starved.
+STALLED = 2.0
 assert MAX_WORKERS * 2 <= S.SLOTS  # a whole generation can be replaced
 HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
 # Signals that mean something to the supervisor alone. A child ignores them, so that one sent to
@@ -99,6 +102,10 @@ class Supervisor:
     pid_files_unwritable: list[str] = field(default_factory=list)  # deleted pid files that could not be rewritten
     runtime_dir_unusable: bool = False  # it was deleted and could not be created again
     metrics: MetricsProcess | None = None  # the /metrics endpoint's process (metrics_listen)
+    last_pass: float = 0.0  # when the loop last ran
+    # Heartbeats are judged only over time the supervisor was watching: after it did not run for
+    # a while (frozen with its children, say), every child gets worker_timeout from here on.
+    watching_since: float = 0.0
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -247,8 +254,10 @@ class Supervisor:
     # -- the loop -----------------------------------------------------------------------------
 
     def loop(self) -> None:
+        self.last_pass = time.monotonic()
         while True:
             self.sleep(self.next_wake(time.monotonic()))
+            self.check_stall(time.monotonic())
             self.reap()
             while self.sig_queue:
                 signum = self.sig_queue.pop(0)
@@ -273,6 +282,19 @@ class Supervisor:
                 self.maintain(now)
             self.write_header()
             self.notify(now)
+
+    def check_stall(self, now: float) -> None:
+        """Notice that the loop did not run for a while, and judge heartbeats only from now on.
+
+        Frozen together with its children (a cgroup freezer, Ctrl-Z, a paused VM), the
+        supervisor would otherwise wake to heartbeats older than worker_timeout and kill every
+        worker and the broker, none of which was stuck.
+        """
+        if now - self.last_pass > STALLED:
+            log.warning("the supervisor did not run for %.1f s (the cluster was paused, or the machine "
+                        "starved it); heartbeats are judged from now on", now - self.last_pass)
+            self.watching_since = now
+        self.last_pass = now
 
     def next_wake(self, now: float) -> float:
         wake = now + TICK
@@ -416,9 +438,9 @@ class Supervisor:
         beat = self.stats.broker_counters().heartbeat
         if beat < self.broker_started:
             # Not beaten yet (the figure is its predecessor's): it gets as long as a booting worker.
-            if now - self.broker_started > BOOT_TIMEOUT:
+            if now - max(self.broker_started, self.watching_since) > BOOT_TIMEOUT:
                 self.kill_broker(f"no heartbeat {BOOT_TIMEOUT:.0f} s after it started")
-        elif now - beat > self.cfg.worker_timeout:
+        elif now - max(beat, self.watching_since) > self.cfg.worker_timeout:
             self.kill_broker(f"no heartbeat for {now - beat:.1f} s (worker_timeout={self.cfg.worker_timeout:g})")
 
     def kill_broker(self, why: str) -> None:
@@ -438,13 +460,13 @@ class Supervisor:
                     if proc.reload_pending:
                         proc.reload_pending = False
                         self.kill(proc.pid, signal.SIGHUP)
-                elif now - proc.started > BOOT_TIMEOUT:
+                elif now - max(proc.started, self.watching_since) > BOOT_TIMEOUT:
                     proc.cause = "boot_timeout"
                     self.kill_worker(proc, f"not accepting connections {BOOT_TIMEOUT:.0f} s after it started")
                 continue
             if proc.retiring and now > proc.retire_deadline:
                 self.kill_worker(proc, f"still draining {self.cfg.graceful_timeout:g} s after it was retired")
-            elif view.pid == proc.pid and now - view.heartbeat > self.cfg.worker_timeout:
+            elif view.pid == proc.pid and now - max(view.heartbeat, self.watching_since) > self.cfg.worker_timeout:
                 proc.cause = "heartbeat_timeout"
                 self.kill_worker(proc, f"no heartbeat for {now - view.heartbeat:.1f} s "
                                        f"(worker_timeout={self.cfg.worker_timeout:g})")

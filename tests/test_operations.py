@@ -11,13 +11,18 @@ are on conditions with deadlines, never on the clock.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 
 import pytest
-from conftest import REPO
+from conftest import REPO, Cluster, wait_for
+
+from chatcluster import stats as S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,3 +66,41 @@ def test_a_stop_signal_that_reaches_a_child_before_it_has_its_own_handlers_is_no
     code, queued = result.stdout.split()
     assert int(code) == -signal.SIGTERM, f"the child missed its TERM (exit {code})"
     assert int(queued) == 0
+
+
+def header(cl: Cluster) -> S.Header:
+    f = S.StatsFile(os.path.join(cl.runtime_dir, "stats"))
+    try:
+        return f.header()
+    finally:
+        f.close()
+
+
+# -- the whole cluster frozen and thawed ------------------------------------------------------------
+
+
+def test_a_cluster_frozen_longer_than_worker_timeout_and_thawed_keeps_every_process_and_client(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # `docker pause`, `systemctl freeze`, Ctrl-Z then `fg`, a paused VM: every process stops at
+    # once and the clock goes on. On thawing, the supervisor saw heartbeats older than
+    # worker_timeout and killed every worker and the broker, although none of them was stuck:
+    # it had not been watching either.
+    cl = make_cluster(2, extra=("--worker-timeout", "2"))
+    a, b = cl.clients_on_distinct_workers(2)
+    a.say("before")
+    b.wait_line(rf"{a.nick}: before")
+    workers, broker = sorted(cl.worker_pids()), header(cl).broker_pid
+    os.killpg(cl.pid, signal.SIGSTOP)
+    try:
+        time.sleep(4)  # the fault itself: frozen for twice worker_timeout
+    finally:
+        os.killpg(cl.pid, signal.SIGCONT)
+    thawed = time.monotonic()
+    # The supervisor has looked at every heartbeat again since the thaw, a few times over.
+    wait_for(lambda: header(cl).supervisor_heartbeat > thawed + 1.0, what="the supervisor's loop after the thaw")
+    a.say("after")
+    b.wait_line(rf"{a.nick}: after")
+    assert sorted(cl.worker_pids()) == workers and header(cl).broker_pid == broker
+    assert "no heartbeat" not in cl.read_log()
+    assert "did not run for" in cl.read_log()  # said once, so that the log explains the gap
