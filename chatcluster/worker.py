@@ -597,6 +597,14 @@ class Worker:
         if self.handoff is not None:
             self.handoff.published(events)
 
+    def leave_bus(self) -> None:
+        """No bus any more (the supervisor, and with it our broker, is gone): see BusClient.detach."""
+        try:
+            self.ep.unregister(self.bus.fd)
+        except OSError:
+            pass
+        self.bus.detach()
+
     def handle_bus(self) -> None:
         core = self.core
         budget = self.backpressure.bus_budget()
@@ -662,7 +670,9 @@ class Worker:
             if self.stop is None and os.getppid() != self.parent_pid:
                 # Killed outright, the supervisor cannot stop us: do it ourselves, or we would
                 # hold the port and keep serving without anyone watching.
-                log.error("worker %d: the supervisor (pid %d) is gone; stopping", self.worker_no, self.parent_pid)
+                log.error("worker %d: the supervisor (pid %d) is gone; leaving the bus and stopping",
+                          self.worker_no, self.parent_pid)
+                self.leave_bus()
                 self.stop_signal = signal.SIGTERM
         if self.core.syncing and now - self.last_hello > 1.0:
             self.bus.send_control([self.core.hello()])

@@ -19,8 +19,10 @@ import textwrap
 import time
 from collections.abc import Callable
 
+import psutil
 import pytest
 from conftest import REPO, Cluster, wait_for
+from limits_support import raw_socket, recv_until
 
 from chatcluster import stats as S
 
@@ -104,3 +106,43 @@ def test_a_cluster_frozen_longer_than_worker_timeout_and_thawed_keeps_every_proc
     assert sorted(cl.worker_pids()) == workers and header(cl).broker_pid == broker
     assert "no heartbeat" not in cl.read_log()
     assert "did not run for" in cl.read_log()  # said once, so that the log explains the gap
+
+
+# -- a supervisor killed outright, and a new cluster started at once ---------------------------------
+
+
+def in_place_of(new: Cluster, old: Cluster) -> Cluster:
+    """`new` set up to start on `old`'s port and runtime directory, as an operator's restart would."""
+    i = new.args.index("--runtime-dir")
+    new.args[i + 1] = old.runtime_dir
+    new.runtime_dir = old.runtime_dir
+    return new
+
+
+def test_workers_left_by_a_killed_supervisor_never_talk_to_the_next_clusters_bus(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # Workers whose supervisor was killed outright stop by themselves, draining their clients
+    # for up to graceful_timeout. Their bus sockets kept reconnecting to RUNTIME_DIR/bus-*, so a
+    # cluster started at once in the same place got them as "w1", "w2", ... beside its own
+    # workers of the same names: the old ones resynced their rosters into the new broker, whose
+    # numbering of w1 then no longer matched the new w1's, and the new w1 never welcomed anyone.
+    old = make_cluster(1, extra=("--flood-rate", "0"))
+    talker, listener = old.client(), old.client()
+    slow = raw_socket(old.port, rcvbuf=2048)  # never reads: keeps the old worker draining
+    recv_until(slow, b"Welcome")
+    talker.send(b"".join(b"filler %d %s\r\n" % (i, b"x" * 200) for i in range(3000)))
+    listener.wait_line(rf"{talker.nick}: filler 2999 x+")
+    old_worker = old.worker_pids()[0]
+    os.kill(old.pid, signal.SIGKILL)
+    wait_for(lambda: "the supervisor (pid" in old.read_log(), what="the old worker noticing its supervisor gone")
+    new = in_place_of(make_cluster(1, port=old.port, start=False), old)
+    new.start()
+    assert psutil.pid_exists(old_worker), "the old worker is gone already: nothing tested"
+    a, b = new.client(), new.client()
+    a.say("first words of the new cluster")
+    b.wait_line(rf"{a.nick}: first words of the new cluster")
+    assert psutil.pid_exists(old_worker), "the old worker was gone before the new cluster served"
+    log = new.read_log()
+    assert "bus gap" not in log and "resync" not in log, log
+    slow.close()
