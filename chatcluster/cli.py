@@ -14,6 +14,7 @@ files import neither the supervisor nor the bus (nor so ZeroMQ): `start` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -89,10 +90,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         # the ones the cluster runs with, whatever the config file says now; our own workers
         # hold the port.
         sup = Supervisor(cfg=resumed.cfg, config_path=args.config, runtime_dir=resumed.runtime_dir,
-                         pid_file=resumed.pid_file, overrides=given, resumed=resumed)
+                         pid_file=resumed.pid_file, overrides=given, resumed=resumed, lock_fd=resumed.lock_fd)
         return sup.run()
     runtime_dir = resolve_runtime_dir(cfg)
     created = paths.prepare_runtime_dir(runtime_dir)
+    lock_fd = -1
     try:
         pid_file = os.path.abspath(cfg.pid_file) if cfg.pid_file else paths.default_pid_file(runtime_dir)
         if not os.path.isdir(os.path.dirname(pid_file)):
@@ -103,17 +105,23 @@ def cmd_start(args: argparse.Namespace) -> int:
             if other is not None and other != os.getpid():
                 raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
                                    f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
+        # Whatever the pid files say (another start may not have written its own yet): one
+        # cluster per runtime directory.
+        lock_fd = paths.lock_runtime_dir(runtime_dir)
         check_port_free(cfg.host, cfg.port)
         if cfg.metrics_listen:
             from .exporter import check_listen
 
             check_listen(cfg.metrics_listen)
     except (StartupError, cfgmod.ConfigError):
+        if lock_fd >= 0:
+            os.close(lock_fd)
         if created:
-            os.rmdir(runtime_dir)
+            with contextlib.suppress(OSError):  # not empty: another start is using it
+                os.rmdir(runtime_dir)
         raise
     sup = Supervisor(cfg=cfg, config_path=args.config, runtime_dir=runtime_dir, pid_file=pid_file,
-                     overrides=given, created_runtime_dir=created)
+                     overrides=given, created_runtime_dir=created, lock_fd=lock_fd)
     return sup.run()
 
 

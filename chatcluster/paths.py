@@ -15,6 +15,7 @@ and directories; it starts no process and opens no socket.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
@@ -268,6 +269,44 @@ def check_runtime_dir(path: str) -> None:
     if not os.access(path, os.W_OK | os.X_OK):
         raise StartupError(f"runtime directory {path} is not writable; fix its permissions or choose "
                            f"another with --runtime-dir")
+
+
+def lock_runtime_dir(path: str) -> int:
+    """Hold the runtime directory for this cluster: the returned descriptor carries an exclusive flock.
+
+    Two `chatcluster start` at the same moment both pass the pid-file check (neither has
+    written its pid file yet); the lock is what keeps the second out. It lives as long as the
+    descriptor, so it goes with the supervisor however it ends (never stale), and an upgrade
+    keeps it across its exec. Children do not inherit it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = lock_holder(path) or running_pid(default_pid_file(path))
+        who = f" (supervisor pid {pid})" if pid is not None else ""
+        raise StartupError(f"another chatcluster is running or starting in the runtime directory {path}{who}; "
+                           f"stop it with `chatcluster stop --runtime-dir {path}`, or choose another "
+                           f"--runtime-dir") from None
+    return fd
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid holding the flock on `path`, from /proc/locks (None if it cannot be told)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as fh:
+            table = fh.read()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2d:1234 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            return int(fields[4])
+    return None
 
 
 def missing_files(runtime_dir: str, names: tuple[str, ...]) -> list[str]:

@@ -72,6 +72,7 @@ class Supervisor:
     runtime_dir: str
     pid_file: str
     created_runtime_dir: bool = False
+    lock_fd: int = -1  # holds the runtime directory (paths.lock_runtime_dir) for the supervisor's life
     workers: dict[int, WorkerProc] = field(default_factory=dict)
     target: int = 0
     broker_pid: int = 0
@@ -188,7 +189,7 @@ class Supervisor:
                 ignored = name in CHILD_IGNORES
                 signal.signal(getattr(signal, "SIG" + name), signal.SIG_IGN if ignored else signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            for fd in (self.wake_r, self.wake_w, self.broker_control):
+            for fd in (self.wake_r, self.wake_w, self.broker_control, self.lock_fd):
                 if fd >= 0 and fd not in keep:
                     os.close(fd)
             set_role(role)
@@ -487,6 +488,7 @@ class Supervisor:
                 log.error("the runtime directory %s was deleted; creating it again", self.runtime_dir)
             try:
                 self.created_runtime_dir = paths.prepare_runtime_dir(self.runtime_dir) or self.created_runtime_dir
+                self.relock_runtime_dir()
             except (StartupError, OSError) as exc:
                 # The workers and the broker keep serving through the connections they have;
                 # only restarts and the commands need the directory. Said once, tried each time.
@@ -538,6 +540,17 @@ class Supervisor:
             log.warning("files were deleted from the runtime directory %s while the cluster ran, as a tmp cleaner "
                         "does; keep the directory out of tmp cleaning (see \"Runtime directory\" in "
                         "docs/deploy.md)", self.runtime_dir)
+
+    def relock_runtime_dir(self) -> None:
+        """Hold the runtime directory made again after it was deleted, as the first one was held."""
+        try:
+            fd = paths.lock_runtime_dir(self.runtime_dir)
+        except (StartupError, OSError) as exc:
+            log.error("cannot hold the runtime directory made again: %s", exc)
+            return
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+        self.lock_fd = fd
 
     def seen_ready(self, proc: WorkerProc) -> bool:
         """Whether the worker is ready, looking at its stats slot in case it became so since the last look."""
