@@ -9,8 +9,12 @@ supervision in any way. The endpoint process only reads the shared stats file
 and /proc (through `snapshot`), so it can die or hang without harming anyone:
 the supervisor restarts it (`MetricsProcess`), like any child, with back-off.
 It answers `/metrics` with prometheus_client's WSGI app and 404 for anything
-else; each connection gets a thread, a time limit, and there is a cap on how
-many are served at once.
+else; each connection gets a thread and a time limit for all of it (not only
+for each read: a scraper sending a byte now and then would never reach a
+per-read timeout), and there is a cap on how many are served at once. When
+every place is taken, the one that has waited longest for its request is
+closed to make room, so connections that never finish their request cannot
+keep a real scrape out.
 
 The supervisor-side part (`MetricsProcess`, `check_listen`) imports neither
 prometheus_client nor zmq; `serve()` runs in the endpoint process.
@@ -35,8 +39,8 @@ from .config import ConfigError, parse_listen
 log = logging.getLogger("chatcluster.exporter")
 
 EXIT_LISTEN_FAILED = 2  # the endpoint could not bind its address: restarted with back-off
-REQUEST_TIMEOUT = 10.0  # seconds a scraper gets to send its request and to take each part of the answer
-MAX_REQUESTS = 16  # connections served at once; more are closed at once
+REQUEST_TIMEOUT = 10.0  # seconds a connection may last, from accept to the end of the answer
+MAX_REQUESTS = 16  # connections served at once; past it, the oldest still sending its request makes room
 YOUNG = 5.0  # an endpoint process that dies younger than this is restarted with back-off
 BACKOFF_MAX = 30.0
 STOP_WAIT = 2.0  # seconds the supervisor gives it to exit on TERM before KILL
@@ -216,6 +220,55 @@ def app_for(runtime_dir: str, supervisor_pid: int) -> Callable[..., Iterable[byt
     return app
 
 
+class Connections:
+    """The endpoint's open connections: a cap on how many, and a time limit on each.
+
+    Each connection's thread reads with a per-read timeout, which a scraper sending one byte
+    every few seconds never reaches; so the whole connection has REQUEST_TIMEOUT, enforced from
+    the accepting thread by shutting the socket down (its thread then ends on its own). When
+    MAX_REQUESTS connections are open, a new one takes the place of the oldest that has not
+    finished sending its request; if every one is answering already, the new one is closed.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.open: dict[socket.socket, list[Any]] = {}  # socket -> [accepted at, request read, cut]
+
+    def admit(self, sock: socket.socket, now: float) -> bool:
+        with self.lock:
+            live = [(info[0], s) for s, info in self.open.items() if not info[2]]
+            if len(live) >= MAX_REQUESTS:
+                waiting = [(at, s) for at, s in live if not self.open[s][1]]
+                if not waiting:
+                    return False
+                self._cut(min(waiting, key=lambda pair: pair[0])[1])
+            self.open[sock] = [now, False, False]
+            return True
+
+    def requested(self, sock: socket.socket) -> None:
+        with self.lock:
+            if sock in self.open:
+                self.open[sock][1] = True
+
+    def done(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.open.pop(sock, None)
+
+    def expire(self, now: float) -> None:
+        with self.lock:
+            for sock, info in self.open.items():
+                if not info[2] and now - info[0] > REQUEST_TIMEOUT:
+                    self._cut(sock)
+
+    def _cut(self, sock: socket.socket) -> None:
+        """End a connection from outside its thread: its reads and writes fail, and it closes it."""
+        self.open[sock][2] = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def serve(listen: str, runtime_dir: str, supervisor_pid: int) -> int:
     """The endpoint process: serve until the supervisor is gone (or TERM, the default action)."""
     from wsgiref.simple_server import WSGIRequestHandler
@@ -224,18 +277,24 @@ def serve(listen: str, runtime_dir: str, supervisor_pid: int) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     host, port = parse_listen(listen)
-    slots = threading.BoundedSemaphore(MAX_REQUESTS)
+    conns = Connections()
 
     class Handler(WSGIRequestHandler):
         timeout = REQUEST_TIMEOUT  # a socket timeout on every read and write of the connection
+
+        def parse_request(self) -> bool:
+            ok: bool = super().parse_request()
+            if ok:
+                conns.requested(self.request)
+            return ok
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # one line per scrape would drown the log
 
     class Server(ThreadingWSGIServer):
         def process_request(self, request: Any, client_address: Any) -> None:
-            if not slots.acquire(blocking=False):
-                self.shutdown_request(request)  # too many at once: the newest waits for nobody
+            if not conns.admit(request, time.monotonic()):
+                self.shutdown_request(request)  # every place is serving an answer: come back later
                 return
             super().process_request(request, client_address)
 
@@ -243,11 +302,12 @@ def serve(listen: str, runtime_dir: str, supervisor_pid: int) -> int:
             try:
                 super().process_request_thread(request, client_address)
             finally:
-                slots.release()
+                conns.done(request)
 
         def service_actions(self) -> None:
             if os.getppid() != supervisor_pid:
                 raise SystemExit(0)  # the supervisor is gone: nothing left to report on
+            conns.expire(time.monotonic())
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("metrics request from %s failed", client_address, exc_info=True)

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 
 import psutil
 import pytest
-from conftest import REPO, Cluster, wait_for
+from conftest import REPO, Cluster, free_port, start_refused, wait_for
 from limits_support import raw_socket, recv_until
+from test_metrics import fetch, with_metrics
 
+from chatcluster import exporter
 from chatcluster import stats as S
 
 pytestmark = pytest.mark.timeout(120)
@@ -146,3 +150,105 @@ def test_workers_left_by_a_killed_supervisor_never_talk_to_the_next_clusters_bus
     log = new.read_log()
     assert "bus gap" not in log and "resync" not in log, log
     slow.close()
+
+
+# -- two starts in one place ------------------------------------------------------------------------
+
+
+def test_a_second_start_in_a_running_clusters_runtime_dir_is_refused_whatever_its_pid_file_says(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # Two `chatcluster start` at the same moment both passed the pid-file check (neither had
+    # written its pid file yet) and both ran: two brokers bound the same bus paths, the second
+    # stats file replaced the first, and SO_REUSEPORT split the clients of one port between two
+    # clusters that could not see each other (or both hung at boot). A pid file that does not
+    # name the running supervisor stands here for "not written yet": the runtime directory
+    # itself is held by the cluster that runs in it.
+    first = make_cluster(1)
+    with open(os.path.join(first.runtime_dir, "chatcluster.pid"), "w") as fh:
+        fh.write("999999\n")  # no such process: the check by pid file lets anyone in
+    result = start_refused("--workers", "1", "--host", "127.0.0.1", "--port", str(free_port()),
+                           "--runtime-dir", first.runtime_dir)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == (
+        f"chatcluster: error: another chatcluster is running or starting in the runtime directory "
+        f"{first.runtime_dir} (supervisor pid {first.pid}); stop it with `chatcluster stop --runtime-dir "
+        f"{first.runtime_dir}`, or choose another --runtime-dir"), lines
+    # The first cluster never noticed.
+    a, b = first.client(), first.client()
+    a.say("still one cluster")
+    b.wait_line(rf"{a.nick}: still one cluster")
+
+
+# -- scrapers that never finish ---------------------------------------------------------------------
+
+
+class Trickle:
+    """Connections to the metrics endpoint that send their request one byte every half second,
+    each read well within the server's per-read timeout, and never finish it (slowloris)."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+        self.closed: set[int] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 10000
+        i = 0
+        while not self.stop.wait(0.5):
+            for n, s in enumerate(self.socks):
+                if n in self.closed:
+                    continue
+                try:
+                    s.send(request[i:i + 1])
+                    s.setblocking(False)
+                    if s.recv(1, socket.MSG_PEEK) == b"":
+                        self.closed.add(n)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.closed.add(n)
+                finally:
+                    s.setblocking(True)
+            i += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for s in self.socks:
+            s.close()
+
+
+def test_scrapers_that_never_finish_their_request_cannot_keep_prometheus_out(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # The endpoint serves 16 connections at once; each read had a 10 s timeout, so 16
+    # connections sending a byte every few seconds held every place for ever and each scrape
+    # was closed unanswered: monitoring blinded by one script, and the "endpoint down" alert
+    # firing for a cluster that is fine.
+    cl, port = with_metrics(make_cluster, 1)
+    slow = Trickle(port, 3 * exporter.MAX_REQUESTS)
+    try:
+        wait_for(lambda: len(slow.socks) - len(slow.closed) >= exporter.MAX_REQUESTS,
+                 what="the slow connections to be under way")
+        for _ in range(3):
+            status, body = fetch(port)
+            assert status == 200 and "# TYPE chatcluster_clients gauge" in body
+    finally:
+        slow.close()
+
+
+@pytest.mark.slow
+def test_a_connection_to_the_metrics_endpoint_is_closed_at_its_time_limit_however_it_trickles(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cl, port = with_metrics(make_cluster, 1)
+    slow = Trickle(port, 2)
+    try:
+        wait_for(lambda: len(slow.closed) == 2, timeout=exporter.REQUEST_TIMEOUT + 5,
+                 what=f"both trickling connections closed by the server within {exporter.REQUEST_TIMEOUT:g} s")
+    finally:
+        slow.close()
