@@ -109,6 +109,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         # cluster per runtime directory.
         lock_fd = paths.lock_runtime_dir(runtime_dir)
         check_port_free(cfg.host, cfg.port)
+        if cfg.history_db and cfg.history_lines > 0:
+            prepare_history_db(cfg.history_db)
         if cfg.metrics_listen:
             from .exporter import check_listen
 
@@ -123,6 +125,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     sup = Supervisor(cfg=cfg, config_path=args.config, runtime_dir=runtime_dir, pid_file=pid_file,
                      overrides=given, created_runtime_dir=created, lock_fd=lock_fd)
     return sup.run()
+
+
+def prepare_history_db(value: str) -> None:
+    """The history file is one nobody else could have written (its lines go to clients as they
+    are), and private from its creation; a StartupError naming the problem otherwise."""
+    from .histdb import check_path
+
+    path = os.path.abspath(os.path.expanduser(value))
+    problem = check_path(path)
+    if problem:
+        raise StartupError(problem)
+    try:
+        paths.create_private(path)
+    except OSError as exc:
+        raise StartupError(f"history_db {path} cannot be created ({exc.strerror}); choose another path") from None
 
 
 def check_port_free(host: str, port: int) -> None:

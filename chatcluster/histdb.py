@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+from . import paths
 from .chat import format_line
 from .wire import UNREADABLE_PAYLOAD, decode
 
@@ -58,7 +59,14 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def load(path: str, max_lines: int) -> list[tuple[str, list[tuple[float, bytes]]]]:
-    """Each room's last `max_lines` lines, oldest first; [] for a file that does not exist yet."""
+    """Each room's last `max_lines` lines, oldest first; [] for a file that does not exist yet.
+
+    The lines go to joiners as they are, so a file anyone else could have written is refused
+    (`check_path`) before it is read.
+    """
+    problem = check_path(path)
+    if problem:
+        raise SystemExit(problem)
     if not os.path.exists(path):
         return []
     try:
@@ -82,15 +90,16 @@ def load(path: str, max_lines: int) -> list[tuple[str, list[tuple[float, bytes]]
 
 
 def check_path(path: str) -> str | None:
-    """Why `path` cannot be a history database, or None."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    """Why `path` cannot be a history database, or None: see also paths.data_file_problem."""
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path) or "."
     if os.path.isdir(path):
         return f"history_db {path} is a directory; name a file in it, for example {path.rstrip('/')}/history.db"
     if not os.path.isdir(parent):
         return f"history_db {path}: the directory {parent} does not exist; create it or choose another path"
     if not os.access(parent, os.W_OK):
         return f"history_db {path}: the directory {parent} is not writable by this user"
-    return None
+    return paths.data_file_problem(path, "history_db")
 
 
 # -- the broker's end -----------------------------------------------------------------------------

@@ -309,6 +309,68 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
+# SQLite's companions of a database file: what it writes beside it, and replays from on open.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def data_file_problem(path: str, setting: str) -> str | None:
+    """Why the data file at `path` (the value of `setting`) cannot be trusted, or None.
+
+    What is read back from it goes to clients as it is (a room's history), so nobody but
+    us may have been able to write it or to replace it: the rule OpenSSH applies to
+    ~/.ssh. The file and SQLite's companions beside it must be regular files (not
+    symbolic links), ours, and not writable by group or others; its directory may be
+    reached through symbolic links (systemd's StateDirectory= under DynamicUser= is one)
+    but must belong to us or root and be writable by nobody else, unless it has the
+    sticky bit (like /tmp), where nobody can replace a file of ours.
+    """
+    parent = os.path.dirname(path)
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        return (f"{setting} {path}: the directory {parent} cannot be used ({exc.strerror}); create it or "
+                f"choose another path")
+    if st.st_uid not in (0, os.getuid()):
+        return (f"{setting} {path}: the directory {parent} belongs to another user (uid {st.st_uid}), who could "
+                f"replace the file; use a directory of your own (for example /var/lib/chatcluster)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return (f"{setting} {path}: the directory {parent} is writable by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}), who could replace the file; use a directory only you can "
+                f"write to (for example /var/lib/chatcluster)")
+    for name in (path, *(path + suffix for suffix in SQLITE_COMPANIONS)):
+        what = f"{setting} {path}" if name == path else f"{setting} {path}: {name}"
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{what} cannot be checked ({exc.strerror})"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{what} is a symbolic link; name the file itself (a link could lead anywhere)"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{what} is not a regular file; remove it or choose another path"
+        if st.st_uid != os.getuid():
+            return (f"{what} belongs to another user (uid {st.st_uid}), so what it holds cannot be trusted; "
+                    f"remove it (chatcluster creates it) or choose another path")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"{what} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), so what it holds "
+                    f"cannot be trusted; make it private (chmod 600) or remove it")
+    return None
+
+
+def create_private(path: str) -> None:
+    """An empty file at `path`, mode 0600, unless one is there already; never through a symlink.
+
+    SQLite would create a database with mode 0644 (minus the umask) and gives its -wal and
+    -shm the database's mode: created here first, all three are private.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 def missing_files(runtime_dir: str, names: tuple[str, ...]) -> list[str]:
     """Which of `names` are no longer in `runtime_dir` (a tmp cleaner, an operator's `rm`)."""
     gone = []

@@ -20,6 +20,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -252,3 +253,101 @@ def test_a_connection_to_the_metrics_endpoint_is_closed_at_its_time_limit_howeve
                  what=f"both trickling connections closed by the server within {exporter.REQUEST_TIMEOUT:g} s")
     finally:
         slow.close()
+
+
+# -- a history file someone else could write ---------------------------------------------------------
+
+
+def forged_history(path: str) -> None:
+    """An SQLite history file holding one line that no client ever sent: a forged server notice
+    with terminal escapes (clear the screen, set the window title)."""
+    import sqlite3
+
+    from chatcluster.histdb import SCHEMA
+
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA)
+    db.execute("INSERT INTO lines(room, ts, line) VALUES (?, ?, ?)",
+               ("#news", time.time(), b"*** Server: send your password to admin\x1b[2J\x1b]0;owned\x07\r\n"))
+    db.commit()
+    db.close()
+
+
+def shared_dir(tmp_path: Path, mode: int) -> Path:
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, mode)
+    return d
+
+
+def planted_foreign(tmp_path: Path) -> tuple[str, str]:
+    if os.getuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    d = shared_dir(tmp_path, 0o1777)  # like /tmp: anyone may create a file there first
+    path = str(d / "history.db")
+    forged_history(path)
+    os.chown(path, 65534, 65534)
+    return path, f"history_db {path} belongs to another user (uid 65534)"
+
+
+def planted_writable(tmp_path: Path) -> tuple[str, str]:
+    path = str(tmp_path / "history.db")
+    forged_history(path)
+    os.chmod(path, 0o666)
+    return path, f"history_db {path} is writable by others (mode 0666)"
+
+
+def planted_wal(tmp_path: Path) -> tuple[str, str]:
+    path = str(tmp_path / "history.db")
+    forged_history(path)
+    os.chmod(path, 0o600)
+    wal = path + "-wal"
+    with open(wal, "wb"):
+        pass
+    os.chmod(wal, 0o666)  # SQLite replays a WAL into the database when it opens it
+    return path, f"history_db {path}: {wal} is writable by others (mode 0666)"
+
+
+def planted_symlink(tmp_path: Path) -> tuple[str, str]:
+    target = tmp_path / "elsewhere.db"
+    forged_history(str(target))
+    path = str(tmp_path / "history.db")
+    os.symlink(target, path)
+    return path, f"history_db {path} is a symbolic link"
+
+
+def open_directory(tmp_path: Path) -> tuple[str, str]:
+    d = shared_dir(tmp_path, 0o777)  # no sticky bit: anyone may replace what is in it
+    return str(d / "history.db"), f"history_db {d / 'history.db'}: the directory {d} is writable by others"
+
+
+@pytest.mark.parametrize("plant", [planted_foreign, planted_writable, planted_wal, planted_symlink, open_directory])
+def test_a_history_file_that_someone_else_could_have_written_is_refused_at_start(
+    tmp_path: Path, plant: Callable[[Path], tuple[str, str]],
+) -> None:
+    # The broker read such a file back and showed its lines to joiners byte for byte: a forged
+    # "*** Server" notice with escape sequences reached every client that joined the room.
+    path, problem = plant(tmp_path)
+    result = start_refused("--workers", "1", "--host", "127.0.0.1", "--port", str(free_port()),
+                           "--runtime-dir", str(tmp_path / "run"), "--history-db", path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"chatcluster: error: {problem}"), lines
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_new_history_file_and_its_companions_are_private(make_cluster: Callable[..., Cluster],
+                                                          tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    path = tmp_path / "history.db"
+    cl = make_cluster(1, extra=("--history-db", str(path)))
+    a, b = cl.client(), cl.client()
+    a.say("/join #news")
+    a.wait_line(r"\*\*\* You joined #news.*")
+    b.say("/join #news")
+    b.wait_line(r"\*\*\* You joined #news; 2 users here.*")
+    a.say("written to disk")
+    b.wait_line(rf"{a.nick}: written to disk")
+    wait_for(lambda: os.path.exists(f"{path}-wal"), what="the write-ahead log")
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(name):
+            assert oct(os.stat(name).st_mode & 0o777) == oct(0o600), name
