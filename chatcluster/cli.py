@@ -173,10 +173,22 @@ def check_port_free(host: str, port: int) -> None:
 # -- finding a running cluster ------------------------------------------------------------------
 
 
-def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
-    """(config, runtime dir, supervisor pid) of the running cluster, or a CliError saying how to find it."""
+def locate(args: argparse.Namespace, strict: bool = True) -> tuple[cfgmod.Config, str, int]:
+    """(config, runtime dir, supervisor pid) of the running cluster, or a CliError saying how to find it.
+
+    Not `strict` (status, stop, scale): a config file that no longer validates as a whole is
+    only warned about, as long as what finds the cluster in it is readable; reload and upgrade
+    are about the file, and refuse it.
+    """
     overrides: dict[str, Any] = {"port": args.port, "runtime_dir": args.runtime_dir, "pid_file": args.pid_file}
-    cfg = cfgmod.load(args.config, overrides)
+    try:
+        cfg = cfgmod.load(args.config, overrides)
+    except cfgmod.ConfigError as exc:
+        if strict:
+            raise
+        cfg = cfgmod.load_locating(args.config, overrides)
+        print(f"chatcluster: warning: {exc} (it is only used to find the cluster, through its "
+              f"{', '.join(cfgmod.LOCATING)})", file=sys.stderr)
     runtime_dir = resolve_runtime_dir(cfg)
     pid_file = cfg.pid_file or paths.default_pid_file(runtime_dir)
     pid = running_pid(pid_file)
@@ -237,7 +249,7 @@ def alive(pid: int) -> bool:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    cfg, _, pid = locate(args)
+    cfg, _, pid = locate(args, strict=False)
     began = time.monotonic()
     send_signal(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
     # The supervisor kills what is left at graceful_timeout; the rest is room for exiting.
@@ -299,7 +311,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     if not 1 <= args.count <= MAX_WORKERS:
         raise CliError(f"cannot scale to {args.count} workers; choose between 1 and {MAX_WORKERS}")
-    cfg, runtime_dir, pid = locate(args)
+    cfg, runtime_dir, pid = locate(args, strict=False)
     stats = open_stats(runtime_dir, pid)
     before = stats.header().target
     # The cap as the running supervisor computed it (its CPUs, its allow_many_workers).
@@ -409,7 +421,7 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _, runtime_dir, pid = locate(args)
+    _, runtime_dir, pid = locate(args, strict=False)
     status = collect_status(runtime_dir, pid)
     if args.json:
         print(json.dumps(status, indent=2))

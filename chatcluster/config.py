@@ -530,6 +530,36 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
     return Config(values=values, source=path or "defaults")
 
 
+LOCATING = ("host", "port", "runtime_dir", "pid_file")  # what the commands need to find a running cluster
+
+
+def load_locating(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Only what finds a running cluster (LOCATING), from a file that may not validate as a whole.
+
+    For the commands that act on a running cluster (`status`, `stop`, `scale`): a file broken
+    since the start (a typo in another setting, an unknown section) must not keep the operator
+    from looking at the cluster or stopping it. Those settings themselves must still be valid,
+    and the file must still be TOML: otherwise nothing says where the cluster is (ConfigError).
+    """
+    values = {s.name: s.default for s in SETTINGS}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            read_file(path)  # raises the ConfigError naming the problem
+            raise
+        tables = [doc, *(v for v in doc.values() if isinstance(v, dict))]
+        for table in tables:
+            for name in LOCATING:
+                if name in table and not isinstance(table[name], dict):
+                    values[name] = coerce(BY_NAME[name], table[name], f"config file {path}")
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = coerce(BY_NAME[name], raw, BY_NAME[name].flag)
+    return Config(values=values, source=path or "defaults")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; None means 'not given', so the file's value stands."""
     for s in SETTINGS:

@@ -11,6 +11,7 @@ are on conditions with deadlines, never on the clock.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -351,3 +352,37 @@ def test_a_new_history_file_and_its_companions_are_private(make_cluster: Callabl
     for name in (path, f"{path}-wal", f"{path}-shm"):
         if os.path.exists(name):
             assert oct(os.stat(name).st_mode & 0o777) == oct(0o600), name
+
+
+# -- a config file broken while the cluster runs ------------------------------------------------------
+
+
+def command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatcluster", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+
+
+def test_status_and_stop_find_the_cluster_when_its_config_file_no_longer_validates(
+    make_cluster: Callable[..., Cluster], tmp_path: Path,
+) -> None:
+    # The commands find a cluster through the same --config it was started with. An edit that
+    # broke the file (a typo in any setting, an unknown section) made `status` and `stop` fail
+    # with the file's error: the operator could neither look at nor stop the running cluster
+    # the documented way. They only need to know where it is.
+    config = tmp_path / "chatcluster.toml"
+    cl = make_cluster(1, config=str(config), start=False)
+    config.write_text(f'[server]\nport = {cl.port}\nhost = "127.0.0.1"\nruntime_dir = "{cl.runtime_dir}"\n')
+    cl.start()
+    config.write_text(config.read_text() + "[chat]\nannounce_joins = \"maybe\"\n[extra]\n")
+    status = command("status", "--json", "--config", str(config))
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["pid"] == cl.pid
+    warning = status.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"chatcluster: warning: config file {config}: "), warning
+    assert "it is only used to find the cluster" in warning[0]
+    # reload is about the file: it still says what is wrong with it, and changes nothing
+    reload = command("reload", "--config", str(config))
+    assert reload.returncode == 2 and "unknown section [extra]" in reload.stderr
+    stop = command("stop", "--config", str(config))
+    assert stop.returncode == 0, stop.stderr
+    assert cl.wait_exit(15) == 0
