@@ -155,6 +155,18 @@ def remove_temporaries(directory: str) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
+def remove_handoff_sockets(directory: str) -> None:
+    """Remove the handoff sockets of an upgrade's new workers that were killed before they could."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(HANDOFF_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
 # -- pid files ------------------------------------------------------------------------------------
 
 

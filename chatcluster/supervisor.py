@@ -784,6 +784,7 @@ class Supervisor:
             except OSError:
                 pass
         paths.remove_temporaries(self.runtime_dir)
+        paths.remove_handoff_sockets(self.runtime_dir)
         if self.created_runtime_dir:
             try:
                 os.rmdir(self.runtime_dir)

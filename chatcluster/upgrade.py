@@ -32,7 +32,6 @@ the `Host` interface, so that the two do not import each other.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -469,9 +468,7 @@ def abort(sup: Host, why: str) -> None:
             old.retiring = False
             old.retire_deadline = 0.0
     sup.generation = up.old_generation
-    for path in glob.glob(os.path.join(sup.runtime_dir, paths.HANDOFF_PREFIX + "*")):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    paths.remove_handoff_sockets(sup.runtime_dir)
     fail(sup, f"{why}; the running workers keep serving")
 
 

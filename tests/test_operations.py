@@ -386,3 +386,22 @@ def test_status_and_stop_find_the_cluster_when_its_config_file_no_longer_validat
     stop = command("stop", "--config", str(config))
     assert stop.returncode == 0, stop.stderr
     assert cl.wait_exit(15) == 0
+
+
+# -- what a stop leaves behind ------------------------------------------------------------------------
+
+
+def test_a_stop_leaves_no_handoff_socket_of_an_upgrade_it_cut_short_behind(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    # A stop that comes while an upgrade's new workers wait for their predecessors kills them
+    # before they remove their handoff-wN sockets; those stayed in the runtime directory after
+    # the cluster exited (and kept a directory the cluster had created from being removed).
+    # A new worker killed at that moment leaves exactly this behind:
+    cl = make_cluster(1)
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(os.path.join(cl.runtime_dir, "handoff-w1"))
+    left.close()
+    cl.signal(signal.SIGTERM)
+    assert cl.wait_exit(15) == 0
+    assert sorted(os.listdir(cl.runtime_dir)) == []
