@@ -152,8 +152,8 @@ SETTINGS: tuple[Setting, ...] = (
         "workers",
         0,
         int,
-        f"Number of worker processes; 0 means one per CPU. At most {WORKERS_PER_CPU} per CPU unless "
-        f"allow_many_workers is set.",
+        f"Number of worker processes; 0 means one per CPU the cluster may use. At most {WORKERS_PER_CPU} per CPU "
+        f"unless allow_many_workers is set.",
         check=_between(0, MAX_WORKERS),
     ),
     Setting("backlog", 4096, int, "Listen backlog of each worker's socket.", check=_between(1, 1 << 20)),
@@ -411,7 +411,7 @@ class Config:
             raise AttributeError(name) from None
 
     def worker_count(self) -> int:
-        return self.values["workers"] or (os.cpu_count() or 1)
+        return self.values["workers"] or usable_cpus()
 
     def live_changes(self, new: Config) -> tuple[dict[str, Any], list[str]]:
         """Split the differences to `new` into live-applicable values and names needing a restart."""

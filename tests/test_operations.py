@@ -405,3 +405,21 @@ def test_a_stop_leaves_no_handoff_socket_of_an_upgrade_it_cut_short_behind(
     cl.signal(signal.SIGTERM)
     assert cl.wait_exit(15) == 0
     assert sorted(os.listdir(cl.runtime_dir)) == []
+
+
+# -- how many workers "one per CPU" is ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a machine with more than one CPU")
+def test_workers_0_means_one_per_cpu_the_cluster_may_use() -> None:
+    # `workers = 0` counted every CPU of the machine, while the cap counts the CPUs of the
+    # affinity mask: in a container given 2 CPUs of a 64-CPU host (cpuset), a default
+    # configuration started 64 workers, past its own cap of 8.
+    from chatcluster.config import load
+
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        assert load().worker_count() == 1
+    finally:
+        os.sched_setaffinity(0, before)
