@@ -8,6 +8,9 @@ a byte a second, must not be able to delay signal handling or worker
 supervision in any way. The endpoint process only reads the shared stats file
 and /proc (through `snapshot`), so it can die or hang without harming anyone:
 the supervisor restarts it (`MetricsProcess`), like any child, with back-off.
+It beats by writing a byte to a pipe the supervisor reads, twice a second;
+one that stops beating for `worker_timeout` (stopped, or deadlocked) is killed
+and replaced like a hung worker.
 It answers `/metrics` with prometheus_client's WSGI app and 404 for anything
 else; each connection gets a thread and a time limit for all of it (not only
 for each read: a scraper sending a byte now and then would never reach a
@@ -44,6 +47,7 @@ MAX_REQUESTS = 16  # connections served at once; past it, the oldest still sendi
 YOUNG = 5.0  # an endpoint process that dies younger than this is restarted with back-off
 BACKOFF_MAX = 30.0
 STOP_WAIT = 2.0  # seconds the supervisor gives it to exit on TERM before KILL
+BOOT_GRACE = 30.0  # seconds a new endpoint may take to its first heartbeat (imports, bind)
 
 
 def check_listen(listen: str) -> None:
@@ -104,6 +108,9 @@ class MetricsProcess:
     stats: S.StatsFile
     pid: int = 0
     started: float = 0.0
+    beats: int = -1  # the read end of the endpoint's heartbeat pipe
+    last_beat: float = 0.0
+    beaten: bool = False  # it has beaten at least once (booted)
     failures: int = 0
     not_before: float = 0.0
     old_pid: int = 0  # an endpoint of the code before an upgrade, told to exit
@@ -129,10 +136,46 @@ class MetricsProcess:
         if not self.listen or self.pid or self.old_pid or now < self.not_before:
             return
         listen, runtime_dir, parent = self.listen, self.runtime_dir, os.getpid()
-        self.pid = fork("metrics", lambda: serve(listen, runtime_dir, parent))
-        self.started = now
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        def body() -> int:
+            os.close(r)
+            return serve(listen, runtime_dir, parent, w)
+
+        try:
+            self.pid = fork("metrics", body)
+        finally:
+            os.close(w)
+        self._close_beats()
+        self.beats = r
+        self.started = self.last_beat = now
+        self.beaten = False
         self.stats.supervisor.exporter_pid = self.pid
         log.info("metrics endpoint started, pid %d, serving http://%s/metrics", self.pid, listen)
+
+    def check(self, now: float, timeout: float, watching_since: float = 0.0) -> None:
+        """Kill an endpoint that stopped beating for `timeout` seconds (of time the caller was
+        watching since `watching_since`); it is reaped and restarted like one that died."""
+        if not self.pid or self.beats < 0:
+            return
+        try:
+            while os.read(self.beats, 4096):
+                self.last_beat, self.beaten = now, True
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        silent = now - max(self.last_beat, watching_since)
+        if silent > (timeout if self.beaten else max(timeout, BOOT_GRACE)):
+            log.error("metrics endpoint (pid %d): no heartbeat for %.1f s (worker_timeout=%g); killing it and "
+                      "starting a new one", self.pid, silent, timeout)
+            _kill(self.pid, signal.SIGKILL)
+            self._close_beats()
+
+    def _close_beats(self) -> None:
+        if self.beats >= 0:
+            os.close(self.beats)
+            self.beats = -1
 
     def reaped(self, pid: int, status: int, stopping: bool = False) -> bool:
         """A child exited; True if it was the endpoint (restarted later by `maintain` unless stopping)."""
@@ -143,6 +186,7 @@ class MetricsProcess:
             return False
         now = time.monotonic()
         self.pid = 0
+        self._close_beats()
         self.stats.supervisor.exporter_pid = 0
         if now - self.started < YOUNG:
             self.failures += 1
@@ -181,6 +225,7 @@ class MetricsProcess:
                     except ChildProcessError:
                         pass
         self.pid = self.old_pid = 0
+        self._close_beats()
         self.stats.supervisor.exporter_pid = 0
 
     def kill(self) -> None:
@@ -269,8 +314,15 @@ class Connections:
             pass
 
 
-def serve(listen: str, runtime_dir: str, supervisor_pid: int) -> int:
-    """The endpoint process: serve until the supervisor is gone (or TERM, the default action)."""
+BEAT = b"."
+
+
+def serve(listen: str, runtime_dir: str, supervisor_pid: int, beat_fd: int = -1) -> int:
+    """The endpoint process: serve until the supervisor is gone (or TERM, the default action).
+
+    `beat_fd` is the write end of the heartbeat pipe: a byte at every turn of the accepting
+    loop (at least every half second) tells the supervisor the endpoint is not stuck.
+    """
     from wsgiref.simple_server import WSGIRequestHandler
 
     from prometheus_client.exposition import ThreadingWSGIServer
@@ -308,6 +360,11 @@ def serve(listen: str, runtime_dir: str, supervisor_pid: int) -> int:
             if os.getppid() != supervisor_pid:
                 raise SystemExit(0)  # the supervisor is gone: nothing left to report on
             conns.expire(time.monotonic())
+            if beat_fd >= 0:
+                try:
+                    os.write(beat_fd, BEAT)
+                except BlockingIOError:
+                    pass  # the supervisor has not read the last ones yet: it knows we live
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             log.debug("metrics request from %s failed", client_address, exc_info=True)

@@ -277,6 +277,8 @@ class Supervisor:
             else:
                 self.check_workers(now)
                 self.check_broker(now)
+                if self.metrics is not None:
+                    self.metrics.check(now, self.cfg.worker_timeout, self.watching_since)
                 if now >= self.next_runtime_check:
                     self.next_runtime_check = now + RUNTIME_CHECK
                     self.check_runtime_dir(now)

@@ -11,6 +11,7 @@ are on conditions with deadlines, never on the clock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import psutil
 import pytest
 from conftest import REPO, Cluster, free_port, start_refused, wait_for
 from limits_support import raw_socket, recv_until
-from test_metrics import fetch, with_metrics
+from test_metrics import _answers, fetch, with_metrics
 
 from chatcluster import exporter
 from chatcluster import stats as S
@@ -423,3 +424,23 @@ def test_workers_0_means_one_per_cpu_the_cluster_may_use() -> None:
         assert load().worker_count() == 1
     finally:
         os.sched_setaffinity(0, before)
+
+
+# -- a hung metrics endpoint --------------------------------------------------------------------------
+
+
+def test_a_hung_metrics_endpoint_is_killed_and_replaced(make_cluster: Callable[..., Cluster]) -> None:
+    # The supervisor restarted an endpoint that died, but one that hung (stopped, deadlocked)
+    # held its port for ever: every scrape timed out, and nothing in the log said why.
+    cl, port = with_metrics(make_cluster, 1, "--worker-timeout", "2")
+    hung = header(cl).exporter_pid
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        wait_for(lambda: header(cl).exporter_pid not in (0, hung), what="a new metrics endpoint")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(hung, signal.SIGCONT)
+    wait_for(lambda: _answers(port), what="the new endpoint to answer")
+    assert f"metrics endpoint (pid {hung}): no heartbeat for" in cl.read_log()
+    wait_for(lambda: not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE,
+             what="the hung endpoint gone")
