@@ -224,13 +224,38 @@ def write_request(path: str, text: str) -> None:
     paths.atomic_write(path, text, mode=0o644, fsync=False)
 
 
-def wait_until(cond: Callable[[], Any], timeout: float) -> Any:
+STOPPED_FOR = 1.0  # seconds a supervisor seen stopped (SIGSTOP) before the command says so
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, pid: int = 0, sent: str = "") -> Any:
+    """`cond()` once true, or its last value at the timeout. With `pid`, a supervisor that stays
+    stopped (SIGSTOP, Ctrl-Z) is a CliError at once: it would not answer however long we wait."""
     deadline = time.monotonic() + timeout
+    stopped_since = 0.0
     while True:
         value = cond()
-        if value or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if value or now >= deadline:
             return value
+        if pid:
+            if not stopped(pid):
+                stopped_since = 0.0
+            elif not stopped_since:
+                stopped_since = now
+            elif now - stopped_since >= STOPPED_FOR:
+                raise CliError(f"sent {sent}, but chatcluster (pid {pid}) is stopped (SIGSTOP, or Ctrl-Z where "
+                               f"it runs): it will act on it once continued with `kill -CONT {pid}`")
         time.sleep(0.05)
+
+
+def stopped(pid: int) -> bool:
+    """True while `pid` is stopped by a signal (state T in ps), and so answers nothing."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_STOPPED)
+    except psutil.Error:
+        return False
 
 
 def alive(pid: int) -> bool:
@@ -254,7 +279,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     send_signal(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
     # The supervisor kills what is left at graceful_timeout; the rest is room for exiting.
     grace = 1.0 if args.fast else cfg.graceful_timeout
-    if wait_until(lambda: not alive(pid), grace + 10):
+    if wait_until(lambda: not alive(pid), grace + 10, pid, "SIGQUIT" if args.fast else "SIGTERM"):
         print(f"chatcluster (pid {pid}) stopped {'fast' if args.fast else 'gracefully'} "
               f"in {time.monotonic() - began:.1f} s")
         return 0
@@ -292,7 +317,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         result = read_reload_result(runtime_dir)
         return result if result.get("seq", 0) != before else None
 
-    result = wait_until(answered, RELOAD_WAIT)
+    result = wait_until(answered, RELOAD_WAIT, pid, "SIGHUP")
     if result is None:
         raise CliError(f"sent SIGHUP to chatcluster (pid {pid}) but it did not report back within "
                        f"{RELOAD_WAIT:.0f} s; see its log")
@@ -335,7 +360,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                 and all(v.state == S.READY for v in used))
 
     timeout = cfg.graceful_timeout + SCALE_WAIT
-    if wait_until(reached, timeout):
+    if wait_until(reached, timeout, pid, f"a request for {args.count} workers (SIGUSR1)"):
         print(f"chatcluster (pid {pid}) now runs {args.count} workers (was {before})")
         return 0
     raise CliError(f"chatcluster (pid {pid}) did not reach {args.count} ready workers within {timeout:.0f} s; "
@@ -361,7 +386,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             raise CliError(f"chatcluster (pid {pid}) exited during the upgrade; see its log")
         return None
 
-    result = wait_until(answered, wait)
+    result = wait_until(answered, wait, pid, "SIGUSR2")
     if result is None:
         raise CliError(f"sent USR2 to chatcluster (pid {pid}) but it did not report an outcome within "
                        f"{wait:.0f} s; see its log")

@@ -444,3 +444,27 @@ def test_a_hung_metrics_endpoint_is_killed_and_replaced(make_cluster: Callable[.
     assert f"metrics endpoint (pid {hung}): no heartbeat for" in cl.read_log()
     wait_for(lambda: not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE,
              what="the hung endpoint gone")
+
+
+# -- a supervisor stopped with SIGSTOP or Ctrl-Z ------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", [["reload"], ["stop"], ["scale", "2"]])
+def test_commands_say_at_once_that_the_supervisor_is_stopped_and_how_to_continue_it(
+    make_cluster: Callable[..., Cluster], what: list[str],
+) -> None:
+    # A supervisor stopped with SIGSTOP (or Ctrl-Z in the terminal it runs in) acts on no
+    # signal; the commands waited out their time (10 s for reload, 20 s for stop, 40 s for
+    # scale) and then said "did not report back; see its log", where nothing is written.
+    cl = make_cluster(1)
+    os.kill(cl.pid, signal.SIGSTOP)
+    try:
+        result = command(*what, "--port", str(cl.port), "--runtime-dir", cl.runtime_dir)
+    finally:
+        os.kill(cl.pid, signal.SIGCONT)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result
+    assert lines[0].endswith(f"chatcluster (pid {cl.pid}) is stopped (SIGSTOP, or Ctrl-Z where it runs): it "
+                             f"will act on it once continued with `kill -CONT {cl.pid}`"), lines
+    if what == ["stop"]:
+        assert cl.wait_exit(15) == 0  # the TERM was queued and taken once continued
