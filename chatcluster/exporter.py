@@ -135,12 +135,12 @@ class MetricsProcess:
         """Start the endpoint when it should run and does not (its port free, its back-off over)."""
         if not self.listen or self.pid or self.old_pid or now < self.not_before:
             return
-        listen, runtime_dir, parent = self.listen, self.runtime_dir, os.getpid()
+        listen, runtime_dir, parent, stats = self.listen, self.runtime_dir, os.getpid(), self.stats
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
         def body() -> int:
             os.close(r)
-            return serve(listen, runtime_dir, parent, w)
+            return serve(listen, runtime_dir, parent, w, stats)
 
         try:
             self.pid = fork("metrics", body)
@@ -245,14 +245,14 @@ def _kill(pid: int, sig: int) -> None:
 # -- the endpoint process -----------------------------------------------------------------------
 
 
-def app_for(runtime_dir: str, supervisor_pid: int) -> Callable[..., Iterable[bytes]]:
+def app_for(runtime_dir: str, supervisor_pid: int, stats: S.StatsFile | None = None) -> Callable[..., Iterable[bytes]]:
     """The WSGI app: /metrics from a registry holding only the cluster's collector; 404 elsewhere."""
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     from .metrics import ClusterCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ClusterCollector(runtime_dir, supervisor_pid))
+    registry.register(ClusterCollector(runtime_dir, supervisor_pid, stats))
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -317,11 +317,14 @@ class Connections:
 BEAT = b"."
 
 
-def serve(listen: str, runtime_dir: str, supervisor_pid: int, beat_fd: int = -1) -> int:
+def serve(listen: str, runtime_dir: str, supervisor_pid: int, beat_fd: int = -1,
+          stats: S.StatsFile | None = None) -> int:
     """The endpoint process: serve until the supervisor is gone (or TERM, the default action).
 
     `beat_fd` is the write end of the heartbeat pipe: a byte at every turn of the accepting
-    loop (at least every half second) tells the supervisor the endpoint is not stuck.
+    loop (at least every half second) tells the supervisor the endpoint is not stuck. `stats`
+    is the supervisor's mapping of the stats file, inherited through the fork: read through it,
+    the figures stay available when a tmp cleaner deletes the file's name.
     """
     from wsgiref.simple_server import WSGIRequestHandler
 
@@ -376,7 +379,7 @@ def serve(listen: str, runtime_dir: str, supervisor_pid: int, beat_fd: int = -1)
     except OSError as exc:
         log.error("%s", _bind_error(listen, host, port, exc))
         return EXIT_LISTEN_FAILED
-    server.set_app(app_for(runtime_dir, supervisor_pid))
+    server.set_app(app_for(runtime_dir, supervisor_pid, stats))
     log.info("serving metrics on http://%s/metrics", listen)
     server.serve_forever(poll_interval=0.5)
     return 0

@@ -468,3 +468,25 @@ def test_commands_say_at_once_that_the_supervisor_is_stopped_and_how_to_continue
                              f"will act on it once continued with `kill -CONT {cl.pid}`"), lines
     if what == ["stop"]:
         assert cl.wait_exit(15) == 0  # the TERM was queued and taken once continued
+
+
+# -- a tmp cleaner deletes the stats file ------------------------------------------------------------
+
+
+def test_metrics_go_on_after_the_stats_file_was_deleted(make_cluster: Callable[..., Cluster]) -> None:
+    # Every process keeps the stats file mapped, so the cluster goes on counting after a tmp
+    # cleaner deletes it; but the endpoint opened it by name at each scrape, and answered 500
+    # (with a traceback in the log) at every scrape from then on: monitoring blind until a restart.
+    cl, port = with_metrics(make_cluster, 1)
+    a, b = cl.client(), cl.client()
+    os.unlink(os.path.join(cl.runtime_dir, "stats"))
+    a.say("counted after the deletion")
+    b.wait_line(rf"{a.nick}: counted after the deletion")
+
+    def counted() -> bool:
+        status, body = fetch(port)
+        assert status == 200, body
+        return 'chatcluster_lines_received_total{worker="0"} 1.0' in body
+
+    wait_for(counted, what="the line counted on /metrics")
+    assert 'chatcluster_clients{worker="0"} 2.0' in fetch(port)[1]
