@@ -266,6 +266,9 @@ def check_runtime_dir(path: str) -> None:
     """
     # lstat, not stat: in a shared /tmp a symlink planted by someone else must not be followed.
     st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"runtime directory {path} exists but is not a directory (it is a symbolic link to "
+                           f"{os.readlink(path)}); pass the directory itself with --runtime-dir")
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"runtime directory {path} exists but is not a directory; remove it or "
                            f"choose another with --runtime-dir")

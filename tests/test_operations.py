@@ -490,3 +490,16 @@ def test_metrics_go_on_after_the_stats_file_was_deleted(make_cluster: Callable[.
 
     wait_for(counted, what="the line counted on /metrics")
     assert 'chatcluster_clients{worker="0"} 2.0' in fetch(port)[1]
+
+
+def test_a_runtime_dir_given_as_a_symlink_is_refused_with_the_directory_to_use_instead(tmp_path: Path) -> None:
+    # "exists but is not a directory" alone puzzles whoever sees a directory at the end of it.
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    result = start_refused("--workers", "1", "--host", "127.0.0.1", "--port", str(free_port()),
+                           "--runtime-dir", str(tmp_path / "link"))
+    assert result.returncode == 1
+    assert result.stderr == (f"chatcluster: error: runtime directory {tmp_path / 'link'} exists but is not a "
+                             f"directory (it is a symbolic link to {real}); pass the directory itself with "
+                             f"--runtime-dir\n")
