@@ -214,8 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
         "send_buffer_bytes",
         64 << 10,
         int,
-        "Kernel send buffer of each client socket; 0 leaves it to the kernel's autotuning (megabytes). Small "
-        "keeps output where backpressure sees it (fair to everyone under a flood); large sends a blast faster.",
+        "Kernel send buffer of each client socket (a reload resizes the open ones too); 0 leaves it to the "
+        "kernel's autotuning (megabytes), for connections made from then on. Small keeps output where "
+        "backpressure sees it (fair to everyone under a flood); large sends a blast faster.",
         live=True,
         check=_between(0, 64 << 20),
         section="limits",

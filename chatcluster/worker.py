@@ -724,11 +724,19 @@ class Worker:
             return
         live = self.settings.reload(values, path)
         s = self.settings
+        # A new buffer size for the sockets already open too (0, autotuning, cannot be handed
+        # back to a socket whose size was once set: it applies to new connections only).
+        sndbuf = s.send_buffer_bytes if "send_buffer_bytes" in live else 0
         for c in self.registry.clients():
             if c.reader is not None:
                 c.reader.max_line_bytes = s.max_line_bytes
             if c.bucket is not None:
                 c.bucket.configure(s.flood_rate, s.flood_burst)
+            if sndbuf:
+                try:
+                    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                except OSError:
+                    pass  # a connection being reset: it is closed soon enough
         logging.getLogger("chatcluster").setLevel(s.log_level.upper())
         log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
         self.config_version = version

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -503,3 +505,35 @@ def test_a_runtime_dir_given_as_a_symlink_is_refused_with_the_directory_to_use_i
     assert result.stderr == (f"chatcluster: error: runtime directory {tmp_path / 'link'} exists but is not a "
                              f"directory (it is a symbolic link to {real}); pass the directory itself with "
                              f"--runtime-dir\n")
+
+
+# -- a live setting that must reach the clients already connected -------------------------------------
+
+
+def server_sndbuf(port: int, client_port: int) -> int:
+    """The kernel send buffer of the server's side of the connection from `client_port` (ss's `tb`)."""
+    out = subprocess.run(["ss", "-tmnH", "state", "established", f"( sport = :{port} and dport = :{client_port} )"],
+                         capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"\btb(\d+)", out)
+    assert found, out
+    return int(found.group(1))
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) not installed")
+def test_a_reloaded_send_buffer_reaches_the_clients_already_connected(
+    make_cluster: Callable[..., Cluster], tmp_path: Path,
+) -> None:
+    # send_buffer_bytes is marked live, and the reload reported it applied, but only sockets
+    # accepted afterwards got it: everyone connected kept the old buffer (the kernel doubles the
+    # value set, hence the factor 2).
+    config = tmp_path / "chatcluster.toml"
+    config.write_text("[limits]\nsend_buffer_bytes = 65536\n")
+    cl = make_cluster(1, config=str(config))
+    old = cl.client()
+    assert server_sndbuf(cl.port, old.server_side()[1]) == 2 * 65536
+    config.write_text("[limits]\nsend_buffer_bytes = 16384\n")
+    result = command("reload", "--port", str(cl.port), "--runtime-dir", cl.runtime_dir, "--config", str(config))
+    assert result.returncode == 0 and "send_buffer_bytes=16384" in result.stdout, result
+    new = cl.client()
+    assert server_sndbuf(cl.port, new.server_side()[1]) == 2 * 16384
+    assert server_sndbuf(cl.port, old.server_side()[1]) == 2 * 16384
