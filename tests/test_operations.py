@@ -537,3 +537,46 @@ def test_a_reloaded_send_buffer_reaches_the_clients_already_connected(
     new = cl.client()
     assert server_sndbuf(cl.port, new.server_side()[1]) == 2 * 16384
     assert server_sndbuf(cl.port, old.server_side()[1]) == 2 * 16384
+
+
+# -- the history writer killed ------------------------------------------------------------------------
+
+
+def lines_on_disk(path: str) -> list[bytes]:
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [bytes(r[0]) for r in db.execute("SELECT line FROM lines ORDER BY id")]
+    except sqlite3.OperationalError:
+        return []  # the schema is not there yet
+    finally:
+        db.close()
+
+
+def test_a_killed_history_writer_is_replaced_and_history_goes_on_reaching_the_disk(
+    make_cluster: Callable[..., Cluster], tmp_path: Path,
+) -> None:
+    # The broker's writer process is the one that grows with the disk's backlog, the OOM
+    # killer's natural choice. Once it was gone, the broker logged "history is no longer written
+    # to disk" and kept it so until the broker itself was restarted: every line from then on was
+    # lost at the next full stop, and the dead writer stayed a zombie.
+    path = str(tmp_path / "history.db")
+    cl = make_cluster(1, extra=("--history-db", path))
+    a, b = cl.client(), cl.client()
+    for c in (a, b):
+        c.say("/join #kept")
+        c.wait_line(r"\*\*\* You joined #kept.*")
+    a.say("before the kill")
+    b.wait_line(rf"{a.nick}: before the kill")
+    wait_for(lambda: any(b"before the kill" in line for line in lines_on_disk(path)), what="the first line on disk")
+    broker = psutil.Process(header(cl).broker_pid)
+    (writer,) = broker.children()
+    writer.kill()
+    wait_for(lambda: not writer.is_running() or writer.status() == psutil.STATUS_ZOMBIE, what="the writer dead")
+    a.say("after the kill")
+    b.wait_line(rf"{a.nick}: after the kill")
+    wait_for(lambda: any(b"after the kill" in line for line in lines_on_disk(path)), what="the second line on disk")
+    (new,) = [p for p in broker.children() if p.status() != psutil.STATUS_ZOMBIE]
+    assert new.pid != writer.pid
+    assert f"history writer (pid {writer.pid}) is gone; starting a new one" in cl.read_log()
