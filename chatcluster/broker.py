@@ -379,9 +379,12 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     counters = stats.broker_counters() if stats is not None else S.BrokerCounters()
     counters.pid, counters.started = os.getpid(), time.time()
+    counted: list[Broker] = []  # the broker once it exists: its room totals go into the stats file
 
     def beat() -> None:
         counters.heartbeat = time.monotonic()
+        for b in counted:
+            counters.rooms, counters.room_members, counters.rooms_known = b.rooms_total, b.memberships_total, 1
         if stats is not None:
             stats.write_broker(counters)
 
@@ -429,6 +432,7 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
         counters.bytes_out += len(payload)
 
     broker = Broker(emit, workers, time.monotonic(), settings, sink=writer)
+    counted.append(broker)
     for key, lines in loaded:
         broker.history.load(key, lines)
     for w in subscribers:

@@ -55,9 +55,8 @@ class Snapshot:
     broker: S.BrokerCounters
     positions: list[S.SlotView]  # every worker position the file has seen, live or not
     processes: list[ProcessFigures] = field(default_factory=list)
-    # Hook for rooms: filled in once the cluster has rooms (the broker's block is the natural
-    # place for the two totals); the metrics then export chatcluster_rooms and
-    # chatcluster_room_members. None until then.
+    # The broker's room totals (its block in the stats file); None until a broker that counts
+    # rooms has written them (a broker of an earlier release, kept by an upgrade, never does).
     rooms: RoomTotals | None = None
 
     @property
@@ -108,6 +107,7 @@ class Snapshot:
                 "heartbeat_age_s": round(self.heartbeat_age(self.broker.heartbeat), 2),
                 "batches_in": self.broker.batches_in, "bytes_in": self.broker.bytes_in,
                 "batches_out": self.broker.batches_out, "bytes_out": self.broker.bytes_out,
+                **({"rooms": self.rooms.rooms, "room_members": self.rooms.members} if self.rooms else {}),
             },
         }
 
@@ -140,8 +140,10 @@ class Snapshot:
 
 def read(stats: S.StatsFile, runtime_dir: str, supervisor_pid: int) -> Snapshot:
     """The stats file's figures alone, without looking at any process."""
+    broker = stats.broker_counters()
+    rooms = RoomTotals(rooms=broker.rooms, members=broker.room_members) if broker.rooms_known else None
     return Snapshot(supervisor_pid=supervisor_pid, runtime_dir=runtime_dir, taken=time.monotonic(),
-                    header=stats.header(), broker=stats.broker_counters(), positions=stats.positions())
+                    header=stats.header(), broker=broker, positions=stats.positions(), rooms=rooms)
 
 
 def open_stats(runtime_dir: str, supervisor_pid: int) -> S.StatsFile:

@@ -212,6 +212,11 @@ class BrokerCounters:
     bytes_in: int = 0
     batches_out: int = 0
     bytes_out: int = 0
+    # Appended after the fields above, in the header's spare room, so files of earlier releases
+    # keep their layout: a broker that never wrote them leaves rooms_known at 0.
+    rooms: int = 0  # rooms that exist now
+    room_members: int = 0  # (client, room) memberships now
+    rooms_known: int = 0  # 1 once a broker that counts rooms has written the two above
 
 
 def _fields(annotations: dict[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -580,3 +580,36 @@ def test_a_killed_history_writer_is_replaced_and_history_goes_on_reaching_the_di
     (new,) = [p for p in broker.children() if p.status() != psutil.STATUS_ZOMBIE]
     assert new.pid != writer.pid
     assert f"history writer (pid {writer.pid}) is gone; starting a new one" in cl.read_log()
+
+
+# -- rooms on /metrics --------------------------------------------------------------------------------
+
+
+def test_rooms_and_their_members_are_exported_and_agree_with_status(make_cluster: Callable[..., Cluster]) -> None:
+    # The README lists chatcluster_rooms and chatcluster_room_members, "exported once the
+    # server has rooms"; the server has rooms, but nothing ever wrote their totals where the
+    # endpoint reads, so neither was ever exported.
+    cl, port = with_metrics(make_cluster, 2)
+    a, b = cl.client(), cl.client()
+
+    def totals() -> tuple[float, float] | None:
+        status, body = fetch(port)
+        assert status == 200
+        found = dict(re.findall(r"^chatcluster_(rooms|room_members) (\S+)$", body, re.M))
+        return (float(found["rooms"]), float(found["room_members"])) if len(found) == 2 else None
+
+    wait_for(lambda: totals() == (1.0, 2.0), what="one room (the default one) with two members")
+    a.say("/join #news")
+    a.wait_line(r"\*\*\* You joined #news.*")
+    b.say("/join #news")
+    b.wait_line(r"\*\*\* You joined #news.*")
+    b.say("/join #sport")
+    b.wait_line(r"\*\*\* You joined #sport.*")
+    wait_for(lambda: totals() == (3.0, 5.0), what="three rooms: #lobby and #news with two members, #sport with one")
+    status = json.loads(command("status", "--json", "--port", str(cl.port), "--runtime-dir", cl.runtime_dir).stdout)
+    assert (status["broker"]["rooms"], status["broker"]["room_members"]) == (3, 5)
+    text = fetch(port)[1]
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, text=True, capture_output=True,
+                               timeout=30)
+        assert check.returncode == 0 and not check.stdout.strip(), check
