@@ -67,6 +67,7 @@ class BusClient:
         self.order = OrderTracker(worker_id)
         self._stash: tuple[int, int, bytes] | None = None  # the first message of a new epoch
         self.drained_bytes = 0  # the size of what the last drain() took
+        self.detached = False  # left the bus for good (see detach)
 
     @property
     def gaps(self) -> int:
@@ -74,6 +75,8 @@ class BusClient:
 
     def publish(self, events: list[E.Event], route: str = "") -> None:
         """Send a numbered batch, kept until it comes back so that it can be sent again."""
+        if self.detached:
+            return
         payload = self.order.number(events, route)
         self.push.send(payload, copy=len(payload) < 8192)
         self._sent(payload)
@@ -88,12 +91,16 @@ class BusClient:
 
     def send_control(self, events: list[E.Event]) -> None:
         """Send an unnumbered batch (HELLO, RESYNC): never resent, never a duplicate."""
+        if self.detached:
+            return
         payload = encode(self.worker_id, 0, events)
         self.push.send(payload)
         self._sent(payload)
 
     def restarted(self, control: list[E.Event]) -> int:
         """Answer a new broker: the control batch first, then everything not seen back."""
+        if self.detached:
+            return 0
         self.push.send(self.order.resync_batch(control))
         for _, _, payload in self.order.unacked:
             self.push.send(payload)
@@ -107,6 +114,8 @@ class BusClient:
             k.bus_bytes_out += len(payload)
 
     def readable(self) -> bool:
+        if self.detached:
+            return False
         return self._stash is not None or bool(self.sub.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
     def drain(self, limit: int = 256, max_bytes: int = 1 << 62) -> list[tuple[str, Any]]:
@@ -116,6 +125,9 @@ class BusClient:
         sees anything of the new epoch. What is left stays queued (`readable()` says so).
         """
         out: list[tuple[str, Any]] = []
+        self.drained_bytes = 0
+        if self.detached:
+            return out
         sub = self.sub
         skip = len(self.topic)
         taken = 0
@@ -144,6 +156,25 @@ class BusClient:
         self.drained_bytes = taken
         return out
 
+    def detach(self) -> None:
+        """Leave the bus for good, dropping what was not sent; from now on nothing goes out or comes in.
+
+        For a worker whose supervisor was killed outright: its broker went with the supervisor,
+        and a cluster started next in the same runtime directory binds a new broker at the same
+        paths. ZeroMQ would reconnect to it and hand it this worker's batches under a name ("w1")
+        one of the new cluster's own workers has too. What it published but never saw come back
+        is dropped: no broker of its cluster is left to take it.
+        """
+        if self.detached:
+            return
+        self.detached = True
+        self._stash = None
+        self.order.unacked.clear()
+        self.sub.close(0)
+        self.push.close(0)
+
     def close(self) -> None:
+        if self.detached:
+            return
         self.sub.close(0)
         self.push.close()

@@ -14,6 +14,7 @@ files import neither the supervisor nor the bus (nor so ZeroMQ): `start` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -89,10 +90,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         # the ones the cluster runs with, whatever the config file says now; our own workers
         # hold the port.
         sup = Supervisor(cfg=resumed.cfg, config_path=args.config, runtime_dir=resumed.runtime_dir,
-                         pid_file=resumed.pid_file, overrides=given, resumed=resumed)
+                         pid_file=resumed.pid_file, overrides=given, resumed=resumed, lock_fd=resumed.lock_fd)
         return sup.run()
     runtime_dir = resolve_runtime_dir(cfg)
     created = paths.prepare_runtime_dir(runtime_dir)
+    lock_fd = -1
     try:
         pid_file = os.path.abspath(cfg.pid_file) if cfg.pid_file else paths.default_pid_file(runtime_dir)
         if not os.path.isdir(os.path.dirname(pid_file)):
@@ -103,18 +105,41 @@ def cmd_start(args: argparse.Namespace) -> int:
             if other is not None and other != os.getpid():
                 raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
                                    f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
+        # Whatever the pid files say (another start may not have written its own yet): one
+        # cluster per runtime directory.
+        lock_fd = paths.lock_runtime_dir(runtime_dir)
         check_port_free(cfg.host, cfg.port)
+        if cfg.history_db and cfg.history_lines > 0:
+            prepare_history_db(cfg.history_db)
         if cfg.metrics_listen:
             from .exporter import check_listen
 
             check_listen(cfg.metrics_listen)
     except (StartupError, cfgmod.ConfigError):
+        if lock_fd >= 0:
+            os.close(lock_fd)
         if created:
-            os.rmdir(runtime_dir)
+            with contextlib.suppress(OSError):  # not empty: another start is using it
+                os.rmdir(runtime_dir)
         raise
     sup = Supervisor(cfg=cfg, config_path=args.config, runtime_dir=runtime_dir, pid_file=pid_file,
-                     overrides=given, created_runtime_dir=created)
+                     overrides=given, created_runtime_dir=created, lock_fd=lock_fd)
     return sup.run()
+
+
+def prepare_history_db(value: str) -> None:
+    """The history file is one nobody else could have written (its lines go to clients as they
+    are), and private from its creation; a StartupError naming the problem otherwise."""
+    from .histdb import check_path
+
+    path = os.path.abspath(os.path.expanduser(value))
+    problem = check_path(path)
+    if problem:
+        raise StartupError(problem)
+    try:
+        paths.create_private(path)
+    except OSError as exc:
+        raise StartupError(f"history_db {path} cannot be created ({exc.strerror}); choose another path") from None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -148,10 +173,22 @@ def check_port_free(host: str, port: int) -> None:
 # -- finding a running cluster ------------------------------------------------------------------
 
 
-def locate(args: argparse.Namespace) -> tuple[cfgmod.Config, str, int]:
-    """(config, runtime dir, supervisor pid) of the running cluster, or a CliError saying how to find it."""
+def locate(args: argparse.Namespace, strict: bool = True) -> tuple[cfgmod.Config, str, int]:
+    """(config, runtime dir, supervisor pid) of the running cluster, or a CliError saying how to find it.
+
+    Not `strict` (status, stop, scale): a config file that no longer validates as a whole is
+    only warned about, as long as what finds the cluster in it is readable; reload and upgrade
+    are about the file, and refuse it.
+    """
     overrides: dict[str, Any] = {"port": args.port, "runtime_dir": args.runtime_dir, "pid_file": args.pid_file}
-    cfg = cfgmod.load(args.config, overrides)
+    try:
+        cfg = cfgmod.load(args.config, overrides)
+    except cfgmod.ConfigError as exc:
+        if strict:
+            raise
+        cfg = cfgmod.load_locating(args.config, overrides)
+        print(f"chatcluster: warning: {exc} (it is only used to find the cluster, through its "
+              f"{', '.join(cfgmod.LOCATING)})", file=sys.stderr)
     runtime_dir = resolve_runtime_dir(cfg)
     pid_file = cfg.pid_file or paths.default_pid_file(runtime_dir)
     pid = running_pid(pid_file)
@@ -187,13 +224,38 @@ def write_request(path: str, text: str) -> None:
     paths.atomic_write(path, text, mode=0o644, fsync=False)
 
 
-def wait_until(cond: Callable[[], Any], timeout: float) -> Any:
+STOPPED_FOR = 1.0  # seconds a supervisor seen stopped (SIGSTOP) before the command says so
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, pid: int = 0, sent: str = "") -> Any:
+    """`cond()` once true, or its last value at the timeout. With `pid`, a supervisor that stays
+    stopped (SIGSTOP, Ctrl-Z) is a CliError at once: it would not answer however long we wait."""
     deadline = time.monotonic() + timeout
+    stopped_since = 0.0
     while True:
         value = cond()
-        if value or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if value or now >= deadline:
             return value
+        if pid:
+            if not stopped(pid):
+                stopped_since = 0.0
+            elif not stopped_since:
+                stopped_since = now
+            elif now - stopped_since >= STOPPED_FOR:
+                raise CliError(f"sent {sent}, but chatcluster (pid {pid}) is stopped (SIGSTOP, or Ctrl-Z where "
+                               f"it runs): it will act on it once continued with `kill -CONT {pid}`")
         time.sleep(0.05)
+
+
+def stopped(pid: int) -> bool:
+    """True while `pid` is stopped by a signal (state T in ps), and so answers nothing."""
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_STOPPED)
+    except psutil.Error:
+        return False
 
 
 def alive(pid: int) -> bool:
@@ -212,12 +274,12 @@ def alive(pid: int) -> bool:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    cfg, _, pid = locate(args)
+    cfg, _, pid = locate(args, strict=False)
     began = time.monotonic()
     send_signal(pid, signal.SIGQUIT if args.fast else signal.SIGTERM)
     # The supervisor kills what is left at graceful_timeout; the rest is room for exiting.
     grace = 1.0 if args.fast else cfg.graceful_timeout
-    if wait_until(lambda: not alive(pid), grace + 10):
+    if wait_until(lambda: not alive(pid), grace + 10, pid, "SIGQUIT" if args.fast else "SIGTERM"):
         print(f"chatcluster (pid {pid}) stopped {'fast' if args.fast else 'gracefully'} "
               f"in {time.monotonic() - began:.1f} s")
         return 0
@@ -255,7 +317,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         result = read_reload_result(runtime_dir)
         return result if result.get("seq", 0) != before else None
 
-    result = wait_until(answered, RELOAD_WAIT)
+    result = wait_until(answered, RELOAD_WAIT, pid, "SIGHUP")
     if result is None:
         raise CliError(f"sent SIGHUP to chatcluster (pid {pid}) but it did not report back within "
                        f"{RELOAD_WAIT:.0f} s; see its log")
@@ -274,7 +336,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_scale(args: argparse.Namespace) -> int:
     if not 1 <= args.count <= MAX_WORKERS:
         raise CliError(f"cannot scale to {args.count} workers; choose between 1 and {MAX_WORKERS}")
-    cfg, runtime_dir, pid = locate(args)
+    cfg, runtime_dir, pid = locate(args, strict=False)
     stats = open_stats(runtime_dir, pid)
     before = stats.header().target
     # The cap as the running supervisor computed it (its CPUs, its allow_many_workers).
@@ -298,7 +360,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
                 and all(v.state == S.READY for v in used))
 
     timeout = cfg.graceful_timeout + SCALE_WAIT
-    if wait_until(reached, timeout):
+    if wait_until(reached, timeout, pid, f"a request for {args.count} workers (SIGUSR1)"):
         print(f"chatcluster (pid {pid}) now runs {args.count} workers (was {before})")
         return 0
     raise CliError(f"chatcluster (pid {pid}) did not reach {args.count} ready workers within {timeout:.0f} s; "
@@ -324,7 +386,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
             raise CliError(f"chatcluster (pid {pid}) exited during the upgrade; see its log")
         return None
 
-    result = wait_until(answered, wait)
+    result = wait_until(answered, wait, pid, "SIGUSR2")
     if result is None:
         raise CliError(f"sent USR2 to chatcluster (pid {pid}) but it did not report an outcome within "
                        f"{wait:.0f} s; see its log")
@@ -384,7 +446,7 @@ def _fmt(key: str, value: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    _, runtime_dir, pid = locate(args)
+    _, runtime_dir, pid = locate(args, strict=False)
     status = collect_status(runtime_dir, pid)
     if args.json:
         print(json.dumps(status, indent=2))

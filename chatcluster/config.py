@@ -152,8 +152,8 @@ SETTINGS: tuple[Setting, ...] = (
         "workers",
         0,
         int,
-        f"Number of worker processes; 0 means one per CPU. At most {WORKERS_PER_CPU} per CPU unless "
-        f"allow_many_workers is set.",
+        f"Number of worker processes; 0 means one per CPU the cluster may use. At most {WORKERS_PER_CPU} per CPU "
+        f"unless allow_many_workers is set.",
         check=_between(0, MAX_WORKERS),
     ),
     Setting("backlog", 4096, int, "Listen backlog of each worker's socket.", check=_between(1, 1 << 20)),
@@ -214,8 +214,9 @@ SETTINGS: tuple[Setting, ...] = (
         "send_buffer_bytes",
         64 << 10,
         int,
-        "Kernel send buffer of each client socket; 0 leaves it to the kernel's autotuning (megabytes). Small "
-        "keeps output where backpressure sees it (fair to everyone under a flood); large sends a blast faster.",
+        "Kernel send buffer of each client socket (a reload resizes the open ones too); 0 leaves it to the "
+        "kernel's autotuning (megabytes), for connections made from then on. Small keeps output where "
+        "backpressure sees it (fair to everyone under a flood); large sends a blast faster.",
         live=True,
         check=_between(0, 64 << 20),
         section="limits",
@@ -411,7 +412,7 @@ class Config:
             raise AttributeError(name) from None
 
     def worker_count(self) -> int:
-        return self.values["workers"] or (os.cpu_count() or 1)
+        return self.values["workers"] or usable_cpus()
 
     def live_changes(self, new: Config) -> tuple[dict[str, Any], list[str]]:
         """Split the differences to `new` into live-applicable values and names needing a restart."""
@@ -527,6 +528,36 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
             f"{worker_cap_text()}; choose fewer, or set allow_many_workers = true "
             f"(--allow-many-workers) to run up to {MAX_WORKERS}"
         )
+    return Config(values=values, source=path or "defaults")
+
+
+LOCATING = ("host", "port", "runtime_dir", "pid_file")  # what the commands need to find a running cluster
+
+
+def load_locating(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Only what finds a running cluster (LOCATING), from a file that may not validate as a whole.
+
+    For the commands that act on a running cluster (`status`, `stop`, `scale`): a file broken
+    since the start (a typo in another setting, an unknown section) must not keep the operator
+    from looking at the cluster or stopping it. Those settings themselves must still be valid,
+    and the file must still be TOML: otherwise nothing says where the cluster is (ConfigError).
+    """
+    values = {s.name: s.default for s in SETTINGS}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            read_file(path)  # raises the ConfigError naming the problem
+            raise
+        tables = [doc, *(v for v in doc.values() if isinstance(v, dict))]
+        for table in tables:
+            for name in LOCATING:
+                if name in table and not isinstance(table[name], dict):
+                    values[name] = coerce(BY_NAME[name], table[name], f"config file {path}")
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = coerce(BY_NAME[name], raw, BY_NAME[name].flag)
     return Config(values=values, source=path or "defaults")
 
 

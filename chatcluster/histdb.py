@@ -3,7 +3,10 @@
 The broker must never wait for a disk. `Writer` is its end: it forks a writer
 process and hands it each room's chat batches (the bus bytes, undecoded) over
 a pipe, without ever blocking (what the pipe will not take waits in a bounded
-buffer in the broker; past the bound the oldest is dropped and counted). The
+buffer in the broker; past the bound the oldest is dropped and counted). A
+writer that dies (the OOM killer, a crash) is replaced by a new one, with
+back-off when it keeps dying young, on the same descriptor number, so the
+broker's poller never notices. The
 writer process decodes the batches and writes them to SQLite (the standard
 library's sqlite3, WAL mode, synchronous=NORMAL) in one transaction per
 quarter second, trims each room to its last `history_lines` lines and the
@@ -28,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+from . import paths
 from .chat import format_line
 from .wire import UNREADABLE_PAYLOAD, decode
 
@@ -37,6 +41,8 @@ LENGTH = struct.Struct("!I")
 FLUSH_EVERY = 0.25  # seconds between two transactions of the writer
 TRIM_EVERY = 5.0  # seconds between two trims of the file
 MAX_PENDING = 64 << 20  # bytes the broker holds for a writer that falls behind
+YOUNG = 5.0  # a writer that dies younger than this is replaced after a delay, doubling up to RESTART_MAX
+RESTART_MAX = 60.0
 F_SETPIPE_SZ = 1031
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lines (
@@ -58,7 +64,14 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def load(path: str, max_lines: int) -> list[tuple[str, list[tuple[float, bytes]]]]:
-    """Each room's last `max_lines` lines, oldest first; [] for a file that does not exist yet."""
+    """Each room's last `max_lines` lines, oldest first; [] for a file that does not exist yet.
+
+    The lines go to joiners as they are, so a file anyone else could have written is refused
+    (`check_path`) before it is read.
+    """
+    problem = check_path(path)
+    if problem:
+        raise SystemExit(problem)
     if not os.path.exists(path):
         return []
     try:
@@ -82,15 +95,16 @@ def load(path: str, max_lines: int) -> list[tuple[str, list[tuple[float, bytes]]
 
 
 def check_path(path: str) -> str | None:
-    """Why `path` cannot be a history database, or None."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    """Why `path` cannot be a history database, or None: see also paths.data_file_problem."""
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path) or "."
     if os.path.isdir(path):
         return f"history_db {path} is a directory; name a file in it, for example {path.rstrip('/')}/history.db"
     if not os.path.isdir(parent):
         return f"history_db {path}: the directory {parent} does not exist; create it or choose another path"
     if not os.access(parent, os.W_OK):
         return f"history_db {path}: the directory {parent} is not writable by this user"
-    return None
+    return paths.data_file_problem(path, "history_db")
 
 
 # -- the broker's end -----------------------------------------------------------------------------
@@ -99,19 +113,32 @@ def check_path(path: str) -> str | None:
 class Writer:
     """The broker's handle on the writer process: queue records, write what the pipe takes."""
 
-    def __init__(self, pid: int, fd: int) -> None:
+    def __init__(self, pid: int, fd: int, path: str = "", max_lines: int = 0, max_bytes: int = 0,
+                 close: tuple[int, ...] = ()) -> None:
         self.pid = pid
         self.fd = fd
         self.queue: deque[bytes] = deque()
         self.queued = 0
+        self.head_done = 0  # bytes of queue[0] already in the pipe
         self.dropped = 0  # records dropped because the writer fell too far behind
-        self.broken = False
+        self.broken = False  # the writer is gone; a new one starts at restart_at
+        self.spawn_args = (path, max_lines, max_bytes, close)
+        self.started = time.monotonic()
+        self.failures = 0
+        self.restart_at = 0.0
+        self.dead: list[int] = []  # writers gone but not reaped yet
 
     @classmethod
     def start(cls, path: str, max_lines: int, max_bytes: int, close: Iterable[int] = ()) -> Writer:
         problem = check_path(path)
         if problem:
             raise SystemExit(problem)
+        pid, w = cls._spawn(path, max_lines, max_bytes, tuple(close))
+        return cls(pid, w, path, max_lines, max_bytes, tuple(close))
+
+    @staticmethod
+    def _spawn(path: str, max_lines: int, max_bytes: int, close: tuple[int, ...]) -> tuple[int, int]:
+        """Fork a writer process; (its pid, the write end of its pipe, non-blocking)."""
         r, w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:  # the writer process
@@ -132,15 +159,29 @@ class Writer:
             fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)
         except OSError:
             pass  # the default 64 KiB will do
-        return cls(pid, w)
+        return pid, w
 
     @property
     def pending(self) -> bool:
+        """Whether there is something for the writer's pipe now.
+
+        The broker asks at every turn of its loop (at least four times a second), which is
+        also when a writer that died is replaced once its back-off is over.
+        """
+        if self.broken:
+            self._revive(time.monotonic())
         return bool(self.queue) and not self.broken
+
+    @property
+    def replaceable(self) -> bool:
+        """Whether a writer that dies can be replaced: one made by `start`, which knows the file."""
+        return bool(self.spawn_args[0])
 
     def _put(self, record: tuple[object, ...]) -> None:
         if self.broken:
-            return
+            if not self.replaceable:
+                return
+            self._revive(time.monotonic())  # what comes meanwhile waits for the new writer, bounded
         data = marshal.dumps(record)
         self.queue.append(LENGTH.pack(len(data)) + data)
         self.queued += LENGTH.size + len(data)
@@ -169,31 +210,94 @@ class Writer:
                 queue.appendleft(b"".join(parts))  # one write for many records
             data = queue[0]
             try:
-                n = os.write(self.fd, data)
+                n = os.write(self.fd, memoryview(data)[self.head_done:])
             except BlockingIOError:
                 return
             except OSError as exc:
                 if exc.errno != errno.EPIPE:
                     raise
-                log.error("history writer (pid %d) is gone; history is no longer written to disk", self.pid)
-                self.broken = True
+                self._gone()
                 return
             self.queued -= n
-            if n < len(data):
-                queue[0] = data[n:]
+            self.head_done += n
+            if self.head_done < len(data):
                 return
             queue.popleft()
+            self.head_done = 0
+
+    def _gone(self) -> None:
+        """The writer died: drop the rest of a record it got only part of, and replace it."""
+        now = time.monotonic()
+        self.broken = True
+        if not self.replaceable:
+            log.error("history writer (pid %d) is gone; history is no longer written to disk", self.pid)
+            return
+        self.dead.append(self.pid)
+        self._reap()
+        if self.head_done:
+            data, pos = self.queue[0], 0
+            while pos < self.head_done:  # the first record boundary at or after what was written
+                (n,) = LENGTH.unpack_from(data, pos)
+                pos += LENGTH.size + n
+            self.queued -= pos - self.head_done
+            self.queue[0] = data[pos:]
+            if not self.queue[0]:
+                self.queue.popleft()
+            self.head_done = 0
+        if now - self.started < YOUNG:
+            self.failures += 1
+            # The first young death is replaced at once, like any crash; only a repeat backs off.
+            delay = 0.0 if self.failures < 2 else min(2.0 ** (self.failures - 2), RESTART_MAX)
+        else:
+            self.failures, delay = 0, 0.0
+        self.restart_at = now + delay
+        log.error("history writer (pid %d) is gone; starting a new one%s (lines it had not written yet are lost)",
+                  self.pid, f" in {delay:.0f} s" if delay else "")
+        self._revive(now)
+
+    def _revive(self, now: float) -> None:
+        """Start the new writer once its time has come, on the descriptor number the broker polls."""
+        self._reap()
+        if now < self.restart_at or not self.replaceable:
+            return
+        try:
+            pid, w = self._spawn(*self.spawn_args)
+        except OSError as exc:
+            self.restart_at = now + RESTART_MAX
+            log.error("cannot start a new history writer (%s); trying again in %.0f s", exc, RESTART_MAX)
+            return
+        os.dup2(w, self.fd, inheritable=False)
+        os.close(w)
+        os.set_blocking(self.fd, False)
+        self.pid, self.started, self.broken = pid, now, False
+        log.info("history writer started again, pid %d", pid)
+
+    def _reap(self) -> None:
+        for pid in list(self.dead):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.dead.remove(pid)
 
     def close(self, timeout: float) -> None:
         """Hand over the rest, close the pipe (the writer writes what it has and exits), wait for it."""
         deadline = time.monotonic() + timeout
+        if self.broken and self.queue:
+            self.restart_at = 0.0  # a last writer for what is left, back-off or not
+            self._revive(time.monotonic())
         while self.pending and time.monotonic() < deadline:
             self.flush()
             if self.pending:
                 select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
         os.close(self.fd)
+        self._reap()
         while time.monotonic() < deadline:
-            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
             if pid:
                 return
             time.sleep(0.01)

@@ -178,9 +178,10 @@ def room_families(snap: snapshot.Snapshot) -> list[Metric]:
 class ClusterCollector(Collector):
     """A prometheus_client collector that reads the running cluster at every scrape."""
 
-    def __init__(self, runtime_dir: str, supervisor_pid: int) -> None:
+    def __init__(self, runtime_dir: str, supervisor_pid: int, stats: S.StatsFile | None = None) -> None:
         self.runtime_dir = runtime_dir
         self.supervisor_pid = supervisor_pid
+        self.stats = stats  # a mapping kept open (see snapshot.take), or None to open the file each time
 
     def collect(self) -> Iterator[Metric]:
-        yield from families(snapshot.take(self.runtime_dir, self.supervisor_pid))
+        yield from families(snapshot.take(self.runtime_dir, self.supervisor_pid, mapped=self.stats))

@@ -15,6 +15,7 @@ and directories; it starts no process and opens no socket.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import tempfile
@@ -154,6 +155,18 @@ def remove_temporaries(directory: str) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
+def remove_handoff_sockets(directory: str) -> None:
+    """Remove the handoff sockets of an upgrade's new workers that were killed before they could."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(HANDOFF_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
 # -- pid files ------------------------------------------------------------------------------------
 
 
@@ -253,6 +266,9 @@ def check_runtime_dir(path: str) -> None:
     """
     # lstat, not stat: in a shared /tmp a symlink planted by someone else must not be followed.
     st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise StartupError(f"runtime directory {path} exists but is not a directory (it is a symbolic link to "
+                           f"{os.readlink(path)}); pass the directory itself with --runtime-dir")
     if not stat.S_ISDIR(st.st_mode):
         raise StartupError(f"runtime directory {path} exists but is not a directory; remove it or "
                            f"choose another with --runtime-dir")
@@ -268,6 +284,106 @@ def check_runtime_dir(path: str) -> None:
     if not os.access(path, os.W_OK | os.X_OK):
         raise StartupError(f"runtime directory {path} is not writable; fix its permissions or choose "
                            f"another with --runtime-dir")
+
+
+def lock_runtime_dir(path: str) -> int:
+    """Hold the runtime directory for this cluster: the returned descriptor carries an exclusive flock.
+
+    Two `chatcluster start` at the same moment both pass the pid-file check (neither has
+    written its pid file yet); the lock is what keeps the second out. It lives as long as the
+    descriptor, so it goes with the supervisor however it ends (never stale), and an upgrade
+    keeps it across its exec. Children do not inherit it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = lock_holder(path) or running_pid(default_pid_file(path))
+        who = f" (supervisor pid {pid})" if pid is not None else ""
+        raise StartupError(f"another chatcluster is running or starting in the runtime directory {path}{who}; "
+                           f"stop it with `chatcluster stop --runtime-dir {path}`, or choose another "
+                           f"--runtime-dir") from None
+    return fd
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid holding the flock on `path`, from /proc/locks (None if it cannot be told)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as fh:
+            table = fh.read()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2d:1234 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+# SQLite's companions of a database file: what it writes beside it, and replays from on open.
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def data_file_problem(path: str, setting: str) -> str | None:
+    """Why the data file at `path` (the value of `setting`) cannot be trusted, or None.
+
+    What is read back from it goes to clients as it is (a room's history), so nobody but
+    us may have been able to write it or to replace it: the rule OpenSSH applies to
+    ~/.ssh. The file and SQLite's companions beside it must be regular files (not
+    symbolic links), ours, and not writable by group or others; its directory may be
+    reached through symbolic links (systemd's StateDirectory= under DynamicUser= is one)
+    but must belong to us or root and be writable by nobody else, unless it has the
+    sticky bit (like /tmp), where nobody can replace a file of ours.
+    """
+    parent = os.path.dirname(path)
+    try:
+        st = os.stat(parent)
+    except OSError as exc:
+        return (f"{setting} {path}: the directory {parent} cannot be used ({exc.strerror}); create it or "
+                f"choose another path")
+    if st.st_uid not in (0, os.getuid()):
+        return (f"{setting} {path}: the directory {parent} belongs to another user (uid {st.st_uid}), who could "
+                f"replace the file; use a directory of your own (for example /var/lib/chatcluster)")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return (f"{setting} {path}: the directory {parent} is writable by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}), who could replace the file; use a directory only you can "
+                f"write to (for example /var/lib/chatcluster)")
+    for name in (path, *(path + suffix for suffix in SQLITE_COMPANIONS)):
+        what = f"{setting} {path}" if name == path else f"{setting} {path}: {name}"
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{what} cannot be checked ({exc.strerror})"
+        if stat.S_ISLNK(st.st_mode):
+            return f"{what} is a symbolic link; name the file itself (a link could lead anywhere)"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{what} is not a regular file; remove it or choose another path"
+        if st.st_uid != os.getuid():
+            return (f"{what} belongs to another user (uid {st.st_uid}), so what it holds cannot be trusted; "
+                    f"remove it (chatcluster creates it) or choose another path")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"{what} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), so what it holds "
+                    f"cannot be trusted; make it private (chmod 600) or remove it")
+    return None
+
+
+def create_private(path: str) -> None:
+    """An empty file at `path`, mode 0600, unless one is there already; never through a symlink.
+
+    SQLite would create a database with mode 0644 (minus the umask) and gives its -wal and
+    -shm the database's mode: created here first, all three are private.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def missing_files(runtime_dir: str, names: tuple[str, ...]) -> list[str]:

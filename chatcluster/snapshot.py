@@ -160,16 +160,18 @@ def open_stats(runtime_dir: str, supervisor_pid: int) -> S.StatsFile:
                             f"({exc}); pass the --runtime-dir it was started with, or run as its user") from None
 
 
-def take(runtime_dir: str, supervisor_pid: int, sample: float = 0.0) -> Snapshot:
+def take(runtime_dir: str, supervisor_pid: int, sample: float = 0.0, mapped: S.StatsFile | None = None) -> Snapshot:
     """Every figure of the running cluster, and every process with its resources.
 
     With `sample` > 0 it also measures each process's CPU percentage over that many seconds
     (what a person at `chatcluster status` wants); the metrics endpoint passes 0 and exports
-    the CPU seconds counter instead, from which Prometheus computes rates.
+    the CPU seconds counter instead, from which Prometheus computes rates. `mapped` is a stats
+    file already open (the metrics endpoint has the one its supervisor had when it forked it,
+    which outlives the file's name being deleted); otherwise it is opened by name.
     """
     import psutil
 
-    stats = open_stats(runtime_dir, supervisor_pid)
+    stats = mapped if mapped is not None else open_stats(runtime_dir, supervisor_pid)
     try:
         try:
             sup = psutil.Process(supervisor_pid)
@@ -185,7 +187,8 @@ def take(runtime_dir: str, supervisor_pid: int, sample: float = 0.0) -> Snapshot
             time.sleep(sample)
         snap = read(stats, runtime_dir, supervisor_pid)
     finally:
-        stats.close()
+        if mapped is None:
+            stats.close()
     slots = {v.pid: v for v in snap.workers if v.pid}
     roles = {supervisor_pid: "supervisor", snap.header.broker_pid: "broker", snap.header.exporter_pid: "metrics"}
     for p in procs:

@@ -51,6 +51,9 @@ TICK = 0.2  # the main loop wakes at least this often to check heartbeats
 SPAWN_STEP = 4
 RUNTIME_CHECK = 2.0  # seconds between looks for files deleted from the runtime directory
 BUS_BIND_GRACE = 10.0  # a broker this old has bound its sockets, even if we never saw them
+# A pass of the loop this long after the previous one means the supervisor itself did not run:
+# the whole cluster was frozen (docker pause, a cgroup freezer, Ctrl-Z, a paused VM) or starved.
+STALLED = 2.0
 assert MAX_WORKERS * 2 <= S.SLOTS  # a whole generation can be replaced
 HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
 # Signals that mean something to the supervisor alone. A child ignores them, so that one sent to
@@ -58,6 +61,7 @@ HANDLED = ("HUP", "INT", "QUIT", "TERM", "TTIN", "TTOU", "USR1", "USR2", "CHLD")
 # stop it (the default action of TTIN and TTOU) or end it (that of HUP, USR1 and USR2). A worker
 # installs its own HUP handler once it can reload.
 CHILD_IGNORES = ("HUP", "TTIN", "TTOU", "USR1", "USR2")
+HANDLED_SIGNALS = frozenset(getattr(signal, "SIG" + name) for name in HANDLED)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Supervisor:
     runtime_dir: str
     pid_file: str
     created_runtime_dir: bool = False
+    lock_fd: int = -1  # holds the runtime directory (paths.lock_runtime_dir) for the supervisor's life
     workers: dict[int, WorkerProc] = field(default_factory=dict)
     target: int = 0
     broker_pid: int = 0
@@ -98,6 +103,10 @@ class Supervisor:
     pid_files_unwritable: list[str] = field(default_factory=list)  # deleted pid files that could not be rewritten
     runtime_dir_unusable: bool = False  # it was deleted and could not be created again
     metrics: MetricsProcess | None = None  # the /metrics endpoint's process (metrics_listen)
+    last_pass: float = 0.0  # when the loop last ran
+    # Heartbeats are judged only over time the supervisor was watching: after it did not run for
+    # a while (frozen with its children, say), every child gets worker_timeout from here on.
+    watching_since: float = 0.0
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -160,8 +169,18 @@ class Supervisor:
     # -- process creation ---------------------------------------------------------------------
 
     def _fork(self, role: str, body: Callable[[], int | None], keep: tuple[int, ...] = ()) -> int:
-        pid = os.fork()
+        # Blocked across the fork: until the child has put its own dispositions in place, a
+        # signal meant for it (a stop right after a scale-up, or right after an upgrade forked
+        # its new generation) would run the supervisor's handler in the child and be forgotten
+        # there. Blocked, it waits until the child can act on it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return pid
         code: int = 1
         try:
@@ -169,7 +188,8 @@ class Supervisor:
             for name in HANDLED:
                 ignored = name in CHILD_IGNORES
                 signal.signal(getattr(signal, "SIG" + name), signal.SIG_IGN if ignored else signal.SIG_DFL)
-            for fd in (self.wake_r, self.wake_w, self.broker_control):
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for fd in (self.wake_r, self.wake_w, self.broker_control, self.lock_fd):
                 if fd >= 0 and fd not in keep:
                     os.close(fd)
             set_role(role)
@@ -235,8 +255,10 @@ class Supervisor:
     # -- the loop -----------------------------------------------------------------------------
 
     def loop(self) -> None:
+        self.last_pass = time.monotonic()
         while True:
             self.sleep(self.next_wake(time.monotonic()))
+            self.check_stall(time.monotonic())
             self.reap()
             while self.sig_queue:
                 signum = self.sig_queue.pop(0)
@@ -255,12 +277,27 @@ class Supervisor:
             else:
                 self.check_workers(now)
                 self.check_broker(now)
+                if self.metrics is not None:
+                    self.metrics.check(now, self.cfg.worker_timeout, self.watching_since)
                 if now >= self.next_runtime_check:
                     self.next_runtime_check = now + RUNTIME_CHECK
                     self.check_runtime_dir(now)
                 self.maintain(now)
             self.write_header()
             self.notify(now)
+
+    def check_stall(self, now: float) -> None:
+        """Notice that the loop did not run for a while, and judge heartbeats only from now on.
+
+        Frozen together with its children (a cgroup freezer, Ctrl-Z, a paused VM), the
+        supervisor would otherwise wake to heartbeats older than worker_timeout and kill every
+        worker and the broker, none of which was stuck.
+        """
+        if now - self.last_pass > STALLED:
+            log.warning("the supervisor did not run for %.1f s (the cluster was paused, or the machine "
+                        "starved it); heartbeats are judged from now on", now - self.last_pass)
+            self.watching_since = now
+        self.last_pass = now
 
     def next_wake(self, now: float) -> float:
         wake = now + TICK
@@ -404,9 +441,9 @@ class Supervisor:
         beat = self.stats.broker_counters().heartbeat
         if beat < self.broker_started:
             # Not beaten yet (the figure is its predecessor's): it gets as long as a booting worker.
-            if now - self.broker_started > BOOT_TIMEOUT:
+            if now - max(self.broker_started, self.watching_since) > BOOT_TIMEOUT:
                 self.kill_broker(f"no heartbeat {BOOT_TIMEOUT:.0f} s after it started")
-        elif now - beat > self.cfg.worker_timeout:
+        elif now - max(beat, self.watching_since) > self.cfg.worker_timeout:
             self.kill_broker(f"no heartbeat for {now - beat:.1f} s (worker_timeout={self.cfg.worker_timeout:g})")
 
     def kill_broker(self, why: str) -> None:
@@ -426,13 +463,13 @@ class Supervisor:
                     if proc.reload_pending:
                         proc.reload_pending = False
                         self.kill(proc.pid, signal.SIGHUP)
-                elif now - proc.started > BOOT_TIMEOUT:
+                elif now - max(proc.started, self.watching_since) > BOOT_TIMEOUT:
                     proc.cause = "boot_timeout"
                     self.kill_worker(proc, f"not accepting connections {BOOT_TIMEOUT:.0f} s after it started")
                 continue
             if proc.retiring and now > proc.retire_deadline:
                 self.kill_worker(proc, f"still draining {self.cfg.graceful_timeout:g} s after it was retired")
-            elif view.pid == proc.pid and now - view.heartbeat > self.cfg.worker_timeout:
+            elif view.pid == proc.pid and now - max(view.heartbeat, self.watching_since) > self.cfg.worker_timeout:
                 proc.cause = "heartbeat_timeout"
                 self.kill_worker(proc, f"no heartbeat for {now - view.heartbeat:.1f} s "
                                        f"(worker_timeout={self.cfg.worker_timeout:g})")
@@ -453,6 +490,7 @@ class Supervisor:
                 log.error("the runtime directory %s was deleted; creating it again", self.runtime_dir)
             try:
                 self.created_runtime_dir = paths.prepare_runtime_dir(self.runtime_dir) or self.created_runtime_dir
+                self.relock_runtime_dir()
             except (StartupError, OSError) as exc:
                 # The workers and the broker keep serving through the connections they have;
                 # only restarts and the commands need the directory. Said once, tried each time.
@@ -504,6 +542,17 @@ class Supervisor:
             log.warning("files were deleted from the runtime directory %s while the cluster ran, as a tmp cleaner "
                         "does; keep the directory out of tmp cleaning (see \"Runtime directory\" in "
                         "docs/deploy.md)", self.runtime_dir)
+
+    def relock_runtime_dir(self) -> None:
+        """Hold the runtime directory made again after it was deleted, as the first one was held."""
+        try:
+            fd = paths.lock_runtime_dir(self.runtime_dir)
+        except (StartupError, OSError) as exc:
+            log.error("cannot hold the runtime directory made again: %s", exc)
+            return
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+        self.lock_fd = fd
 
     def seen_ready(self, proc: WorkerProc) -> bool:
         """Whether the worker is ready, looking at its stats slot in case it became so since the last look."""
@@ -737,6 +786,7 @@ class Supervisor:
             except OSError:
                 pass
         paths.remove_temporaries(self.runtime_dir)
+        paths.remove_handoff_sockets(self.runtime_dir)
         if self.created_runtime_dir:
             try:
                 os.rmdir(self.runtime_dir)

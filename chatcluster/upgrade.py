@@ -32,7 +32,6 @@ the `Host` interface, so that the two do not import each other.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -89,6 +88,7 @@ class Host(Protocol):
     target: int
     broker_pid: int
     broker_control: int
+    lock_fd: int
     broker_started: float
     next_no: int
     generation: int
@@ -280,6 +280,7 @@ def capture(sup: Host, up: Upgrade) -> dict[str, Any]:
     return {"format": STATE_FORMAT, "token": up.token, "began": up.began, "generation": sup.generation,
             "next_no": sup.next_no, "target": sup.target, "broker_pid": sup.broker_pid,
             "broker_control": sup.broker_control, "broker_started": sup.broker_started, "workers": workers,
+            "lock_fd": sup.lock_fd,
             "signals": list(sup.sig_queue), "reloads": sup.reloads, "config_path": sup.config_path,
             "overrides": sup.overrides, "created_runtime_dir": sup.created_runtime_dir,
             "host": sup.cfg.host, "port": sup.cfg.port, "runtime_dir": sup.runtime_dir, "pid_file": sup.pid_file,
@@ -309,6 +310,8 @@ def reexec(sup: Host, up: Upgrade) -> None:
     log.info("the installed code passed its check; re-executing the supervisor (pid %d)", os.getpid())
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
     os.set_inheritable(sup.broker_control, True)
+    if sup.lock_fd >= 0:
+        os.set_inheritable(sup.lock_fd, True)  # the runtime directory stays held across the exec
     os.environ[STATE_ENV] = path
     for handler in logging.getLogger("chatcluster").handlers:
         handler.flush()
@@ -320,6 +323,8 @@ def reexec(sup: Host, up: Upgrade) -> None:
     except OSError as exc:
         del os.environ[STATE_ENV]
         os.set_inheritable(sup.broker_control, False)
+        if sup.lock_fd >= 0:
+            os.set_inheritable(sup.lock_fd, False)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         fail(sup, f"cannot execute {sys.executable}: {exc.strerror}")
 
@@ -334,6 +339,7 @@ class Resumed:
     pid_file: str
     applied: dict[str, Any]
     restart: dict[str, list[Any]]
+    lock_fd: int = -1  # the descriptor holding the runtime directory, kept across the exec
 
 
 def resumed(new: Config) -> Resumed | None:
@@ -359,9 +365,20 @@ def resumed(new: Config) -> Resumed | None:
     runtime_dir = state.get("runtime_dir") or paths.resolve_runtime_dir(old)
     pid_file = state.get("pid_file") or (os.path.abspath(old.pid_file) if old.pid_file
                                          else paths.default_pid_file(runtime_dir))
+    lock_fd = state.get("lock_fd", -1)
+    if isinstance(lock_fd, int) and lock_fd >= 0:
+        os.set_inheritable(lock_fd, False)
+    else:
+        # From a release that did not hold the directory: hold it now. Only an upgraded
+        # supervisor of the cluster running there can be here, so nobody else holds it.
+        try:
+            lock_fd = paths.lock_runtime_dir(runtime_dir)
+        except (paths.StartupError, OSError) as exc:
+            log.warning("cannot hold the runtime directory %s: %s", runtime_dir, exc)
+            lock_fd = -1
     return Resumed(state=state, cfg=Config(values={**old.values, **live}, source=new.source),
                    runtime_dir=runtime_dir, pid_file=pid_file, applied=live,
-                   restart={k: [old.values[k], new.values[k]] for k in restart})
+                   restart={k: [old.values[k], new.values[k]] for k in restart}, lock_fd=lock_fd)
 
 
 def resume(sup: Host, r: Resumed) -> None:
@@ -451,9 +468,7 @@ def abort(sup: Host, why: str) -> None:
             old.retiring = False
             old.retire_deadline = 0.0
     sup.generation = up.old_generation
-    for path in glob.glob(os.path.join(sup.runtime_dir, paths.HANDOFF_PREFIX + "*")):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    paths.remove_handoff_sockets(sup.runtime_dir)
     fail(sup, f"{why}; the running workers keep serving")
 
 

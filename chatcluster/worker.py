@@ -597,6 +597,14 @@ class Worker:
         if self.handoff is not None:
             self.handoff.published(events)
 
+    def leave_bus(self) -> None:
+        """No bus any more (the supervisor, and with it our broker, is gone): see BusClient.detach."""
+        try:
+            self.ep.unregister(self.bus.fd)
+        except OSError:
+            pass
+        self.bus.detach()
+
     def handle_bus(self) -> None:
         core = self.core
         budget = self.backpressure.bus_budget()
@@ -662,7 +670,9 @@ class Worker:
             if self.stop is None and os.getppid() != self.parent_pid:
                 # Killed outright, the supervisor cannot stop us: do it ourselves, or we would
                 # hold the port and keep serving without anyone watching.
-                log.error("worker %d: the supervisor (pid %d) is gone; stopping", self.worker_no, self.parent_pid)
+                log.error("worker %d: the supervisor (pid %d) is gone; leaving the bus and stopping",
+                          self.worker_no, self.parent_pid)
+                self.leave_bus()
                 self.stop_signal = signal.SIGTERM
         if self.core.syncing and now - self.last_hello > 1.0:
             self.bus.send_control([self.core.hello()])
@@ -714,11 +724,19 @@ class Worker:
             return
         live = self.settings.reload(values, path)
         s = self.settings
+        # A new buffer size for the sockets already open too (0, autotuning, cannot be handed
+        # back to a socket whose size was once set: it applies to new connections only).
+        sndbuf = s.send_buffer_bytes if "send_buffer_bytes" in live else 0
         for c in self.registry.clients():
             if c.reader is not None:
                 c.reader.max_line_bytes = s.max_line_bytes
             if c.bucket is not None:
                 c.bucket.configure(s.flood_rate, s.flood_burst)
+            if sndbuf:
+                try:
+                    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                except OSError:
+                    pass  # a connection being reset: it is closed soon enough
         logging.getLogger("chatcluster").setLevel(s.log_level.upper())
         log.info("worker %d: reloaded %s", self.worker_no, ", ".join(sorted(live)) or "nothing changed")
         self.config_version = version

@@ -102,3 +102,42 @@ def test_the_broker_end_never_blocks_on_a_writer_that_does_not_read(tmp_path: Pa
     writer.flush()
     assert writer.broken  # the reader is gone: nothing more is queued
     os.close(w)
+
+
+def test_a_writer_killed_in_the_middle_of_a_record_is_replaced_and_the_next_one_gets_whole_records(
+    tmp_path: Path,
+) -> None:
+    # The pipe takes 1 MiB: a bigger record is handed over in parts. When the writer dies after
+    # part of one, the rest of that record must not reach its successor (which would read it as
+    # garbage and die in turn); the records after it must.
+    import signal
+
+    db = str(tmp_path / "h.db")
+    writer = histdb.Writer.start(db, 50, 1 << 30)
+    first = writer.pid
+    os.kill(first, signal.SIGSTOP)  # reads nothing: the big record stays half in the pipe
+    writer.batch("#big", 1.0, batch("z" * 900, nick=b"big"))
+    # Random text, so that the encoding cannot make it small: 3 MB, three times what the pipe takes.
+    huge = wire.encode("w1", 2, [E.Chat(1, b"q" + os.urandom(500).hex().encode(), b"big") for _ in range(3000)],
+                       "#big")
+    writer.batch("#big", 2.0, huge)
+    writer.flush()
+    assert 0 < writer.head_done < len(writer.queue[0])  # part of the huge record went out
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while writer.pid == first and time.monotonic() < deadline:
+        writer.flush()  # EPIPE once the writer is gone: a new one takes over
+        time.sleep(0.01)
+    assert writer.pid != first and not writer.broken
+    writer.batch("#h", 3.0, batch("after the new writer"))
+    while writer.pending and time.monotonic() < deadline:
+        writer.flush()
+        time.sleep(0.01)
+    second = writer.pid
+    writer.close(timeout=10.0)
+    rooms = dict(histdb.load(db, 50))
+    assert rooms["#h"] == [(3.0, b"ann: after the new writer\r\n")]
+    assert not any(line.startswith(b"big: q") for _, line in rooms.get("#big", []))
+    with pytest.raises(ChildProcessError):
+        os.waitpid(first, os.WNOHANG)  # reaped, not left a zombie
+    assert second != first

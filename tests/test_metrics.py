@@ -297,7 +297,7 @@ def test_the_alert_rules_use_only_exported_metrics(two_positions: snapshot.Snaps
     used = names_in(rules)
     assert used and used <= exported_names(two_positions), used - exported_names(two_positions)
     for alert in ("heartbeat_age_seconds", "worker_restarts_total", "bus_gaps_total", 'reason="sendq"',
-                  'reason="emfile"'):
+                  'reason="emfile"', "broker_restarts_total", "broker_heartbeat_age_seconds"):
         assert alert in rules, alert
 
 
