@@ -168,10 +168,10 @@ def test_a_gap_in_the_stream_is_reported(make_nats: Callable[..., NatsCluster]) 
 
     async def scenario() -> None:
         a = await NB.Bridge(settings(c, "a")).start()
-        for i in range(5):
+        for i in range(5):  # one message each: batches waiting together would be packed into one
             a.submit(f"a:{i}".encode())
-        while a.pending:
-            await asyncio.sleep(0.01)
+            while a.pending:
+                await asyncio.sleep(0.01)
         assert a.js is not None
         last = a.stats.last_acked_seq
         await a.js.delete_msg(STREAM, last - 2)  # as retention or an operator would
