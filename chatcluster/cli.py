@@ -104,6 +104,8 @@ def cmd_start(args: argparse.Namespace) -> int:
                 raise StartupError(f"a cluster is already running with pid {other} (pid file {path}); "
                                    f"stop it with `chatcluster stop --port {cfg.port}` or use another --port")
         check_port_free(cfg.host, cfg.port)
+        if cfg.nats_servers:
+            check_nats(cfg)
         if cfg.metrics_listen:
             from .exporter import check_listen
 
@@ -143,6 +145,17 @@ def check_port_free(host: str, port: int) -> None:
         raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}") from None
     finally:
         probe.close()
+
+
+def check_nats(cfg: cfgmod.Config) -> None:
+    """Fail early, with one line naming the URL and the cause, when NATS cannot be reached or refuses us."""
+    from . import multihost  # nats-py: only with nats_servers
+    from .natsbridge import NatsError
+
+    try:
+        multihost.check_reachable(cfg.values)
+    except NatsError as exc:
+        raise StartupError(str(exc)) from None
 
 
 # -- finding a running cluster ------------------------------------------------------------------

@@ -356,6 +356,10 @@ class Bridge:
         await self.connect()
         info = await self.ensure_stream()
         self.start_seq = info.state.last_seq
+        return self.begin()
+
+    def begin(self) -> Bridge:
+        """Start publishing, a hello first (after `connect` and `ensure_stream`)."""
         if self.nc is not None and self.nc.max_payload:
             self.pack_max = max(1024, min(self.pack_max, self.nc.max_payload // 2))
         self._enqueue(self.hello(), "hello", None)
@@ -675,6 +679,21 @@ class Bridge:
                 await sub.unsubscribe()
             except Exception:  # the connection may be gone
                 pass
+
+
+async def probe(settings: NatsSettings) -> None:
+    """Connect, make sure of the stream, disconnect, saying nothing: NatsError (one line) if any of it fails."""
+    bridge = Bridge(settings)
+    level = log.level
+    log.setLevel(logging.WARNING)  # the connection's coming and going is no news here
+    try:
+        await bridge.connect()
+        await bridge.ensure_stream()
+    finally:
+        bridge._closing = True
+        if bridge.nc is not None:
+            await _quiet_close(bridge.nc)
+        log.setLevel(level)
 
 
 def unpack(data: bytes, headers: dict[str, str]) -> list[bytes]:
