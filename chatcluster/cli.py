@@ -379,7 +379,23 @@ def render_status(status: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
     for row in table:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if status.get("nats"):
+        lines += render_nats(status["nats"])
     return "\n".join(lines)
+
+
+def render_nats(n: dict[str, Any]) -> list[str]:
+    """The multi-host part of `status`: the NATS link, the stream, and how far behind each host is."""
+    link = f"connected to {n.get('url')}" if n.get("state") == "connected" else str(n.get("state"))
+    lines = [f"NATS: {link}, stream {n.get('stream')} at {n.get('stream_last_seq')} "
+             f"(this host applied {n.get('applied_seq')}, lag {n.get('lag')}; {n.get('outbox', 0)} waiting to be "
+             f"sent, {n.get('undelivered', 0)} batches undelivered), snapshot at {n.get('snapshot_seq')}"]
+    if n.get("age_s", 0) > 5:
+        lines.append(f"  (as of {n['age_s']:.0f} s ago: the bus process has not updated it since)")
+    for h in n.get("hosts", []):
+        me = " (this one)" if h.get("self") else ""
+        lines.append(f"  host {h.get('node')}{me}: applied {h.get('applied_seq')}, lag {h.get('lag')}")
+    return lines
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -524,6 +524,15 @@ SETTINGS: tuple[Setting, ...] = (
         section="multihost",
     ),
     Setting(
+        "nats_hold_seconds",
+        30.0,
+        float,
+        "While NATS is away, lines are held for up to this many seconds; older ones are dropped and their "
+        "senders told.",
+        check=_between(1, 3600),
+        section="multihost",
+    ),
+    Setting(
         "nats_max_age",
         86400.0,
         float,

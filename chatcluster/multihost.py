@@ -50,8 +50,7 @@ log = logging.getLogger("chatcluster.multihost")
 SNAPSHOT_EVERY = 10.0  # seconds of stream time between two snapshots of the shared state
 STATUS_EVERY = 1.0  # seconds between two updates of multihost.json
 LINK_GRACE = 2.0  # a link down for less than this (a reconnect to another node) is not told to users
-LINK_DOWN = ("the link to the other servers is down; what you type is held and delivered when it is back "
-             "(lines held more than 30 s are dropped, and you are told)")
+LINK_DOWN = "the link to the other servers is down; what you type is held and delivered when it is back"
 LINK_BACK = "the link to the other servers is back"
 
 
@@ -65,7 +64,8 @@ def nats_settings(values: dict[str, Any]) -> NB.NatsSettings:
         replicas=int(values["nats_replicas"]), max_age=float(values["nats_max_age"]),
         max_bytes=int(values["nats_max_bytes"]), user=opt("nats_user"), password_file=opt("nats_password_file"),
         creds_file=opt("nats_creds_file"), nkey_seed_file=opt("nats_nkey_seed_file"), ca_file=opt("nats_ca_file"),
-        cert_file=opt("nats_cert_file"), key_file=opt("nats_key_file"))
+        cert_file=opt("nats_cert_file"), key_file=opt("nats_key_file"),
+        outbox_max_age=float(values["nats_hold_seconds"]))
 
 
 def check_reachable(values: dict[str, Any]) -> None:
@@ -74,6 +74,7 @@ def check_reachable(values: dict[str, Any]) -> None:
     `chatcluster start` calls it before the supervisor starts anything, so that an unreachable
     NATS or refused credentials are one line and exit status 1, not a bus process that dies.
     """
+    NB.quiet_asyncio()
     asyncio.run(NB.probe(nats_settings(values)))
 
 
@@ -427,6 +428,7 @@ def run_host_bus(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
                  stats: S.StatsFile | None = None) -> None:
     """The bus process of a multi-host cluster; `workers` are the live workers when it replaces a dead one."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    NB.quiet_asyncio()
     values, _, _ = read_live_config(runtime_dir)
     os.set_blocking(control_fd, False)
     bus = HostBus(runtime_dir, control_fd, workers, stats, values)

@@ -696,6 +696,12 @@ async def probe(settings: NatsSettings) -> None:
         log.setLevel(level)
 
 
+def quiet_asyncio() -> None:
+    """asyncio warns on stderr about every TLS connection a server refuses ("returning true from
+    eof_received() has no effect when using ssl"); the bridge says what happened, once."""
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+
+
 def unpack(data: bytes, headers: dict[str, str]) -> list[bytes]:
     """The batches of one stream message: one, or those packed in it (see Bridge._pack)."""
     n = headers.get(HDR_PARTS)

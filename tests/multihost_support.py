@@ -67,6 +67,12 @@ class Host(Cluster):
             c.welcome()
         return c  # type: ignore[return-value]
 
+    def timed_client(self) -> TimedClient:
+        c = TimedClient(self.port, self.address)
+        self.clients.append(c)
+        c.welcome()
+        return c
+
     def status(self) -> dict[str, Any]:
         argv = [sys.executable, "-m", "chatcluster", "status", "--json", "--runtime-dir", self.runtime_dir,
                 "--port", str(self.port)]
@@ -100,6 +106,26 @@ class Host(Cluster):
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+
+
+class TimedClient(Client):
+    """A Client that notes when each line arrived (time.monotonic()), for measuring stalls."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(port, host)
+        self.times: list[float] = []
+
+    def _pump(self, timeout: float) -> None:
+        before = len(self.lines)
+        super()._pump(timeout)
+        now = time.monotonic()
+        self.times.extend(now for _ in range(len(self.lines) - before))
+
+    def longest_pause(self, since: float, pattern: str) -> float:
+        """The longest time between two lines matching `pattern` (or `since` and the first) from `since` on."""
+        rx = re.compile(pattern)
+        ts = [since] + [t for x, t in zip(self.lines, self.times, strict=True) if t >= since and rx.fullmatch(x)]
+        return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0)
 
 
 class RelayClient:

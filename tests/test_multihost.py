@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("nats", reason="nats-py is not installed (pip install 'chatcluster[nats]')")
 
-from conftest import Client, free_port, start_refused, wait_for  # noqa: E402
+from conftest import REPO, Client, free_port, start_refused, wait_for  # noqa: E402
 from multihost_support import Host, assert_one_order, chat_lines  # noqa: E402
 from nats_support import NatsCluster, nats_server_binary  # noqa: E402
 
@@ -292,9 +292,10 @@ def test_kill9_of_the_stream_leader_under_chat_loses_and_doubles_nothing(
     nats = make_nats(3)
     a, b = make_host(nats, "a"), make_host(nats, "b")
     clients = [a.client(), b.client(), a.client(), b.client()]
-    for c in clients:
+    watcher = b.timed_client()
+    for c in [*clients, watcher]:
         c.say("/who")
-        c.wait_line(r"\*\*\* 4 users online: .*")
+        c.wait_line(r"\*\*\* 5 users online: .*")
     n = 60
     killed: list[float] = []
 
@@ -312,8 +313,153 @@ def test_kill9_of_the_stream_leader_under_chat_loses_and_doubles_nothing(
     for t in threads:
         t.join()
     views = wait_all_lines(clients, n * len(clients), n, timeout=90)
+    watcher.wait(lambda lines: len(chat_lines(lines)) >= n * len(clients), 30, "every line at the watcher")
+    views[watcher.nick] = chat_lines(watcher.lines)
     for c in clients:
         assert len(views[c.nick]) == n * (len(clients) - 1)
+    assert len(views[watcher.nick]) == n * len(clients)
     assert_one_order(views)
-    sys.stderr.write(f"\nstream leader kill -9 under chat: every line once, one order "
-                     f"(leader killed {killed[0] - time.monotonic():.1f} s ago)\n")
+    stall = watcher.longest_pause(killed[0], r"\S+: m \S+ \d+")
+    sys.stderr.write(f"\nstream leader kill -9 under chat: every line once, one order; the chat stalled "
+                     f"{stall:.1f} s\n")
+
+
+def test_nats_lost_at_run_time_is_told_once_and_the_held_lines_arrive_when_it_is_back(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(1)
+    a, b = make_host(nats, "a"), make_host(nats, "b")
+    ann, bob = a.client(), b.client()
+    ann.say("/nick Ann")
+    bob.wait_line(r"\*\*\* \S+ is now known as Ann")
+    nats.nodes[0].kill()
+    down = r"\*\*\* Notice: the link to the other servers is down; .*"
+    for c in (ann, bob):
+        c.wait_line(down, timeout=15)
+    for i in range(3):
+        ann.say(f"held {i}")
+    time.sleep(1.0)
+    assert not any(x.startswith("Ann: held") for x in bob.lines), "a line was shown before it was in the stream"
+    nats.nodes[0].start()
+    nats.wait_ready()
+    for i in range(3):
+        bob.wait_line(rf"Ann: held {i}", timeout=30)
+    for c in (ann, bob):
+        c.wait_line(r"\*\*\* Notice: the link to the other servers is back", timeout=15)
+        assert sum(1 for x in c.lines if re.fullmatch(down, x)) == 1, "told more than once"
+    bob.say("after")
+    ann.wait_line(rf"{re.escape(bob.nick)}: after")
+
+
+def test_lines_held_longer_than_nats_hold_seconds_are_dropped_and_their_sender_told(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(1)
+    a = make_host(nats, "a", extra=("--nats-hold-seconds", "2"))
+    b = make_host(nats, "b")
+    ann, bob = a.client(), b.client()
+    ann.say("/nick Ann")
+    bob.wait_line(r"\*\*\* \S+ is now known as Ann")
+    nats.nodes[0].kill()
+    ann.wait_line(r"\*\*\* Notice: the link to the other servers is down; .*", timeout=15)
+    for i in range(5):
+        ann.say(f"late {i}")
+        time.sleep(0.2)
+    ann.wait_line(r"\*\*\* Notice: your last lines could not be delivered: .*", timeout=15)
+    nats.nodes[0].start()
+    nats.wait_ready()
+    ann.wait_line(r"\*\*\* Notice: the link to the other servers is back", timeout=30)
+    ann.say("/nick Ann2")  # goes through the stream after everything held: when it is back, so is the rest
+    bob.wait_line(r"\*\*\* Ann is now known as Ann2", timeout=30)
+    got = [x for x in bob.lines if x.startswith("Ann: late")]
+    assert len(got) < 5, "every line was delivered, though the sender was told some were not"
+    assert len(got) == len(set(got))
+
+
+def test_the_nats_node_a_host_is_connected_to_restarted_loses_nothing(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(3)
+    a = make_host(nats, "a", urls=[nats.urls[0], nats.urls[1], nats.urls[2]])
+    b = make_host(nats, "b", urls=[nats.urls[1], nats.urls[2], nats.urls[0]])
+    clients = [a.client(), b.client()]
+    for c in clients:
+        c.say("/who")
+        c.wait_line(r"\*\*\* 2 users online: .*")
+    st = wait_for(lambda: (a.multihost() or {}).get("url"), 15, "host a's NATS connection in multihost.json")
+    node = next(n for n in nats.nodes if f":{n.client_port}" in str(st))
+    n = 40
+    def talk(c: Client) -> None:
+        for i in range(n):
+            if i == 10 and c is clients[0]:
+                nats.restart(node)
+            c.say(f"m {c.nick} {i}")
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=talk, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    views = wait_all_lines(clients, n * 2, n, timeout=90)
+    for c in clients:
+        assert len(views[c.nick]) == n
+    assert_one_order(views)
+
+
+# -- TLS and authentication ----------------------------------------------------------------------
+
+def test_hosts_talk_over_tls_with_a_password_and_a_host_without_credentials_is_refused(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(3, tls_auth=True)
+    auth = nats.auth
+    assert auth is not None
+    a, b = make_host(nats, "a"), make_host(nats, "b")
+    ann, bob = a.client(), b.client()
+    ann.say("over tls")
+    bob.wait_line(rf"{re.escape(ann.nick)}: over tls")
+    st = wait_for(lambda: (a.multihost() or {}).get("url"), 15, "host a's NATS connection")
+    assert str(st).startswith("tls://"), st
+    base = ("--nats-servers", ",".join(nats.urls), "--port", str(free_port()), "--host", "127.0.0.1",
+            "--node-name", "c", "--nats-replicas", "3")
+    tls = ("--nats-ca-file", auth.ca, "--nats-cert-file", auth.client_cert, "--nats-key-file", auth.client_key)
+    p = start_refused(*base, *tls, "--runtime-dir", f"/tmp/cc-refused-{free_port()}")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "credentials refused (authorization violation)" in p.stderr and nats.urls[0] in p.stderr, p.stderr
+    wrong = a.runtime_dir + "-wrong-password"
+    with open(wrong, "w") as fh:
+        fh.write("not the password\n")
+    p = start_refused(*base, *tls, "--nats-user", auth.user, "--nats-password-file", wrong,
+                      "--runtime-dir", f"/tmp/cc-refused-{free_port()}")
+    assert p.returncode == 1 and "authorization violation" in p.stderr, p.stderr
+    # A password given on the command line is not even a setting: only the file is.
+    p = start_refused(*base, "--nats-password", "secret", "--runtime-dir", f"/tmp/cc-refused-{free_port()}")
+    assert p.returncode != 0 and "--nats-password" in p.stderr
+
+
+# -- status --------------------------------------------------------------------------------------
+
+def test_status_shows_the_nats_link_the_stream_sequence_and_each_hosts_lag(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    import json
+    import subprocess
+
+    nats = make_nats(1)
+    a, b = make_host(nats, "a"), make_host(nats, "b")
+    ann, bob = a.client(), b.client()
+    ann.say("hello")
+    bob.wait_line(rf"{re.escape(ann.nick)}: hello")
+
+    def both_hosts() -> dict[str, Any] | None:
+        st = a.status().get("nats")
+        return st if st and {h["node"] for h in st["hosts"]} == {"a", "b"} else None
+
+    st = wait_for(both_hosts, 15, "status --json to list both hosts")
+    assert st["state"] == "connected" and st["node"] == "a" and st["stream"] == STREAM
+    assert st["stream_last_seq"] >= st["applied_seq"] > 0
+    for h in st["hosts"]:
+        assert h["lag"] >= 0 and h["applied_seq"] > 0
+    out = subprocess.run([sys.executable, "-m", "chatcluster", "status", "--runtime-dir", a.runtime_dir,
+                          "--port", str(a.port)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    text = out.stdout
+    assert re.search(r"NATS: connected to nats://127\.0\.0\.1:\d+, stream CHATCLUSTER_main at \d+", text), text
+    assert re.search(r"host a \(this one\): applied \d+, lag \d+", text), text
+    assert re.search(r"host b: applied \d+, lag \d+", text), text
+    assert json.dumps(st)
