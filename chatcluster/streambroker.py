@@ -36,7 +36,7 @@ from typing import Any
 
 from . import events as E
 from .broker import MAX_ROUTES, NUDGE_EVERY, Broker, BrokerSettings
-from .directory import BROKER
+from .directory import BROKER, Decided
 from .rooms import Room
 from .wire import FLAG_ROSTER, UNREADABLE_PAYLOAD, WIRE_VERSION, decode, decode_batch, encode, node_of, peek
 
@@ -75,6 +75,9 @@ class StreamBroker(Broker):
         self.applied = 0  # the last stream sequence applied
         self.stream_ts = 0.0  # its timestamp
         self.last_snapshot_ts = 0.0  # the stream time of the last point at which a snapshot was due
+        # node -> (worker, conn) of its users let go when it was cut off: the other hosts told their
+        # users they left, so when the host is back and its workers resync, they are told they joined.
+        self.let_go: dict[str, set[tuple[str, int]]] = {}
         # This host's counters.
         self.undelivered = 0  # local batches that never reached the stream (their senders were told)
         self.foreign = 0  # batches of workers a host may not speak for, dropped
@@ -234,13 +237,51 @@ class StreamBroker(Broker):
         mine = self.is_local(publisher) and publisher not in self.dead
         if mine and any(type(ev) is E.Hello for ev in events):
             self.listen(publisher)  # its place in the order starts here, with its snapshot after this batch
-        self.deliver(publisher, head.pseq, self.decide(publisher, events, now))
+        decided = self.decide(publisher, events, now)
+        if self.let_go.get(node):
+            decided = self.welcome_back(node, publisher, events, decided)
+        self.deliver(publisher, head.pseq, decided)
         for ev in events:
             kind = type(ev)
             if kind is E.Hello and mine:
                 self.snapshot(publisher, ev.nonce)
             elif kind is E.Gone:
                 self.forget_worker(str(ev.worker))
+
+    def welcome_back(self, node: str, publisher: str, events: list[E.Event], decided: Decided) -> Decided:
+        """Users of a host that was cut off and is back: on the other hosts, where they were seen to
+        leave, they join again (after a resync, or under a fresh name if theirs was taken meanwhile);
+        on their own host, where nobody saw them go, nothing changes (or they are renamed)."""
+        gone = self.let_go[node]
+        out: Decided = []
+        for ev, targets in decided:
+            if type(ev) is E.Rejoined and (publisher, ev.conn) in gone:
+                gone.discard((publisher, ev.conn))
+                home = frozenset(w for w in (targets or ()) if node_of(w) == node) if targets is not None else None
+                out.append((ev, home if home is not None else frozenset(self.listening)))
+                out += self.joined_again(node, publisher, ev.conn, ev.nick)
+            else:
+                out.append((ev, targets))
+        if any(type(ev) is E.Resync for ev in events):
+            for m in self.roster.members_of(publisher):
+                if (publisher, m.conn) in gone:
+                    gone.discard((publisher, m.conn))
+                    out += self.joined_again(node, publisher, m.conn, m.nick)
+        if not gone:
+            del self.let_go[node]
+        return out
+
+    def joined_again(self, node: str, worker: str, conn: int, nick: str) -> Decided:
+        """`nick` joins each of its rooms, for the workers of every host but its own."""
+        others = frozenset(w for w in self.listening if node_of(w) != node)
+        rooms = self.directory.rooms
+        out: Decided = []
+        for key in rooms.rooms_of(worker, conn):
+            if key == rooms.default:
+                out.append((E.Joined(conn, nick, ""), others))
+            else:
+                out.append((E.RoomJoined(conn, nick, rooms.name_of(key)), others))
+        return out
 
     def forget_worker(self, worker: str) -> None:
         """A worker is gone from the directory: forget its numbering (its name may come back with its host)."""
@@ -273,10 +314,10 @@ class StreamBroker(Broker):
             # the order. So do we (without telling our own clients, who are still here); then our
             # workers resync, as after a restart of this process, and claim their names again.
             log.warning("this host was cut off from the stream longer than the lease; its users are claimed anew")
-            self.reset_host(node, (), deliver=False)
+            self.reset_host(node, (), deliver=False, let_go=True)
             self.new_epoch(now)
             return
-        self.reset_host(node, (), deliver=True)
+        self.reset_host(node, (), deliver=True, let_go=True)
 
     def host_hello(self, node: str, data: bytes, now: float) -> None:
         """A new incarnation of `node` said hello, naming its workers that live on: the others are gone."""
@@ -290,6 +331,11 @@ class StreamBroker(Broker):
         if problem:
             log.error("host %s %s", node, problem)
         keep = {str(w) for w in info.get("workers", ()) if isinstance(w, str)}
+        gone = self.let_go.get(node)
+        if gone is not None:  # those of its users let go that may yet come back: on the workers it still has
+            self.let_go[node] = {(w, c) for w, c in gone if w in keep}
+            if not self.let_go[node]:
+                del self.let_go[node]
         self.reset_host(node, keep, deliver=True)
 
     def disagreement(self, info: dict[str, Any]) -> str | None:
@@ -308,17 +354,35 @@ class StreamBroker(Broker):
         return json.dumps({"workers": sorted(workers), "rules": RULES, "wire": WIRE_VERSION,
                            "default_room": self.settings.default_room}).encode()
 
-    def reset_host(self, node: str, keep: Iterable[str], deliver: bool) -> None:
-        """Every worker of `node` but `keep` is gone: its users leave, at this point, on every host."""
+    def reset_host(self, node: str, keep: Iterable[str], deliver: bool, let_go: bool = False) -> None:
+        """Every worker of `node` but `keep` is gone: its users leave, at this point, on every host.
+
+        `let_go`: the host was silent too long, not known dead; its users are remembered, so that
+        they can be told joining again if the host comes back.
+        """
         kept = set(keep)
         workers = [w for w in self.workers_of(node) if w not in kept]
         if not workers:
             return
         decided: list[E.Event] = []
-        for w in workers:
-            decided += [ev for ev, _ in self.directory.decide(self.name, E.Gone(w))]
-            self.forget_worker(w)
-        if deliver and self.listening:
+        if let_go:
+            # Its workers may yet be alive: the receivers keep their numbering (a Quit for each user,
+            # not a Lost, which would make them forget it), so that if the host comes back and goes
+            # on numbering, what it said meanwhile and never delivered shows as a gap.
+            gone = {(w, m.conn) for w in workers for m in self.roster.members_of(w)}
+            if gone:
+                self.let_go[node] = gone
+            for w in workers:
+                members = {m.nick: m.conn for m in self.roster.members_of(w)}
+                for ev, _ in self.directory.decide(self.name, E.Gone(w)):
+                    if type(ev) is E.Lost:
+                        decided += [E.Quit(members.get(nick, 0), nick, "connection lost", keys)
+                                    for nick, keys in ev.members]
+        else:
+            for w in workers:
+                decided += [ev for ev, _ in self.directory.decide(self.name, E.Gone(w))]
+                self.forget_worker(w)
+        if deliver and self.listening and decided:
             self.send_to(self.listening, encode(f"{BROKER}@{node}", 0, decided))
 
     def new_epoch(self, now: float) -> None:
@@ -357,6 +421,7 @@ class StreamBroker(Broker):
             "aliases": dict(self.directory.aliases),
             "route_seqs": {route: dict(seqs) for route, seqs in self.route_seqs.items()}, "forgot": self.forgot,
             "seen": {node: sorted(ws) for node, ws in self.seen.items()},
+            "let_go": {node: sorted([w, c] for w, c in pairs) for node, pairs in self.let_go.items()},
             "history_from": self.history.oldest() >> PART_BITS,
             "book": book,
         }
@@ -383,6 +448,7 @@ class StreamBroker(Broker):
         self.route_seqs = {route: {p: int(n) for p, n in seqs.items()} for route, seqs in st["route_seqs"].items()}
         self.forgot = bool(st["forgot"])
         self.seen = {node: set(ws) for node, ws in st["seen"].items()}
+        self.let_go = {node: {(str(w), int(c)) for w, c in pairs} for node, pairs in st.get("let_go", {}).items()}
         self.applied, self.stream_ts = int(st["seq"]), float(st["ts"])
         self.last_snapshot_ts = float(st["last_snapshot_ts"])
 

@@ -243,6 +243,30 @@ def test_a_killed_host_has_its_users_leave_everywhere_else_within_10_s(
     on_c.wait_line(r"\*\*\* 2 users online: \S+, Vic1|\*\*\* 2 users online: Vic1, \S+")
 
 
+def test_a_killed_host_started_again_under_its_name_rejoins_afresh(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(1)
+    a, b = make_host(nats, "a"), make_host(nats, "b")
+    ann, old = a.client(), b.client()
+    old.say("/join #dev")
+    old.wait_line(r"\*\*\* You joined #dev; .*")
+    ann.say("/join #dev")
+    ann.wait_line(r"\*\*\* You joined #dev; 2 users here: .*")
+    for i in range(5):
+        old.say(f"before {i}")
+    ann.wait_line(rf"{re.escape(old.nick)}: before 4")
+    b.kill9()
+    ann.wait_line(rf"\*\*\* {re.escape(old.nick)} left \(connection lost\)", timeout=15)
+    b2 = make_host(nats, "b")  # the same node name, the same worker names, numbering from 1 again
+    new = b2.client()
+    new.say("/join #dev")
+    new.wait_line(r"\*\*\* You joined #dev; 2 users here: .*")
+    new.say("after the restart")
+    ann.wait_line(rf"{re.escape(new.nick)}: after the restart")
+    new.wait_line(rf"\[\d\d:\d\d\] {re.escape(old.nick)}: before 4")  # the history, from the stream
+    assert not any("may have been lost" in x for x in ann.lines), ann.lines
+
+
 def test_a_host_stopped_gracefully_lets_its_users_go_at_once(
         make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
     nats = make_nats(1)
@@ -463,3 +487,59 @@ def test_status_shows_the_nats_link_the_stream_sequence_and_each_hosts_lag(
     assert re.search(r"host a \(this one\): applied \d+, lag \d+", text), text
     assert re.search(r"host b: applied \d+, lag \d+", text), text
     assert json.dumps(st)
+
+
+# -- hosts with addresses of their own -----------------------------------------------------------
+
+def test_hosts_in_their_own_network_namespaces_and_a_host_cut_off_and_back(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    from netns_support import TestLan, netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        pytest.skip(why)
+    with TestLan() as lan:
+        nats_ns, ns_a, ns_b = lan.add(), lan.add(), lan.add()
+        nats = make_nats(1, netns=[nats_ns])
+        a = make_host(nats, "a", netns=ns_a)
+        b = make_host(nats, "b", netns=ns_b)
+        try:
+            ann, bob, bea = a.client(), b.client(), b.client()
+            for c, name in ((ann, "Ann"), (bob, "Bob"), (bea, "Bea")):
+                c.say(f"/nick {name}")
+                c.wait_line(rf"\*\*\* You are now known as {name}")
+            ann.say("/who")
+            ann.wait_line(r"\*\*\* 3 users online: Ann, Bea, Bob")
+            bob.say(f"hello from {ns_b.addr}")
+            ann.wait_line(rf"Bob: hello from {re.escape(ns_b.addr)}")
+            # NATS saw each host come from its own address.
+            ips = {x.get("ip") for x in (nats.nodes[0].monitor("/connz") or {}).get("connections", [])}
+            assert {ns_a.addr, ns_b.addr} <= ips, ips
+            lan.cut(ns_b)
+            cut = time.monotonic()
+            for name in ("Bob", "Bea"):
+                ann.wait_line(rf"\*\*\* {name} left \(connection lost\)", timeout=15)
+            took = time.monotonic() - cut
+            assert took < 10, f"the cut-off host's users left after {took:.1f} s"
+            bob.wait_line(r"\*\*\* Notice: the link to the other servers is down; .*", timeout=20)
+            ann.say("/nick Bob")  # the name is free while its holder is cut off
+            ann.wait_line(r"\*\*\* You are now known as Bob")
+            lan.mend(ns_b)
+            # Back: the host rejoins afresh; Bea gets her name back, Bob's went to Ann meanwhile.
+            bob.wait_line(r"\*\*\* Notice: the link to the other servers is back", timeout=30)
+            bob.wait_line(r"\*\*\* Notice: your nickname was taken while the server recovered; you are now "
+                          r"known as (\S+)", timeout=30)
+
+            def everyone_back(lines: list[str]) -> bool:
+                ann.say("/who")
+                time.sleep(0.3)
+                return any(re.fullmatch(r"\*\*\* 3 users online: .*Bea.*", x) for x in ann.lines[-3:])
+
+            ann.wait(everyone_back, 30, "Bea back in /who")
+            bea.say("back again")
+            ann.wait_line(r"Bea: back again", timeout=15)
+            sys.stderr.write(f"\na host cut off from the network: its users left elsewhere after {took:.1f} s\n")
+        finally:
+            for h in (a, b):
+                h.stop()
+            nats.stop()
