@@ -305,6 +305,10 @@ class HostBus:
             elif kind is H.HostGone:
                 log.info("host %s (incarnation %s) is gone at sequence %d: %s", item.node,  # type: ignore[union-attr]
                          item.incarnation, item.seq, item.reason)  # type: ignore[union-attr]
+                if (item.node == self.node and item.reason == "restarted"  # type: ignore[union-attr]
+                        and item.incarnation == self.bridge.incarnation):  # type: ignore[union-attr]
+                    raise NB.NatsError(f"another host publishes under this host's node_name {self.node!r}; give "
+                                       "each host a node_name of its own (--node-name)")
                 broker.host_gone(item.node, item.reason, now)  # type: ignore[union-attr]
             elif kind is NB.Gap:
                 log.warning("stream sequences %d-%d never arrived", item.first, item.last)  # type: ignore[union-attr]
