@@ -70,8 +70,9 @@ class Hosts:
             if nats is not None:
                 extra = ["--nats-servers", ",".join(nats.urls[i % nats.size:] + nats.urls[:i % nats.size]),
                          "--node-name", f"h{i + 1}", "--nats-replicas", str(min(3, nats.size))]
+            slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
             self.servers.append(Server("chatcluster", workers=workers, extra_args=extra,
-                                       log_name=f"multihost-{label}-h{i + 1}"))
+                                       log_name=f"multihost-{slug}-h{i + 1}"))
 
     def start(self) -> Hosts:
         try:
@@ -348,10 +349,16 @@ def main(argv: list[str] | None = None) -> int:
             cases[case] = []
             for i in range(args.repeat):
                 print(f"failover, {case}, run {i + 1} of {args.repeat} ...", flush=True)
-                cases[case].append(failover_run(case, args))
+                try:
+                    cases[case].append(failover_run(case, args))
+                except (RuntimeError, OSError, AssertionError) as exc:
+                    print(f"failover, {case}, run {i + 1}: could not be measured: {exc}", file=sys.stderr)
+                    out.setdefault("failures", []).append({"case": case, "run": i + 1, "error": str(exc)[-2000:]})
         out["failover"] = cases
         rows = []
         for case, runs in cases.items():
+            if not runs:
+                continue
             stalls = [r["stall_s"] for r in runs]
             rows.append((case, [min(stalls), statistics.median(stalls), max(stalls),
                                 all(r["each_once"] for r in runs), all(r["one_order"] for r in runs),

@@ -156,6 +156,9 @@ def check_nats(cfg: cfgmod.Config) -> None:
         multihost.check_reachable(cfg.values)
     except NatsError as exc:
         raise StartupError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 (whatever nats-py raises: one line, not a traceback)
+        raise StartupError(f"NATS at {cfg.nats_servers} failed to answer ({type(exc).__name__}: {exc}); check "
+                           f"that JetStream is enabled there, or correct --nats-servers") from None
 
 
 # -- finding a running cluster ------------------------------------------------------------------

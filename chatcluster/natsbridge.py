@@ -344,6 +344,12 @@ class Bridge:
                 if time.monotonic() > deadline:
                     raise NatsError(f"cannot create the stream {s.stream}: {e.description}") from None
                 await asyncio.sleep(0.25)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                # A cluster that has just started may still be placing the stream: ask again.
+                if time.monotonic() > deadline:
+                    raise NatsError(f"cannot create the stream {s.stream}: JetStream does not answer "
+                                    f"({_explain(e)}); are enough NATS nodes up for {s.replicas} replicas?") from None
+                await asyncio.sleep(0.25)
         have = info.config
         if (have.num_replicas or 1) != s.replicas or list(have.subjects or []) != [s.subjects]:
             raise NatsError(f"stream {s.stream} exists with {have.num_replicas} replicas and subjects "
