@@ -447,5 +447,8 @@ def run_host_bus(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
     except NB.NatsError as exc:
         log.error("%s", exc)
         os._exit(1)
+    except Exception:  # noqa: BLE001 (the supervisor starts another; the log says why this one ended)
+        log.exception("the bus process failed")
+        os._exit(70)
     os._exit(0)
 

@@ -805,15 +805,25 @@ class SnapshotStore:
         assert bridge.js is not None and bridge.nc is not None
         s = bridge.s
         bucket = f"{s.stream}_snap"
-        try:
-            kv = await bridge.js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
+        deadline = time.monotonic() + 15
+        while True:
             try:
-                kv = await bridge.js.create_key_value(api.KeyValueConfig(
-                    bucket=bucket, history=1, replicas=s.replicas, storage=api.StorageType.FILE,
-                    max_bytes=256 << 20))
-            except nats.js.errors.BadRequestError:
-                kv = await bridge.js.key_value(bucket)  # made by another host meanwhile
+                try:
+                    kv = await bridge.js.key_value(bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    try:
+                        kv = await bridge.js.create_key_value(api.KeyValueConfig(
+                            bucket=bucket, history=1, replicas=s.replicas, storage=api.StorageType.FILE,
+                            max_bytes=256 << 20))
+                    except nats.js.errors.BadRequestError:
+                        kv = await bridge.js.key_value(bucket)  # made by another host meanwhile
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as e:
+                if time.monotonic() > deadline:
+                    raise NatsError(f"cannot open the KV bucket {bucket} for snapshots: JetStream does not answer "
+                                    f"({_explain(e)})") from None
+                await asyncio.sleep(0.25)
         part = max(4096, min(512 << 10, (bridge.nc.max_payload or (1 << 20)) - 8192))
         return cls(kv, s.node_name, part)
 
@@ -827,11 +837,15 @@ class SnapshotStore:
                 head = json.loads((await self.kv.get(self.HEAD)).value)
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
                 return None
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                await asyncio.sleep(0.5)  # an election: ask again
+                continue
             chunks = []
             try:
                 for key in head["parts"]:
                     chunks.append((await self.kv.get(key)).value)
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.errors.TimeoutError,
+                    nats.errors.NoRespondersError):
                 await asyncio.sleep(0.2)
                 continue
             data = b"".join(chunks)
