@@ -140,8 +140,8 @@ class HostBus:
                  f", {len(self.workers)} workers to resync" if self.workers else "")
         if self.workers:
             broker.nudge(time.monotonic())
-        loop.add_reader(self.pull.getsockopt(zmq.FD), self.on_pull)
-        loop.add_reader(self.pub.getsockopt(zmq.FD), self.on_pub)
+        loop.add_reader(self.fd(self.pull), self.on_pull)
+        loop.add_reader(self.fd(self.pub), self.on_pub)
         loop.add_reader(self.control_fd, self.on_control)
         self.tasks = [asyncio.create_task(self.consume(after), name="stream-reader"),
                       asyncio.create_task(self.beating(), name="beat")]
@@ -153,7 +153,7 @@ class HostBus:
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        for fd in (self.pull.getsockopt(zmq.FD), self.pub.getsockopt(zmq.FD), self.control_fd):
+        for fd in (self.fd(self.pull), self.fd(self.pub), self.control_fd):
             loop.remove_reader(fd)
         self.on_pull()  # the workers' last batches (their users' departures) go out before the bye
         await self.bridge.close(say_bye=True)
@@ -218,9 +218,14 @@ class HostBus:
                 break
             await asyncio.sleep(0.02)
 
+    @staticmethod
+    def fd(sock: zmq.Socket[Any]) -> int:
+        """A ZeroMQ socket's FD, edge-triggered: after a wake-up, EVENTS says what there is."""
+        return int(sock.getsockopt(zmq.FD))
+
     def drain_subscriptions(self) -> set[str]:
         got: set[str] = set()
-        while self.pub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(self.pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             msg = self.pub.recv()
             if msg[:1] == b"\x01" and msg.endswith(b"\0"):
                 name = msg[1:-1].decode(errors="replace")
@@ -250,7 +255,7 @@ class HostBus:
         broker, pull, k = self.broker, self.pull, self.counters
         assert broker is not None
         for _ in range(1000):
-            if not pull.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
             try:
                 payload = pull.recv(zmq.NOBLOCK, copy=True)
@@ -289,33 +294,30 @@ class HostBus:
         seq, part = -1, 0
         async for item in self.bridge.read(after, marks=True):
             now = time.monotonic()
-            kind = type(item)
-            if kind is NB.Batch:
-                part = part + 1 if item.seq == seq else 0  # type: ignore[union-attr]
-                seq = item.seq  # type: ignore[union-attr]
-                broker.apply(item.node, item.seq, item.ts, item.data, now, part)  # type: ignore[union-attr]
-            elif kind is NB.Mark:
-                broker.applied, broker.stream_ts = item.seq, item.ts  # type: ignore[union-attr]
-                if broker.snapshot_due(item.ts, SNAPSHOT_EVERY) and self.writes_snapshots():  # type: ignore[union-attr]
+            if isinstance(item, NB.Batch):
+                part = part + 1 if item.seq == seq else 0
+                seq = item.seq
+                broker.apply(item.node, item.seq, item.ts, item.data, now, part)
+            elif isinstance(item, NB.Mark):
+                broker.applied, broker.stream_ts = item.seq, item.ts
+                if broker.snapshot_due(item.ts, SNAPSHOT_EVERY) and self.writes_snapshots():
                     self.write_snapshot()
-            elif kind is NB.HostHello:
-                log.info("host %s is up (incarnation %s, at sequence %d)", item.node,  # type: ignore[union-attr]
-                         item.incarnation, item.seq)  # type: ignore[union-attr]
-                broker.host_hello(item.node, item.data, now)  # type: ignore[union-attr]
-            elif kind is H.HostGone:
-                log.info("host %s (incarnation %s) is gone at sequence %d: %s", item.node,  # type: ignore[union-attr]
-                         item.incarnation, item.seq, item.reason)  # type: ignore[union-attr]
-                if (item.node == self.node and item.reason == "restarted"  # type: ignore[union-attr]
-                        and item.incarnation == self.bridge.incarnation):  # type: ignore[union-attr]
+            elif isinstance(item, NB.HostHello):
+                log.info("host %s is up (incarnation %s, at sequence %d)", item.node, item.incarnation, item.seq)
+                broker.host_hello(item.node, item.data, now)
+            elif isinstance(item, H.HostGone):
+                log.info("host %s (incarnation %s) is gone at sequence %d: %s", item.node, item.incarnation,
+                         item.seq, item.reason)
+                ours = item.node == self.node and item.incarnation == self.bridge.incarnation
+                if ours and item.reason == "restarted":
                     raise NB.NatsError(f"another host publishes under this host's node_name {self.node!r}; give "
                                        "each host a node_name of its own (--node-name)")
-                broker.host_gone(item.node, item.reason, now)  # type: ignore[union-attr]
-            elif kind is NB.Gap:
-                log.warning("stream sequences %d-%d never arrived", item.first, item.last)  # type: ignore[union-attr]
-                broker.tell(E.StreamGap(f"stream sequences {item.first}-{item.last} never arrived"))  # type: ignore
-            elif kind is H.LostMessages:
-                text = (f"messages {item.first}-{item.last} of host {item.node} "  # type: ignore[union-attr]
-                        "never reached the stream")
+                broker.host_gone(item.node, item.reason, now)
+            elif isinstance(item, NB.Gap):
+                log.warning("stream sequences %d-%d never arrived", item.first, item.last)
+                broker.tell(E.StreamGap(f"stream sequences {item.first}-{item.last} never arrived"))
+            elif isinstance(item, H.LostMessages):
+                text = f"messages {item.first}-{item.last} of host {item.node} never reached the stream"
                 log.warning("%s", text)
                 broker.tell(E.StreamGap(text))
 

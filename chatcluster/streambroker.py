@@ -181,7 +181,7 @@ class StreamBroker(Broker):
                 continue
             numbers, conns = by_worker.setdefault(batch.publisher, ([], []))
             numbers.append((batch.route, batch.pseq))
-            conns.extend(ev.conn for ev in batch.events if type(ev) in (E.Chat, E.Me))
+            conns.extend(ev.conn for ev in batch.events if isinstance(ev, E.Chat | E.Me))
             self.undelivered += 1
         for worker, (numbers, conns) in by_worker.items():
             if worker in self.listening or worker in self.admitted:
@@ -242,10 +242,9 @@ class StreamBroker(Broker):
             decided = self.welcome_back(node, publisher, events, decided)
         self.deliver(publisher, head.pseq, decided)
         for ev in events:
-            kind = type(ev)
-            if kind is E.Hello and mine:
+            if isinstance(ev, E.Hello) and mine:
                 self.snapshot(publisher, ev.nonce)
-            elif kind is E.Gone:
+            elif isinstance(ev, E.Gone):
                 self.forget_worker(str(ev.worker))
 
     def welcome_back(self, node: str, publisher: str, events: list[E.Event], decided: Decided) -> Decided:
