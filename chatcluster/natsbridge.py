@@ -628,8 +628,10 @@ class Bridge:
                     self.stats.dropped_stale += 1
             else:
                 if (isinstance(o, H.HostGone) and o.node == self.s.node_name and o.incarnation == self.incarnation
-                        and o.reason != "stopped"):
+                        and o.reason == "lease"):
                     self._start_fresh()
+                # (Gone as "restarted" while we run: another process publishes under our node name.
+                # Starting afresh would only start a tug of war; the caller is told and decides.)
                 out.append(o)
         return out
 

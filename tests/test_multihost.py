@@ -543,3 +543,13 @@ def test_hosts_in_their_own_network_namespaces_and_a_host_cut_off_and_back(
             for h in (a, b):
                 h.stop()
             nats.stop()
+
+
+def test_two_hosts_under_one_node_name_are_told_to_choose_their_own(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(1)
+    first = make_host(nats, "same")
+    second = make_host(nats, "same", start=False)
+    second.start(wait=False)
+    said = "another host publishes under this host's node_name 'same'; give each host a node_name of its own"
+    wait_for(lambda: said in first.read_log() + second.read_log(), 30, "the complaint about the node name")
