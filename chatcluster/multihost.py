@@ -49,6 +49,7 @@ log = logging.getLogger("chatcluster.multihost")
 
 SNAPSHOT_EVERY = 10.0  # seconds of stream time between two snapshots of the shared state
 STATUS_EVERY = 1.0  # seconds between two updates of multihost.json
+GONE_GRACE = 0.1  # seconds between the supervisor's word that a worker is gone and acting on it
 LINK_GRACE = 2.0  # a link down for less than this (a reconnect to another node) is not told to users
 LINK_DOWN = "the link to the other servers is down; what you type is held and delivered when it is back"
 LINK_BACK = "the link to the other servers is back"
@@ -104,6 +105,7 @@ class HostBus:
         self.started_after = 0
         self.last_stream_seq = 0
         self.control_buf = b""
+        self.orphaned = False  # the supervisor is gone: nobody will tell us which workers are
         self.bridge = NB.Bridge(self.ns, on_state=self.on_state, on_handed_back=self.on_handed_back)
         self.broker: StreamBroker | None = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -146,9 +148,16 @@ class HostBus:
         self.tasks = [asyncio.create_task(self.consume(after), name="stream-reader"),
                       asyncio.create_task(self.beating(), name="beat")]
         stop = asyncio.create_task(self.stopping.wait())
-        await asyncio.wait([stop, self.tasks[0]], return_when=asyncio.FIRST_COMPLETED)
-        if self.tasks[0].done() and not self.stopping.is_set():
-            self.tasks[0].result()  # the reader ended on its own: its error ends the process
+        reader = self.tasks[0]
+        await asyncio.wait([stop, reader], return_when=asyncio.FIRST_COMPLETED)
+        if reader.done() and not self.stopping.is_set():
+            reader.result()  # the reader ended on its own: its error ends the process
+        # Told to stop while workers of ours still run (a TERM to the whole process group, as
+        # `kill -- -PGID` sends): they are saying goodbye to their users through the stream, so
+        # it goes on serving them until the supervisor has reaped them all (GONE for each).
+        deadline = time.monotonic() + float(self.values.get("graceful_timeout", 10.0)) + 1.0
+        while self.local_workers() and not self.orphaned and not reader.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         await self.close()
 
     async def close(self) -> None:
@@ -234,6 +243,11 @@ class HostBus:
                     self.broker.subscribed(name)
         return got
 
+    def local_workers(self) -> set[str]:
+        """Our workers not yet reported gone by the supervisor."""
+        b = self.broker
+        return set() if b is None else (b.listening | b.admitted) - b.dead
+
     def live_workers(self) -> list[str]:
         b = self.broker
         if b is None:
@@ -276,6 +290,7 @@ class HostBus:
             return
         if not chunk:
             log.info("supervisor went away; bus process exits")
+            self.orphaned = True
             self.stopping.set()
             asyncio.get_running_loop().remove_reader(self.control_fd)
             return
@@ -284,7 +299,15 @@ class HostBus:
             line, self.control_buf = self.control_buf.split(b"\n", 1)
             word, _, arg = line.decode().partition(" ")
             if word == "GONE" and self.broker is not None:
-                self.broker.gone(arg, time.monotonic())
+                # What the worker sent before it exited (its users' goodbyes) may still be on its way
+                # through the ipc socket, which the pipe can overtake: take it first, then let it go.
+                self.on_pull()
+                asyncio.get_running_loop().call_later(GONE_GRACE, self.worker_gone, arg)
+
+    def worker_gone(self, worker: str) -> None:
+        assert self.broker is not None
+        self.on_pull()
+        self.broker.gone(worker, time.monotonic())
 
     # -- the stream -------------------------------------------------------------------------------
 

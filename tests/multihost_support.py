@@ -48,6 +48,7 @@ class Host(Cluster):
         self.netns = netns
         # In a namespace of its own a host has the whole port range to itself.
         super().__init__(workers, extra=(*args, *extra), port=12345 if netns else None)
+        self.log_path = os.path.normpath(self.log_path)  # readable after stop() removed the runtime dir
         if netns is not None:
             i = self.args.index("--host")
             self.args[i + 1] = netns.addr
