@@ -295,18 +295,21 @@ class Broker:
                 continue
             for d, targets in out:
                 if type(d) is E.Seed:
-                    # A worker starts receiving the room's traffic: it gets the room's history, for
-                    # its copy, and where each publisher's numbering of the room stands.
-                    lines = self.history.lines(d.room) if self.history.max_lines > 0 else []
-                    seqs = self.route_seqs.get(d.room)
-                    known = seqs is not None or not self.forgot
-                    d = E.Seed(d.room, lines, sorted((seqs or {}).items()) if known else None)
+                    d = self.seeded(d, targets)
                 decided.append((d, targets))
             if kind is E.Numbering:
                 for route, pseq in ev.routes:
                     seqs = self.route_seqs.setdefault(str(route), {})
                     seqs[publisher] = max(seqs.get(publisher, 0), int(pseq))
         return decided
+
+    def seeded(self, d: E.Seed, targets: frozenset[str] | None) -> E.Seed:
+        """A worker starts receiving the room's traffic: it gets the room's history, for its copy, and
+        where each publisher's numbering of the room stands."""
+        lines = self.history.lines(d.room) if self.history.max_lines > 0 else []
+        seqs = self.route_seqs.get(d.room)
+        known = seqs is not None or not self.forgot
+        return E.Seed(d.room, lines, sorted((seqs or {}).items()) if known else None)
 
     def forget_routes(self) -> None:
         """Too many rooms' numbering remembered: forget that of the rooms that are gone."""

@@ -52,6 +52,8 @@ HELP = (
     "*** Lines from your other rooms start with the room's name: #ROOM NICK: text",
 )
 LOST_NOTICE = encode_line("*** Notice: some messages may have been lost")
+UNDELIVERED_NOTICE = encode_line("*** Notice: your last lines could not be delivered: the link to the other "
+                                 "servers was down too long")
 
 
 # Effects -------------------------------------------------------------------------------------
@@ -814,6 +816,18 @@ class ChatCore:
         if self.history.max_lines > 0:
             self.history.load(ev.room, ev.lines)
 
+    def _on_notice(self, _mine: bool, ev: E.Notice, out: list[Effect]) -> None:
+        """A word from the host's bus process for everyone here (the link to the other hosts)."""
+        out.append(Broadcast(encode_line(f"*** Notice: {ev.text}"), EMPTY, ANYWHERE))
+
+    def _on_undelivered(self, _mine: bool, ev: E.Undelivered, out: list[Effect]) -> None:
+        """Lines of our clients that never reached the other hosts (nor anyone here): their senders are told."""
+        if ev.worker != self.worker_id:
+            return
+        for conn in dict.fromkeys(int(c) for c in ev.conns):
+            if self.registry.user(conn) is not None:
+                out.append(Send(conn, UNDELIVERED_NOTICE))
+
     def _answered(self, user: LocalUser) -> list[Effect]:
         """The client's claim or question came back: what it said meanwhile goes on."""
         if not user.claiming:
@@ -891,4 +905,5 @@ _VERDICTS: dict[type[E.Event], Any] = {
     E.Taken: ChatCore._on_taken, E.Left: ChatCore._on_left, E.Reply: ChatCore._on_reply,
     E.Lost: ChatCore._on_lost, E.Rejoined: ChatCore._on_rejoined, E.NickChanged: ChatCore._on_nick_changed,
     E.Quit: ChatCore._on_quit, E.RoomJoined: ChatCore._on_room_joined, E.RoomIntro: ChatCore._on_room_intro,
-    E.RoomParted: ChatCore._on_room_parted, E.Private: ChatCore._on_private, E.Seed: ChatCore._on_seed}
+    E.RoomParted: ChatCore._on_room_parted, E.Private: ChatCore._on_private, E.Seed: ChatCore._on_seed,
+    E.Notice: ChatCore._on_notice, E.Undelivered: ChatCore._on_undelivered}

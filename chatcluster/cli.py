@@ -111,6 +111,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         check_port_free(cfg.host, cfg.port)
         if cfg.history_db and cfg.history_lines > 0:
             prepare_history_db(cfg.history_db)
+        if cfg.nats_servers:
+            check_nats(cfg)
         if cfg.metrics_listen:
             from .exporter import check_listen
 
@@ -168,6 +170,20 @@ def check_port_free(host: str, port: int) -> None:
         raise StartupError(f"cannot bind {host}:{port}: {exc.strerror}") from None
     finally:
         probe.close()
+
+
+def check_nats(cfg: cfgmod.Config) -> None:
+    """Fail early, with one line naming the URL and the cause, when NATS cannot be reached or refuses us."""
+    from . import multihost  # nats-py: only with nats_servers
+    from .natsbridge import NatsError
+
+    try:
+        multihost.check_reachable(cfg.values)
+    except NatsError as exc:
+        raise StartupError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 (whatever nats-py raises: one line, not a traceback)
+        raise StartupError(f"NATS at {cfg.nats_servers} failed to answer ({type(exc).__name__}: {exc}); check "
+                           f"that JetStream is enabled there, or correct --nats-servers") from None
 
 
 # -- finding a running cluster ------------------------------------------------------------------
@@ -428,7 +444,23 @@ def render_status(status: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(STATUS_COLUMNS))]
     for row in table:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if status.get("nats"):
+        lines += render_nats(status["nats"])
     return "\n".join(lines)
+
+
+def render_nats(n: dict[str, Any]) -> list[str]:
+    """The multi-host part of `status`: the NATS link, the stream, and how far behind each host is."""
+    link = f"connected to {n.get('url')}" if n.get("state") == "connected" else str(n.get("state"))
+    lines = [f"NATS: {link}, stream {n.get('stream')} at {n.get('stream_last_seq')} "
+             f"(this host applied {n.get('applied_seq')}, lag {n.get('lag')}; {n.get('outbox', 0)} waiting to be "
+             f"sent, {n.get('undelivered', 0)} batches undelivered), snapshot at {n.get('snapshot_seq')}"]
+    if n.get("age_s", 0) > 5:
+        lines.append(f"  (as of {n['age_s']:.0f} s ago: the bus process has not updated it since)")
+    for h in n.get("hosts", []):
+        me = " (this one)" if h.get("self") else ""
+        lines.append(f"  host {h.get('node')}{me}: applied {h.get('applied_seq')}, lag {h.get('lag')}")
+    return lines
 
 
 def _fmt(key: str, value: Any) -> str:

@@ -145,6 +145,59 @@ def _listen_address(value: Any) -> str | None:
     return None
 
 
+NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+MAX_NODE_NAME = 64
+
+
+def _nats_servers(value: Any) -> str | None:
+    for url in nats_urls(value):
+        host = url.partition("://")[2]
+        if not url.startswith(("nats://", "tls://")) or not host or any(c.isspace() or c == "/" for c in host):
+            return (f"has {url!r}, which is not of the form nats://HOST:PORT or tls://HOST:PORT "
+                    f"(separate several with commas)")
+    return None
+
+
+def nats_urls(value: str) -> tuple[str, ...]:
+    """The URLs of a nats_servers value: comma-separated, blanks around them ignored."""
+    return tuple(u.strip() for u in str(value).split(",") if u.strip())
+
+
+def name_problem(value: str) -> str | None:
+    """Why `value` cannot name a host (or a cluster), or None: it becomes part of worker and stream names."""
+    if not 1 <= len(value) <= MAX_NODE_NAME:
+        return f"must have 1 to {MAX_NODE_NAME} characters"
+    if not NAME_CHARS.issuperset(value):
+        return "may only hold A-Z a-z 0-9 _ and -"
+    return None
+
+
+def _node_name(value: Any) -> str | None:
+    return name_problem(value) if value else None
+
+
+def _replicas(value: Any) -> str | None:
+    return None if value in (1, 3, 5) else "must be 1, 3 or 5"
+
+
+def _readable_file(value: Any) -> str | None:
+    if not value:
+        return None
+    path = os.path.expanduser(str(value))
+    if not os.path.isfile(path):
+        return "names no file; give the path of an existing file"
+    if not os.access(path, os.R_OK):
+        return "is not readable by this user; fix its permissions"
+    return None
+
+
+def default_node_name() -> str:
+    """This machine's host name up to its first dot, the default node_name."""
+    import socket
+
+    return socket.gethostname().split(".")[0]
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "0.0.0.0", str, "Address the workers listen on."),
     Setting("port", 12345, int, "TCP port shared by all workers (SO_REUSEPORT).", check=_between(1, 65535)),
@@ -392,6 +445,120 @@ SETTINGS: tuple[Setting, ...] = (
         check=_history_db,
         section="rooms",
     ),
+    # -- several hosts sharing one conversation through NATS JetStream (docs/multihost.md) ------------
+    Setting(
+        "nats_servers",
+        "",
+        str,
+        "NATS servers of a multi-host cluster, comma-separated (nats://HOST:4222 or tls://HOST:4222); empty "
+        "means one host with its embedded bus.",
+        check=_nats_servers,
+        section="multihost",
+    ),
+    Setting(
+        "node_name",
+        "",
+        str,
+        "This host's name among the hosts (A-Z a-z 0-9 _ -, unique per host); empty means the hostname.",
+        check=_node_name,
+        section="multihost",
+    ),
+    Setting(
+        "nats_cluster",
+        "main",
+        str,
+        "Name of the shared conversation: its stream is CHATCLUSTER_<name>; hosts with the same name chat together.",
+        check=_node_name,
+        section="multihost",
+    ),
+    Setting(
+        "nats_replicas",
+        1,
+        int,
+        "Copies JetStream keeps of the stream: 1, or 3 on a 3-node NATS cluster (survives the loss of a node).",
+        check=_replicas,
+        section="multihost",
+    ),
+    Setting(
+        "nats_user",
+        "",
+        str,
+        "NATS user name; its password is read from nats_password_file.",
+        section="multihost",
+    ),
+    Setting(
+        "nats_password_file",
+        "",
+        str,
+        "File holding the NATS password (never given on the command line).",
+        check=_readable_file,
+        section="multihost",
+    ),
+    Setting(
+        "nats_creds_file",
+        "",
+        str,
+        "NATS credentials file (JWT and NKey seed) for decentralised authentication.",
+        check=_readable_file,
+        section="multihost",
+    ),
+    Setting(
+        "nats_nkey_seed_file",
+        "",
+        str,
+        "File holding an NKey seed to authenticate with.",
+        check=_readable_file,
+        section="multihost",
+    ),
+    Setting(
+        "nats_ca_file",
+        "",
+        str,
+        "CA certificate (PEM) that NATS servers' certificates are checked against.",
+        check=_readable_file,
+        section="multihost",
+    ),
+    Setting(
+        "nats_cert_file",
+        "",
+        str,
+        "Client certificate (PEM) this host presents to NATS; needs nats_key_file.",
+        check=_readable_file,
+        section="multihost",
+    ),
+    Setting(
+        "nats_key_file",
+        "",
+        str,
+        "Private key (PEM) of nats_cert_file.",
+        check=_readable_file,
+        section="multihost",
+    ),
+    Setting(
+        "nats_hold_seconds",
+        30.0,
+        float,
+        "While NATS is away, lines are held for up to this many seconds; older ones are dropped and their "
+        "senders told.",
+        check=_between(1, 3600),
+        section="multihost",
+    ),
+    Setting(
+        "nats_max_age",
+        86400.0,
+        float,
+        "Seconds the stream keeps the chat: history and hosts that start later read it from there.",
+        check=_between(60, 365 * 86400),
+        section="multihost",
+    ),
+    Setting(
+        "nats_max_bytes",
+        1 << 30,
+        int,
+        "Most bytes the stream keeps (the oldest batches go first).",
+        check=_between(1 << 20, 1 << 50),
+        section="multihost",
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -521,6 +688,7 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Co
         if raw is not None:
             values[name] = coerce(BY_NAME[name], raw, BY_NAME[name].flag)
             where[name] = BY_NAME[name].flag
+    _check_multihost(values, where)
     cap = worker_cap(values["allow_many_workers"])
     if values["workers"] > cap:
         raise ConfigError(
@@ -559,6 +727,42 @@ def load_locating(path: str | None, overrides: dict[str, Any] | None = None) -> 
         if raw is not None:
             values[name] = coerce(BY_NAME[name], raw, BY_NAME[name].flag)
     return Config(values=values, source=path or "defaults")
+
+
+def _check_multihost(values: dict[str, Any], where: dict[str, str]) -> None:
+    """The NATS settings that only make sense together; node_name resolved (the hostname by default)."""
+    if not values["nats_servers"]:
+        return
+    if not values["node_name"]:
+        name = default_node_name()
+        problem = name_problem(name)
+        if problem:
+            raise ConfigError(f"the host name {name!r} cannot be this host's node_name: it {problem}; "
+                              f"choose one with --node-name")
+        values["node_name"] = name
+    pairs = (("nats_user", "nats_password_file", "the password of nats_user is read from nats_password_file; "
+              "set both or neither"),
+             ("nats_cert_file", "nats_key_file", "a client certificate needs its key; set nats_cert_file and "
+              "nats_key_file together"))
+    for a, b, why in pairs:
+        if bool(values[a]) != bool(values[b]):
+            given = a if values[a] else b
+            raise ConfigError(f"{where[given]}: {given} is set but {b if given == a else a} is not: {why}")
+    if values["nats_creds_file"] or values["nats_nkey_seed_file"]:
+        try:
+            import nkeys  # noqa: F401
+        except ImportError:
+            given = "nats_creds_file" if values["nats_creds_file"] else "nats_nkey_seed_file"
+            raise ConfigError(f"{where[given]}: {given} needs the nkeys package, which is not installed; "
+                              f"pip install nkeys") from None
+    if values["history_db"]:
+        raise ConfigError(f"{where['history_db']}: history_db keeps one host's history; with nats_servers the "
+                          f"history comes from the stream (nats_max_age); remove one of the two")
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{where['nats_servers']}: nats_servers needs the nats-py package, which is not "
+                          f"installed; pip install 'chatcluster[nats]'") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -89,12 +89,19 @@ def feed_bus(core: C.ChatCore, items: list[tuple[str, Any]], registry: Registry[
                     lost(core, registry, sink, where)
             effects = core.on_bus(publisher, batch.events, False, batch.route)
             apply(effects, registry, sink)
-            if order is not None and not batch.route:
+            if not batch.route:
                 for ev in batch.events:
-                    if type(ev) is E.Seed:  # we receive this room's traffic from here on
+                    kind = type(ev)
+                    if kind is E.StreamGap:  # the shared stream lost messages (a multi-host cluster)
+                        lost(core, registry, sink, ev.text)
+                    elif order is None:
+                        continue
+                    elif kind is E.Seed:  # we receive this room's traffic from here on
                         order.baseline(ev.room, core.route_gen(ev.room), ev.seqs)
-                    elif type(ev) is E.Lost:  # a dead worker publishes nothing more
+                    elif kind is E.Lost:  # a dead worker publishes nothing more
                         order.forget_publisher(ev.worker)
+                    elif kind is E.Undelivered and ev.worker == order.worker_id:
+                        order.forget_unacked(ev.batches)  # never to be resent: their senders were told
             sink.batch_done(publisher, batch.events, effects)
 
 

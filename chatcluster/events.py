@@ -57,6 +57,9 @@ SEED = 34
 HISTORY_COPY = 35
 NUMBERING = 36
 PRESSURE = 37
+NOTICE = 38
+STREAM_GAP = 39
+UNDELIVERED = 40
 
 # Why a claim was refused (Refused.why).
 TAKEN_WHY, FULL, PER_IP = "taken", "full", "address"
@@ -460,6 +463,34 @@ class Seed(Event, kind=SEED):
     seqs: list[Any] | None
 
 
+# -- what the bus process of a multi-host cluster tells its own workers -------------------------
+
+
+class Notice(Event, kind=NOTICE):
+    """A line for every client of the receiving worker (the link to the other hosts went down, came back)."""
+
+    __slots__ = ()
+    text: str
+
+
+class StreamGap(Event, kind=STREAM_GAP):
+    """Messages of the shared stream never arrived (removed by retention, or a host's lost batches):
+    the receiving worker counts a gap and tells its clients that some messages may have been lost."""
+
+    __slots__ = ()
+    text: str
+
+
+class Undelivered(Event, kind=UNDELIVERED):
+    """Batches of `worker` that never reached the shared stream (the link was down too long): it stops
+    keeping them for a resend, and the clients whose lines they held (conns) are told."""
+
+    __slots__ = ()
+    worker: str
+    batches: list[Any]  # [(route, pseq), ...]
+    conns: list[Any]
+
+
 # -- what a receiver could not read ------------------------------------------------------------
 
 
@@ -481,7 +512,7 @@ KINDS: dict[int, type[Event]] = {cls.KIND: cls for cls in (
     Chat, Me, Join, Nick, Leave, Hello, Snapshot, Resync, Gone, Ping, Adopt, Handoff, Who, Whois,
     Joined, Refused, Renamed, Taken, Left, Adopted, Reply, JoinRoom, PartRoom, Msg, ListRooms, WhoRoom,
     RoomJoined, RoomIntro, RoomParted, Private, Quit, Lost, NickChanged, Rejoined, Seed, HistoryCopy, Numbering,
-    Pressure)}
+    Pressure, Notice, StreamGap, Undelivered)}
 
 # Requests the broker's roster decides (see roster.Roster.decide).
 ROSTER_REQUESTS: frozenset[type[Event]] = frozenset({

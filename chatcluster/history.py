@@ -68,14 +68,19 @@ class History:
     def __contains__(self, key: str) -> bool:
         return key in self.rooms
 
-    def add(self, key: str, ts: float, count: int, data: bytes | tuple[bytes, ...]) -> None:
-        """A chunk of `count` lines said at time `ts` in room `key`."""
+    def add(self, key: str, ts: float, count: int, data: bytes | tuple[bytes, ...], serial: int = 0) -> None:
+        """A chunk of `count` lines said at time `ts` in room `key`.
+
+        `serial`, if given, numbers the chunk instead of the next number of our own: it must be
+        larger than any before (a multi-host cluster numbers chunks by their place in the stream,
+        to say from where the history it holds can be read again, see `oldest`).
+        """
         if self.max_lines <= 0 or count <= 0:
             return
         room = self.rooms.get(key)
         if room is None:
             room = self.rooms[key] = _Room()
-        self.serial += 1
+        self.serial = max(serial, self.serial + 1)
         size = (len(data) if isinstance(data, bytes) else sum(len(line) for line in data)) + CHUNK_COST
         chunks = room.chunks
         chunks.append((self.serial, ts, count, size, data))
@@ -134,6 +139,10 @@ class History:
             return
         self.live -= len(room.chunks)
         self.nbytes -= sum(c[3] for c in room.chunks)
+
+    def oldest(self) -> int:
+        """The serial of the oldest chunk held (0 when none is)."""
+        return min((room.chunks[0][0] for room in self.rooms.values() if room.chunks), default=0)
 
     def keys(self) -> list[str]:
         return list(self.rooms)

@@ -145,6 +145,7 @@ def families(snap: snapshot.Snapshot) -> list[Metric]:
         out += [broker_age, broker_batches, broker_bytes]
 
     out += room_families(snap)
+    out += nats_families(snap)
 
     # -- processes ---------------------------------------------------------------------------------
     cpu = _counter("process_cpu_seconds", "CPU time (user and system) of each process of the cluster.",
@@ -173,6 +174,42 @@ def room_families(snap: snapshot.Snapshot) -> list[Metric]:
     members = _gauge("room_members", "Room memberships now, summed over all rooms.")
     members.add_metric([], snap.rooms.members)
     return [rooms, members]
+
+
+NATS_STATES = ("connecting", "connected", "disconnected", "stalled", "closed")
+
+
+def nats_families(snap: snapshot.Snapshot) -> list[Metric]:
+    """A multi-host cluster's link to NATS, the shared stream and each host's lag (see Snapshot.nats).
+
+    The `host` label holds a host's node_name: chosen by the operator, one per host of the cluster.
+    """
+    n = snap.nats
+    if not n:
+        return []
+    state = _gauge("nats_connection_state", "The link to NATS: 1 for the state it is in now.", ["state"])
+    for name in NATS_STATES:
+        state.add_metric([name], 1 if n.get("state") == name else 0)
+    last = _gauge("stream_last_sequence", "The shared stream's last sequence number.")
+    last.add_metric([], n.get("stream_last_seq", 0))
+    applied = _gauge("stream_applied_sequence", "The last stream sequence each host has applied, as it last "
+                     "said.", ["host"])
+    lag = _gauge("stream_lag_messages", "Stream messages each host has not applied yet.", ["host"])
+    for h in n.get("hosts", []):
+        applied.add_metric([str(h.get("node"))], h.get("applied_seq", 0))
+        lag.add_metric([str(h.get("node"))], h.get("lag", 0))
+    hosts = _gauge("hosts_up", "Hosts of the multi-host cluster that are up, in the stream's order.")
+    hosts.add_metric([], len(n.get("hosts", [])))
+    waiting = _gauge("stream_outbox_batches", "Batches of this host waiting to be acknowledged by the stream.")
+    waiting.add_metric([], n.get("outbox", 0))
+    retries = _counter("stream_publish_retries", "Publishes to the stream tried again (timeouts, elections).")
+    retries.add_metric([], n.get("publish_retries", 0))
+    undelivered = _counter("stream_undelivered_batches", "Batches of this host that never reached the stream "
+                           "(held longer than nats_hold_seconds); their senders were told.")
+    undelivered.add_metric([], n.get("undelivered", 0))
+    gaps = _counter("stream_gaps", "Gaps in the stream's sequence (messages removed before this host read them).")
+    gaps.add_metric([], n.get("gaps", 0))
+    return [state, last, applied, lag, hosts, waiting, retries, undelivered, gaps]
 
 
 class ClusterCollector(Collector):

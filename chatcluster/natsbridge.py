@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import ssl
+import struct
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -51,6 +52,9 @@ HDR_NODE = "Cc-Node"
 HDR_INC = "Cc-Inc"
 HDR_NUM = "Cc-N"
 HDR_KIND = "Cc-Kind"
+HDR_PARTS = "Cc-Parts"  # a message that carries several batches: how many (see _pack)
+HDR_APPLIED = "Cc-Applied"  # the last stream sequence the publishing host had applied (its lag, for status)
+_LEN = struct.Struct("!I")
 _NAME_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "disconnected", "closed"
@@ -164,13 +168,30 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
+class HostHello:
+    """A host's first message of an incarnation (after its HostUp), with what it said in it."""
+    seq: int
+    ts: float
+    node: str
+    incarnation: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Everything of stream message `seq` has been yielded (with `read(marks=True)`): a point of the order."""
+    seq: int
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
 class Gap:
     """Stream sequences first..last were never delivered (removed by retention, or purged)."""
     first: int
     last: int
 
 
-Item = Batch | Gap | H.HostUp | H.HostGone | H.LostMessages
+Item = Batch | HostHello | Mark | Gap | H.HostUp | H.HostGone | H.LostMessages
 
 
 @dataclass
@@ -178,7 +199,9 @@ class _Pending:
     data: bytes
     kind: str
     since: float
-    token: object  # the caller's handle, given back if the batch is not sent
+    tokens: list[object]  # the caller's handles, given back if the batches are not sent
+    expires: bool = True  # handed back after outbox_max_age; False: waits for as long as NATS is away
+    parts: int = 1  # batches packed in it (see _pack)
 
 
 @dataclass
@@ -220,6 +243,9 @@ class Bridge:
         self._closing = False
         self._reading = False
         self.start_seq = 0  # the stream position this bridge started reading after
+        self.hello: Callable[[], bytes] = lambda: b""  # what this host says in its hello (each incarnation)
+        self.applied: dict[str, int] = {}  # node -> the stream sequence it had applied, as it last said
+        self.pack_max = 256 << 10  # bytes packed into one message; lowered to half the server's max_payload
 
     # -- connection --------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -318,6 +344,12 @@ class Bridge:
                 if time.monotonic() > deadline:
                     raise NatsError(f"cannot create the stream {s.stream}: {e.description}") from None
                 await asyncio.sleep(0.25)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                # A cluster that has just started may still be placing the stream: ask again.
+                if time.monotonic() > deadline:
+                    raise NatsError(f"cannot create the stream {s.stream}: JetStream does not answer "
+                                    f"({_explain(e)}); are enough NATS nodes up for {s.replicas} replicas?") from None
+                await asyncio.sleep(0.25)
         have = info.config
         if (have.num_replicas or 1) != s.replicas or list(have.subjects or []) != [s.subjects]:
             raise NatsError(f"stream {s.stream} exists with {have.num_replicas} replicas and subjects "
@@ -330,14 +362,20 @@ class Bridge:
         await self.connect()
         info = await self.ensure_stream()
         self.start_seq = info.state.last_seq
-        self._enqueue(b"", "hello", None)
+        return self.begin()
+
+    def begin(self) -> Bridge:
+        """Start publishing, a hello first (after `connect` and `ensure_stream`)."""
+        if self.nc is not None and self.nc.max_payload:
+            self.pack_max = max(1024, min(self.pack_max, self.nc.max_payload // 2))
+        self._enqueue(self.hello(), "hello", None)
         self._publisher = asyncio.create_task(self._publish_loop(), name="natsbridge-publisher")
         return self
 
     async def close(self, say_bye: bool = True) -> None:
         """Say bye (others free this host's users at once), stop publishing, close the connection."""
         if say_bye and self.state == CONNECTED and self._publisher is not None:
-            self._enqueue(b"", "bye", None)
+            self._enqueue(b"", "bye", None, expires=False)
             deadline = time.monotonic() + 2
             while self._outbox and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
@@ -353,21 +391,25 @@ class Bridge:
         self._hand_back_all("the bridge was closed")
 
     # -- outbound ----------------------------------------------------------------------------
-    def submit(self, batch: bytes, token: object = None) -> bool:
-        """Queue a batch for the stream. False: the outbox is full; the caller tells the senders."""
+    def submit(self, batch: bytes, token: object = None, expires: bool = True) -> bool:
+        """Queue a batch for the stream. False: the outbox is full; the caller tells the senders.
+
+        `expires=False` is for the few small batches that must reach the stream however long NATS
+        is away (a host's claims and departures): they are neither refused nor handed back.
+        """
         if self._closing:
             return False
-        if self._outbox_bytes + len(batch) > self.s.outbox_max_bytes:
+        if expires and self._outbox_bytes + len(batch) > self.s.outbox_max_bytes:
             return False
-        self._enqueue(batch, "batch", token)
+        self._enqueue(batch, "batch", token, expires)
         return True
 
     @property
     def pending(self) -> int:
         return len(self._outbox)
 
-    def _enqueue(self, data: bytes, kind: str, token: object) -> None:
-        self._outbox.append(_Pending(data, kind, time.monotonic(), token))
+    def _enqueue(self, data: bytes, kind: str, token: object, expires: bool = False) -> None:
+        self._outbox.append(_Pending(data, kind, time.monotonic(), [token], expires))
         self._outbox_bytes += len(data)
         self._wake.set()
 
@@ -381,7 +423,7 @@ class Bridge:
             p = self._outbox[0]
             self._pop()
             if p.kind == "batch":
-                tokens.append(p.token)
+                tokens.extend(p.tokens)
         if tokens:
             self.stats.handed_back += len(tokens)
             self.on_handed_back(tokens, why)
@@ -394,7 +436,7 @@ class Bridge:
         keep = deque([self._outbox.popleft()]) if self._outbox else deque()
         while self._outbox:
             p = self._outbox.popleft()
-            if p.kind == "batch" and now - p.since > self.s.outbox_max_age:
+            if p.kind == "batch" and p.expires and now - p.since > self.s.outbox_max_age:
                 old.append(p)
                 self._outbox_bytes -= len(p.data)
             else:
@@ -402,7 +444,7 @@ class Bridge:
         self._outbox = keep
         if old:
             self.stats.handed_back += len(old)
-            self.on_handed_back([p.token for p in old], "NATS was unreachable for too long")
+            self.on_handed_back([t for p in old for t in p.tokens], "NATS was unreachable for too long")
 
     async def _publish_loop(self) -> None:
         """One message in flight at a time: a host's messages reach the stream in its own order.
@@ -422,11 +464,14 @@ class Bridge:
                 except TimeoutError:
                     self._enqueue(b"", "heartbeat", None)
                 continue
-            p = self._outbox[0]
+            p = self._pack()
             incarnation = self.incarnation
             number = self.number + 1
             headers = {"Nats-Msg-Id": f"{s.node_name}.{incarnation}.{number}", HDR_NODE: s.node_name,
-                       HDR_INC: incarnation, HDR_NUM: str(number), HDR_KIND: p.kind}
+                       HDR_INC: incarnation, HDR_NUM: str(number), HDR_KIND: p.kind,
+                       HDR_APPLIED: str(self.stats.last_delivered_seq)}
+            if p.parts > 1:
+                headers[HDR_PARTS] = str(p.parts)
             started = time.monotonic()
             delay = 0.02
             while not self._closing:
@@ -439,7 +484,7 @@ class Bridge:
                     log.error("a batch of %d bytes is larger than the NATS max_payload; not sent", len(p.data))
                     self._pop()
                     self.stats.handed_back += 1
-                    self.on_handed_back([p.token], "the batch is larger than NATS accepts")
+                    self.on_handed_back(p.tokens, "the batch is larger than NATS accepts")
                     break
                 except (TimeoutError, nats.errors.Error, OSError) as e:
                     # Timeouts, no responders (an election), a reconnect in progress, 503s: the same id again.
@@ -464,14 +509,45 @@ class Bridge:
                 self.stats.longest_ack_wait = max(self.stats.longest_ack_wait, time.monotonic() - started)
                 break
 
+    def _pack(self) -> _Pending:
+        """The next message: the head of the outbox, with the batches waiting behind it packed in.
+
+        While one message is in flight the caller's batches queue up; sending them together
+        as one message (each prefixed with its length, the count in a header) keeps a busy
+        host at one round trip per message without falling behind. Packed once, before the
+        first attempt, so that a retry sends exactly the same message under the same id.
+        """
+        head = self._outbox[0]
+        if head.kind != "batch" or head.parts > 1 or len(self._outbox) < 2:
+            return head
+        taken = [head]
+        size = len(head.data) + _LEN.size
+        for p in list(self._outbox)[1:]:
+            if p.kind != "batch" or size + len(p.data) + _LEN.size > self.pack_max:
+                break
+            taken.append(p)
+            size += len(p.data) + _LEN.size
+        if len(taken) == 1:
+            return head
+        for _ in taken:
+            self._outbox.popleft()
+        data = b"".join(_LEN.pack(len(p.data)) + p.data for p in taken)
+        packed = _Pending(data, "batch", head.since, [t for p in taken for t in p.tokens],
+                          all(p.expires for p in taken), len(taken))
+        self._outbox.appendleft(packed)
+        self._outbox_bytes += len(data) - sum(len(p.data) for p in taken)
+        return packed
+
     # -- inbound -----------------------------------------------------------------------------
-    async def read(self, after: int | None = None) -> AsyncIterator[Item]:
+    async def read(self, after: int | None = None, marks: bool = False) -> AsyncIterator[Item]:
         """Everything in the stream after sequence `after` (default: where `start()` began), in order.
 
         Yields batches, host arrivals and departures, and gaps. A departure of
         this very host (its lease ran out while it was cut off) switches it to a
         new incarnation: it starts fresh and says hello again; the caller must
-        re-claim its users, since everyone else has let them go.
+        re-claim its users, since everyone else has let them go. With `marks`, a
+        `Mark` follows the items of every stream message (heartbeats included):
+        the points at which the caller's state is that of the stream up to there.
         """
         assert self.js is not None
         if self._reading:
@@ -515,8 +591,11 @@ class Bridge:
                     yield Gap(last + 1, seq - 1)
                 last = seq
                 self.stats.last_delivered_seq = seq
-                for item in self._apply(msg, seq, md.timestamp.timestamp()):
+                ts = md.timestamp.timestamp()
+                for item in self._apply(msg, seq, ts):
                     yield item
+                if marks:
+                    yield Mark(seq, ts)
         finally:
             try:
                 await sub.unsubscribe()
@@ -530,12 +609,18 @@ class Bridge:
         except (KeyError, ValueError):
             log.warning("stream message %d has no valid chatcluster headers; ignored", seq)
             return []
+        applied = hdr.get(HDR_APPLIED)
+        if applied and applied.isdigit():
+            self.applied[stamp.node] = int(applied)
         out: list[Item] = []
         for o in self.book.apply(stamp):
             if isinstance(o, H.Deliver):
                 if o.stamp.kind == "batch":
-                    self.stats.delivered += 1
-                    out.append(Batch(seq, ts, stamp.node, stamp.incarnation, msg.data, dict(hdr)))
+                    parts = unpack(msg.data, hdr)
+                    self.stats.delivered += len(parts)
+                    out.extend(Batch(seq, ts, stamp.node, stamp.incarnation, data, dict(hdr)) for data in parts)
+                elif o.stamp.kind == "hello":
+                    out.append(HostHello(seq, ts, stamp.node, stamp.incarnation, msg.data))
             elif isinstance(o, H.Dropped):
                 if o.reason == "duplicate":
                     self.stats.dropped_duplicate += 1
@@ -543,8 +628,10 @@ class Bridge:
                     self.stats.dropped_stale += 1
             else:
                 if (isinstance(o, H.HostGone) and o.node == self.s.node_name and o.incarnation == self.incarnation
-                        and o.reason != "stopped"):
+                        and o.reason == "lease"):
                     self._start_fresh()
+                # (Gone as "restarted" while we run: another process publishes under our node name.
+                # Starting afresh would only start a tug of war; the caller is told and decides.)
                 out.append(o)
         return out
 
@@ -554,12 +641,88 @@ class Bridge:
         self.incarnation = secrets.token_hex(6)
         self.number = 0
         self._hand_back_all("this host was cut off from NATS too long and rejoined")
-        self._enqueue(b"", "hello", None)
+        self._enqueue(self.hello(), "hello", None)
 
     async def stream_last_seq(self) -> int:
         """The stream's last sequence now (for lag: last - stats.last_delivered_seq)."""
+        return (await self.stream_bounds())[1]
+
+    async def stream_bounds(self) -> tuple[int, int]:
+        """(first, last) sequence the stream holds now; (0, 0) or (n + 1, n) when it holds nothing."""
         assert self.js is not None
-        return (await self.js.stream_info(self.s.stream)).state.last_seq
+        state = (await self.js.stream_info(self.s.stream)).state
+        return state.first_seq, state.last_seq
+
+    async def scan(self, first: int, last: int) -> AsyncIterator[Batch]:
+        """The batches stored at sequences first..last, in order, outside the host book.
+
+        For a host that starts from a snapshot and wants the lines said before it (history):
+        nothing here is decided again, so the book, which has seen these messages already
+        (it comes from the same snapshot), must not see them twice.
+        """
+        assert self.js is not None
+        if last < first:
+            return
+        sub = await self.js.subscribe(
+            self.s.subjects, stream=self.s.stream, ordered_consumer=True, idle_heartbeat=self.s.consumer_heartbeat,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, config=api.ConsumerConfig(opt_start_seq=first))
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=5.0)
+                except nats.errors.TimeoutError:
+                    return  # nothing more stored (the range ended in messages removed meanwhile)
+                md = msg.metadata
+                seq = md.sequence.stream
+                if seq > last:
+                    return
+                hdr = msg.headers or {}
+                if hdr.get(HDR_KIND) != "batch":
+                    continue
+                ts = md.timestamp.timestamp()
+                for data in unpack(msg.data, hdr):
+                    yield Batch(seq, ts, hdr.get(HDR_NODE, ""), hdr.get(HDR_INC, ""), data, dict(hdr))
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection may be gone
+                pass
+
+
+async def probe(settings: NatsSettings) -> None:
+    """Connect, make sure of the stream, disconnect, saying nothing: NatsError (one line) if any of it fails."""
+    bridge = Bridge(settings)
+    level = log.level
+    log.setLevel(logging.WARNING)  # the connection's coming and going is no news here
+    try:
+        await bridge.connect()
+        await bridge.ensure_stream()
+    finally:
+        bridge._closing = True
+        if bridge.nc is not None:
+            await _quiet_close(bridge.nc)
+        log.setLevel(level)
+
+
+def quiet_asyncio() -> None:
+    """asyncio warns on stderr about every TLS connection a server refuses ("returning true from
+    eof_received() has no effect when using ssl"); the bridge says what happened, once."""
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+
+
+def unpack(data: bytes, headers: dict[str, str]) -> list[bytes]:
+    """The batches of one stream message: one, or those packed in it (see Bridge._pack)."""
+    n = headers.get(HDR_PARTS)
+    if not n:
+        return [data]
+    out: list[bytes] = []
+    at = 0
+    for _ in range(int(n)):
+        (size,) = _LEN.unpack_from(data, at)
+        at += _LEN.size
+        out.append(data[at:at + size])
+        at += size
+    return out
 
 
 async def _quiet_close(nc: NatsClient) -> None:
@@ -617,6 +780,112 @@ class KvClaims:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return e.value, e.revision
+
+
+class SnapshotStore:
+    """The newest snapshot of the hosts' shared state, in a KV bucket, for a host that starts later.
+
+    A snapshot is opaque bytes tagged with the stream sequence it is the state after. It is
+    cut into parts below the server's max_payload and written under the writer's own keys
+    (`<node>.<slot>.<i>`, two slots used in turn, so that keys are overwritten rather than
+    piling up), then the `head` key is switched to it with compare-and-set: only a snapshot
+    of a later sequence replaces the head. A reader takes the head, then its parts, and checks
+    them against the digest in the head (a writer may be overwriting a slot it reads).
+    """
+
+    HEAD = "head"
+
+    def __init__(self, kv: Any, node: str, part_size: int) -> None:
+        self.kv = kv
+        self.node = node
+        self.part_size = part_size
+        self.slot = 0
+        self.written = 0  # the sequence of the last snapshot this host wrote
+
+    @classmethod
+    async def open(cls, bridge: Bridge) -> SnapshotStore:
+        assert bridge.js is not None and bridge.nc is not None
+        s = bridge.s
+        bucket = f"{s.stream}_snap"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                try:
+                    kv = await bridge.js.key_value(bucket)
+                except nats.js.errors.BucketNotFoundError:
+                    try:
+                        kv = await bridge.js.create_key_value(api.KeyValueConfig(
+                            bucket=bucket, history=1, replicas=s.replicas, storage=api.StorageType.FILE,
+                            max_bytes=256 << 20))
+                    except nats.js.errors.BadRequestError:
+                        kv = await bridge.js.key_value(bucket)  # made by another host meanwhile
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as e:
+                if time.monotonic() > deadline:
+                    raise NatsError(f"cannot open the KV bucket {bucket} for snapshots: JetStream does not answer "
+                                    f"({_explain(e)})") from None
+                await asyncio.sleep(0.25)
+        part = max(4096, min(512 << 10, (bridge.nc.max_payload or (1 << 20)) - 8192))
+        return cls(kv, s.node_name, part)
+
+    async def read(self, tries: int = 5) -> tuple[int, bytes] | None:
+        """(sequence, snapshot) of the newest snapshot, or None when there is none."""
+        import hashlib
+        import json
+
+        for _ in range(tries):
+            try:
+                head = json.loads((await self.kv.get(self.HEAD)).value)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return None
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                await asyncio.sleep(0.5)  # an election: ask again
+                continue
+            chunks = []
+            try:
+                for key in head["parts"]:
+                    chunks.append((await self.kv.get(key)).value)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.errors.TimeoutError,
+                    nats.errors.NoRespondersError):
+                await asyncio.sleep(0.2)
+                continue
+            data = b"".join(chunks)
+            if hashlib.sha256(data).hexdigest() == head["sha256"]:
+                return int(head["seq"]), data
+            await asyncio.sleep(0.2)  # overwritten while we read it: the head has moved on
+        log.warning("the newest snapshot in %s could not be read consistently", self.HEAD)
+        return None
+
+    async def write(self, seq: int, data: bytes) -> bool:
+        """Store the snapshot after stream sequence `seq`; False if a newer one is there already."""
+        import hashlib
+        import json
+
+        self.slot ^= 1
+        keys = []
+        for i in range(0, max(1, len(data)), self.part_size):
+            key = f"{self.node}.{self.slot}.{i // self.part_size}"
+            await self.kv.put(key, data[i:i + self.part_size])
+            keys.append(key)
+        head = json.dumps({"seq": seq, "parts": keys, "sha256": hashlib.sha256(data).hexdigest(),
+                           "by": self.node}).encode()
+        for _ in range(5):
+            try:
+                entry = await self.kv.get(self.HEAD)
+                if int(json.loads(entry.value)["seq"]) >= seq:
+                    return False
+                await self.kv.update(self.HEAD, head, last=entry.revision)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                try:
+                    await self.kv.create(self.HEAD, head)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another host switched the head meanwhile: look again
+            self.written = seq
+            return True
+        return False
 
 
 def run_forever(main: Callable[[], Coroutine[Any, Any, object]]) -> None:

@@ -42,7 +42,8 @@ UPGRADE_CHECK_LOG = "upgrade-check.log"
 UPGRADE_FILES = (UPGRADE_STATE, UPGRADE_REQUEST, UPGRADE_RESULT, UPGRADE_CHECK_LOG)
 HANDOFF_PREFIX = "handoff-"  # + the old worker's id: the socket an upgrade's new worker listens on (handoff.py)
 # Everything the supervisor removes at exit (the pid file is removed only if it is still ours).
-RUNTIME_FILES = (*BUS_SOCKETS, LIVE_CONFIG, STATS, SCALE_REQUEST, RELOAD_RESULT, *UPGRADE_FILES)
+MULTIHOST_STATUS = "multihost.json"  # a multi-host bus process's view of NATS and the hosts, for `status`
+RUNTIME_FILES = (*BUS_SOCKETS, LIVE_CONFIG, STATS, SCALE_REQUEST, RELOAD_RESULT, *UPGRADE_FILES, MULTIHOST_STATUS)
 # The longest path a Unix socket address takes (108 bytes with the NUL), with room to spare.
 MAX_SOCKET_PATH = 100
 # atomic_write's temporary names: ".NAME.XXXXXXXX.tmp", unpredictable, in the target directory.

@@ -11,13 +11,14 @@ reads; it imports neither zmq nor prometheus_client, and talks to no process.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import stats as S
-from .paths import STATS
+from .paths import MULTIHOST_STATUS, STATS, read_small
 
 ROLES = ("supervisor", "broker", "metrics", "worker")
 
@@ -59,6 +60,9 @@ class Snapshot:
     # place for the two totals); the metrics then export chatcluster_rooms and
     # chatcluster_room_members. None until then.
     rooms: RoomTotals | None = None
+    # A multi-host cluster: the bus process's view of NATS, the stream and the hosts (its
+    # RUNTIME_DIR/multihost.json, see multihost.HostBus.status); None on one host.
+    nats: dict[str, Any] | None = None
 
     @property
     def workers(self) -> list[S.SlotView]:
@@ -110,6 +114,7 @@ class Snapshot:
                 "batches_in": self.broker.batches_in, "bytes_in": self.broker.bytes_in,
                 "batches_out": self.broker.batches_out, "bytes_out": self.broker.bytes_out,
             },
+            "nats": self.nats,
         }
 
     def _worker_figures(self, v: S.SlotView) -> dict[str, Any]:
@@ -141,10 +146,33 @@ class Snapshot:
 
 def read(stats: S.StatsFile, runtime_dir: str, supervisor_pid: int) -> Snapshot:
     """The stats file's figures alone, without looking at any process."""
+    header = stats.header()
     broker = stats.broker_counters()
     return Snapshot(supervisor_pid=supervisor_pid, runtime_dir=runtime_dir, taken=time.monotonic(),
-                    header=stats.header(), broker=broker, positions=stats.positions(),
-                    rooms=RoomTotals(broker.rooms, broker.members) if broker.heartbeat else None)
+                    header=header, broker=broker, positions=stats.positions(),
+                    rooms=RoomTotals(broker.rooms, broker.members) if broker.heartbeat else None,
+                    nats=read_multihost(runtime_dir, header.broker_pid))
+
+
+def read_multihost(runtime_dir: str, broker_pid: int) -> dict[str, Any] | None:
+    """What a multi-host bus process last said of NATS and the hosts, or None (one host, or not written yet).
+
+    The file is rewritten every second; `age_s` says how old it is, so a bus process that stopped
+    writing (hung, or replaced and its successor not yet connected) shows as such.
+    """
+    path = os.path.join(runtime_dir, MULTIHOST_STATUS)
+    data = read_small(path, 1 << 20)
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    doc["age_s"] = round(max(0.0, time.time() - float(doc.get("updated", 0.0))), 1)
+    doc["bus_pid"] = broker_pid
+    return doc
 
 
 def open_stats(runtime_dir: str, supervisor_pid: int) -> S.StatsFile:

@@ -38,6 +38,7 @@ from .config import MAX_WORKERS, Config, ConfigError, load, usable_cpus, worker_
 from .exporter import MetricsProcess
 from .paths import StartupError
 from .procs import EXIT_BOOT_FAILED, YOUNG, Backoff, WorkerProc
+from .wire import worker_name
 
 log = logging.getLogger("chatcluster.supervisor")
 
@@ -216,12 +217,18 @@ class Supervisor:
         r, w = os.pipe()
         self.broker_control = w
         # A broker replacing a dead one rebuilds the roster from these workers.
-        live = [f"w{w.no}" for w in self.workers.values()]
-        self.broker_pid = self._fork("broker", lambda: run_broker(self.runtime_dir, r, live, self.stats), keep=(r,))
+        live = [self.worker_name(w.no) for w in self.workers.values()]
+        multihost = bool(self.cfg.nats_servers)
+        self.broker_pid = self._fork("broker", lambda: run_broker(self.runtime_dir, r, live, self.stats, multihost),
+                                     keep=(r,))
         os.close(r)
         self.broker_started = time.monotonic()
         self.write_header()
         log.info("broker started, pid %d", self.broker_pid)
+
+    def worker_name(self, no: int) -> str:
+        """Worker `no`'s name on the bus: qualified with this host's node_name in a multi-host cluster."""
+        return worker_name(no, self.cfg.node_name if self.cfg.nats_servers else "")
 
     def spawn_worker(self, slot: int | None = None, replacing: int = 0,
                      succeeds: tuple[str, int] | None = None) -> WorkerProc:
@@ -238,7 +245,7 @@ class Supervisor:
         def body() -> int:
             if cfg.cpu_affinity:
                 pin_to_cpu(slot, no)
-            return run_worker(cfg, no, f"w{no}", slot, generation, runtime_dir, stats, succeeds)
+            return run_worker(cfg, no, self.worker_name(no), slot, generation, runtime_dir, stats, succeeds)
 
         self.stats.begin_slot(slot, no, generation)
         pid = self._fork(f"worker {no}", body)
@@ -247,7 +254,8 @@ class Supervisor:
         if replacing:
             log.info("worker %d started, pid %d, replacing worker %d", no, pid, replacing)
         elif succeeds:
-            log.info("worker %d started, pid %d, to take over from worker %s", no, pid, succeeds[0][1:])
+            log.info("worker %d started, pid %d, to take over from worker %s", no, pid,
+                     succeeds[0][1:].partition("@")[0])
         else:
             log.info("worker %d started, pid %d", no, pid)
         return proc
@@ -341,7 +349,7 @@ class Supervisor:
                 continue  # not ours: as PID 1 of a container the supervisor reaps orphans too
             self.seen_ready(proc)
             self.stats.clear(proc.slot)
-            self.tell_broker(f"GONE w{proc.no}")
+            self.tell_broker(f"GONE {self.worker_name(proc.no)}")
             self.worker_died(proc, status)
 
     def worker_died(self, proc: WorkerProc, status: int) -> None:

@@ -104,6 +104,8 @@ class Host(Protocol):
 
     def kill(self, pid: int, sig: int) -> None: ...
 
+    def worker_name(self, no: int) -> str: ...
+
     def spawn_worker(self, slot: int | None = None, replacing: int = 0,
                      succeeds: tuple[str, int] | None = None) -> WorkerProc: ...
 
@@ -420,7 +422,7 @@ def resume(sup: Host, r: Resumed) -> None:
     log.info("supervisor re-executed with the installed code; starting generation %d (%d workers) to take "
              "over from generation %d", sup.generation, len(old), up.old_generation)
     for proc in old:
-        new = sup.spawn_worker(succeeds=(f"w{proc.no}", proc.pid))
+        new = sup.spawn_worker(succeeds=(sup.worker_name(proc.no), proc.pid))
         up.pairs[new.pid] = proc.pid
     sup.write_header()
 

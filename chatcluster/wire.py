@@ -57,6 +57,16 @@ class Batch(NamedTuple):
     events: list[E.Event]
 
 
+def worker_name(no: int, node: str = "") -> str:
+    """A worker's name on the bus: `w3`, or `w3@node` on a host of a multi-host cluster (unique across hosts)."""
+    return f"w{no}@{node}" if node else f"w{no}"
+
+
+def node_of(name: str) -> str:
+    """The host a publisher of a multi-host cluster belongs to (`w3@node`, or its bus process `broker@node`)."""
+    return name.rpartition("@")[2]
+
+
 def topic(worker: str) -> bytes:
     """The subscription topic of a worker: its name and a NUL, so that w1 is not a prefix of w10."""
     return worker.encode() + b"\0"
@@ -232,6 +242,11 @@ class OrderTracker:
         """Forget the numbering of routes whose generation is over (`live`: route -> current generation)."""
         for route in [r for r, entry in self.last.items() if r and live.get(r) != entry[0]]:
             del self.last[route]
+
+    def forget_unacked(self, batches: Iterable[Sequence[Any]]) -> None:
+        """Stop keeping these (route, number) batches for a resend: they will never come back."""
+        drop = {(str(r), int(n)) for r, n in batches}
+        self.unacked = deque(u for u in self.unacked if (u[0], u[1]) not in drop)
 
     def forget_publisher(self, publisher: str) -> None:
         for entry in self.last.values():

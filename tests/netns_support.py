@@ -126,6 +126,16 @@ class TestLan:
             _ip("-n", ns.name, *args)
         return ns
 
+    def cut(self, ns: Netns) -> None:
+        """Take the namespace's link to the test LAN down: its processes live on, cut off from everyone."""
+        _ip("-n", ns.name, "link", "set", self._inner(ns), "down")
+
+    def mend(self, ns: Netns) -> None:
+        _ip("-n", ns.name, "link", "set", self._inner(ns), "up")
+
+    def _inner(self, ns: Netns) -> str:
+        return f"{self.bridge}i{self.namespaces.index(ns) + 1}"
+
     def close(self) -> None:
         for ns in self.namespaces:
             _ip("netns", "del", ns.name, check=False)

@@ -37,6 +37,8 @@ SAMPLES: list[E.Event] = [
     E.Lost("w3", [("Ann", ["#lobby"])]), E.NickChanged(24, "Ann", "Anna", ["#lobby"]),
     E.Rejoined(25, "Cy2", "Cy", ["#lobby"]), E.Seed("#rust", [(1.5, b"Ann: hi\r\n")], [("w1", 3)]),
     E.HistoryCopy([("#rust", [(1.5, b"Ann: hi\r\n")])]), E.Numbering([("#rust", 3)]), E.Pressure("w2", 1),
+    E.Notice("the link to the other servers is down"), E.StreamGap("stream sequences 5-9 never arrived"),
+    E.Undelivered("w1@a", [("#rust", 4)], [7]),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import random
 import shutil
 import signal
 import subprocess
@@ -168,10 +169,10 @@ def test_a_gap_in_the_stream_is_reported(make_nats: Callable[..., NatsCluster]) 
 
     async def scenario() -> None:
         a = await NB.Bridge(settings(c, "a")).start()
-        for i in range(5):
+        for i in range(5):  # one message each: batches waiting together would be packed into one
             a.submit(f"a:{i}".encode())
-        while a.pending:
-            await asyncio.sleep(0.01)
+            while a.pending:
+                await asyncio.sleep(0.01)
         assert a.js is not None
         last = a.stats.last_acked_seq
         await a.js.delete_msg(STREAM, last - 2)  # as retention or an operator would
@@ -640,3 +641,100 @@ def test_hosts_in_their_own_network_namespaces_share_the_stream(
             for h in host_processes:
                 h.kill()
             c.stop()
+
+
+# -- packing, hellos, marks, reading back, snapshots ---------------------------------------------
+
+def test_batches_waiting_behind_the_one_in_flight_are_packed_and_read_back_one_by_one(
+        make_nats: Callable[..., NatsCluster]) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> None:
+        a = await NB.Bridge(settings(c, "a")).start()
+        r = Reader(a)
+        sent = [f"a:{i}".encode() for i in range(300)]
+        for x in sent:
+            assert a.submit(x)
+        await r.until(lambda: len(r.batches()) == 300, 20, "all 300 batches")
+        assert [b.data for b in r.batches()] == sent
+        messages = {b.seq for b in r.batches()}
+        assert len(messages) < 300, "nothing was packed"
+        r.stop()
+        await a.close()
+
+    run(scenario())
+
+
+def test_a_hello_says_what_the_host_gave_and_marks_follow_every_message(
+        make_nats: Callable[..., NatsCluster]) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> None:
+        a = NB.Bridge(settings(c, "a"))
+        a.hello = lambda: b'{"workers": ["w1@a"]}'
+        await a.start()
+        items: list[NB.Item] = []
+
+        async def read() -> None:
+            async for item in a.read(0, marks=True):
+                items.append(item)
+
+        task = asyncio.create_task(read())
+        a.submit(b"x")
+        deadline = time.monotonic() + 10
+        while not any(isinstance(i, NB.Batch) for i in items) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        hellos = [i for i in items if isinstance(i, NB.HostHello)]
+        assert [(h.node, h.data) for h in hellos] == [("a", b'{"workers": ["w1@a"]}')]
+        seqs = [i.seq for i in items if isinstance(i, NB.Mark)]
+        assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+        batch = next(i for i in items if isinstance(i, NB.Batch))
+        after = items[items.index(batch) + 1]
+        assert isinstance(after, NB.Mark) and after.seq == batch.seq, "a mark closes each message"
+        task.cancel()
+        await a.close()
+
+    run(scenario())
+
+
+def test_scan_reads_a_range_back_without_the_host_book(make_nats: Callable[..., NatsCluster]) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> None:
+        a = await NB.Bridge(settings(c, "a")).start()
+        for i in range(5):
+            a.submit(f"a:{i}".encode())
+            while a.pending:
+                await asyncio.sleep(0.01)
+        last = a.stats.last_acked_seq
+        got = [b async for b in a.scan(last - 3, last - 1)]
+        assert [b.data for b in got] == [b"a:1", b"a:2", b"a:3"]
+        assert a.book.last_seq == 0, "the host book saw nothing of it"
+        assert await a.stream_bounds() == (1, last)
+        await a.close()
+
+    run(scenario())
+
+
+def test_the_snapshot_store_keeps_the_newest_in_parts_and_an_older_one_does_not_replace_it(
+        make_nats: Callable[..., NatsCluster]) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> None:
+        a = await NB.Bridge(settings(c, "a")).start()
+        b = await NB.Bridge(settings(c, "b")).start()
+        sa, sb = await NB.SnapshotStore.open(a), await NB.SnapshotStore.open(b)
+        assert await sa.read() is None
+        sa.part_size = 4096  # several parts
+        big = bytes(random.Random(1).getrandbits(8) for _ in range(20_000))
+        assert await sa.write(100, big)
+        assert await sb.read() == (100, big)
+        assert not await sb.write(90, b"older"), "an older snapshot must not replace a newer one"
+        assert await sb.write(120, b"newer")
+        assert await sa.read() == (120, b"newer")
+        assert await sa.write(130, big[:5000])  # the writer's other slot: the parts of 100 are overwritten
+        assert await sb.read() == (130, big[:5000])
+        await a.close()
+        await b.close()
+
+    run(scenario())
