@@ -313,9 +313,13 @@ class ChatCore:
         rs = self.registry.room_set(key)
         return rs.name if rs is not None else key
 
-    def messages_lost(self) -> list[Effect]:
-        """Tell every client that bus traffic was lost; once per broker epoch is enough."""
-        if self.lost_told:
+    def messages_lost(self, again: bool = False) -> list[Effect]:
+        """Tell every client that bus traffic was lost; once per broker epoch is enough.
+
+        `again`: a loss that is news whatever was told before (a gap in a multi-host cluster's
+        stream is one range of messages gone, reported once by the bus process).
+        """
+        if self.lost_told and not again:
             return []
         self.lost_told = True
         return [Broadcast(LOST_NOTICE, EMPTY, ANYWHERE)]

@@ -93,7 +93,7 @@ def feed_bus(core: C.ChatCore, items: list[tuple[str, Any]], registry: Registry[
                 for ev in batch.events:
                     kind = type(ev)
                     if kind is E.StreamGap:  # the shared stream lost messages (a multi-host cluster)
-                        lost(core, registry, sink, ev.text)
+                        lost(core, registry, sink, ev.text, again=True)
                     elif order is None:
                         continue
                     elif kind is E.Seed:  # we receive this room's traffic from here on
@@ -105,8 +105,8 @@ def feed_bus(core: C.ChatCore, items: list[tuple[str, Any]], registry: Registry[
             sink.batch_done(publisher, batch.events, effects)
 
 
-def lost(core: C.ChatCore, registry: Registry[Any, Any], sink: Sink[Any], text: str) -> None:
+def lost(core: C.ChatCore, registry: Registry[Any, Any], sink: Sink[Any], text: str, again: bool = False) -> None:
     sink.bus_trouble(GAP, text)
     if core.ready:
-        # Told before the lines that follow the gap, once per broker epoch.
-        apply(core.messages_lost(), registry, sink)
+        # Told before the lines that follow the gap, once per broker epoch (or each time: `again`).
+        apply(core.messages_lost(again), registry, sink)

@@ -42,6 +42,7 @@ from . import stats as S
 from .broker import BEAT_EVERY, SUBSCRIBER_WAIT, BrokerSettings
 from .bus import Endpoints
 from .config import nats_urls
+from .procs import EXIT_BOOT_FAILED
 from .settings import read_live_config
 from .streambroker import HISTORY_REPLAY_MAX, StreamBroker
 
@@ -53,6 +54,10 @@ GONE_GRACE = 0.1  # seconds between the supervisor's word that a worker is gone 
 LINK_GRACE = 2.0  # a link down for less than this (a reconnect to another node) is not told to users
 LINK_DOWN = "the link to the other servers is down; what you type is held and delivered when it is back"
 LINK_BACK = "the link to the other servers is back"
+
+
+class NodeNameTaken(NB.NatsError):
+    """Another host runs under this host's node_name: restarting cannot fix it."""
 
 
 def nats_settings(values: dict[str, Any]) -> NB.NatsSettings:
@@ -333,8 +338,8 @@ class HostBus:
                          item.seq, item.reason)
                 ours = item.node == self.node and item.incarnation == self.bridge.incarnation
                 if ours and item.reason == "restarted":
-                    raise NB.NatsError(f"another host publishes under this host's node_name {self.node!r}; give "
-                                       "each host a node_name of its own (--node-name)")
+                    raise NodeNameTaken(f"another host publishes under this host's node_name {self.node!r}; give "
+                                        "each host a node_name of its own (--node-name)")
                 broker.host_gone(item.node, item.reason, now)
             elif isinstance(item, NB.Gap):
                 log.warning("stream sequences %d-%d never arrived", item.first, item.last)
@@ -471,6 +476,11 @@ def run_host_bus(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
     bus = HostBus(runtime_dir, control_fd, workers, stats, values)
     try:
         asyncio.run(bus.run())
+    except NodeNameTaken as exc:
+        # Restarting would only take the name back from the other host, which would then do the
+        # same: this host stops instead (the supervisor halts on this status).
+        log.error("%s", exc)
+        os._exit(EXIT_BOOT_FAILED)
     except NB.NatsError as exc:
         log.error("%s", exc)
         os._exit(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXIT_BOOT_FAILED = 3  # a worker's exit status when it cannot listen: restarting will not help
+EXIT_BOOT_FAILED = 3  # a worker that cannot listen, a bus process whose node_name is taken: restarting will not help
 YOUNG = 5.0  # a process that dies younger than this counts towards back-off
 BACKOFF_BASE = 0.25  # delay before the second young restart in a row; doubles after each one
 BACKOFF_MAX = 30.0

@@ -391,6 +391,11 @@ class Supervisor:
         if not self.announced_ready and os.waitstatus_to_exitcode(status) > 0:
             self.halt(f"the bus broker (pid {pid}) {how} before the cluster was ever ready (see its error above)")
             return
+        if os.waitstatus_to_exitcode(status) == EXIT_BOOT_FAILED:
+            # A multi-host bus process that found another host under its node_name: a new one
+            # would take the name back and the two hosts would push each other out for ever.
+            self.halt(f"the bus process (pid {pid}) {how}: a new one would fail the same way (see its error above)")
+            return
         self.stats.supervisor.broker_restarts += 1
         now = time.monotonic()
         delay = self.broker_backoff.died(now - self.broker_started, now)

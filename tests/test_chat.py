@@ -1052,3 +1052,17 @@ def test_the_lost_notice_is_given_once_per_restart() -> None:
     net.settle()
     net.apply("w2", rep.core.messages_lost())
     assert ben.lines.count(LOST) == 2
+
+
+def test_each_gap_in_a_multi_host_stream_is_told_when_it_comes(net: Net) -> None:
+    # A restarted broker leaves many gaps that are one loss: told once per epoch. A gap in the
+    # shared stream of several hosts is one range of messages gone, reported once by the bus
+    # process (as the multi-host broker's tell() sends it): each one is news.
+    ann, ben = net.join("w1"), net.join("w2")
+    for n in (1, 2, 3):
+        gap = E.StreamGap(f"sequences {n}-{n} gone")
+        net.broker.send_to(("w1", "w2"), wire.encode("broker@host-a", 0, [gap]))
+        net.settle()
+        assert ann.lines.count(LOST) == ben.lines.count(LOST) == n
+    net.say(ann, "still here")
+    assert ben.lines[-1] == f"{ann.nick}: still here"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,35 @@ def test_the_drop_in_hands_over_the_secrets_the_settings_read_from_files() -> No
     assert "LoadCredential=nats-password:" in text
     for name in ("nats_password_file", "nats_key_file"):
         assert name in config.BY_NAME and name in text
+
+
+def test_a_stop_through_the_nats_unit_is_lame_duck_mode_and_ends_before_systemd_kills(tmp_path: Path) -> None:
+    # systemd sends KillSignal= as soon as an ExecStop= command returns: lame duck mode started
+    # by ExecStop= would be cut short by the signal that follows. The stop must be the signal itself.
+    binary, why = nats_server_binary()
+    if binary is None:
+        pytest.skip(why)
+    unit = dict(line.split("=", 1) for line in NATS_UNIT.read_text().splitlines() if "=" in line
+                and not line.startswith("#"))
+    assert "ExecStop" not in unit
+    signame = unit["KillSignal"]
+    timeout = float(unit["TimeoutStopSec"])
+    # The node config's lame duck settings, on a standalone server (no routes, TLS or accounts).
+    lame = [line for line in NATS_CONF.read_text().splitlines() if line.startswith("lame_duck_")]
+    assert len(lame) == 2
+    conf = tmp_path / "ldm.conf"
+    conf.write_text("listen: 127.0.0.1:-1\n" + "\n".join(lame) + "\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Server is ready" in line:
+                break
+        proc.send_signal(getattr(signal, signame))
+        rest = proc.communicate(timeout=timeout)[1]
+        assert proc.returncode == 0, rest
+        assert "Entering lame duck mode" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -208,7 +208,13 @@ def publish_through_kill(c: NatsCluster, victim: Callable[[], Any], stop: str = 
             await asyncio.sleep(0.01)
         for r in (ra, rb):
             await r.until(lambda r=r: len(r.batches()) >= 400, 60, "all 400 batches after the kill")
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        # A last batch from each: published after every retry above was acknowledged, so a
+        # duplicate of any of them would be stored before it.
+        for name, br in (("a", a), ("b", b)):
+            sent[name].append(f"{name}:end")
+            assert br.submit(f"{name}:end".encode())
+        for r in (ra, rb):
+            await r.until(lambda r=r: {x.data for x in r.batches()} >= {b"a:end", b"b:end"}, 60, "the last batches")
         assert_exactly_once_in_order(ra.batches(), sent)
         assert [(x.seq, x.data) for x in ra.batches()] == [(x.seq, x.data) for x in rb.batches()]
         # The stall: the longest pause in deliveries after the kill.
