@@ -282,7 +282,8 @@ class NatsCluster:
     """1 or 3 nats-server nodes with JetStream on loopback; `with NatsCluster(3) as nc: ...`."""
 
     def __init__(self, size: int = 3, *, tls_auth: bool = False, sync_always: bool = False,
-                 cluster_name: str = "cc-test", netns: list[Netns] | None = None, tls_tool: str = "auto") -> None:
+                 cluster_name: str = "cc-test", netns: list[Netns] | None = None, tls_tool: str = "auto",
+                 nkey_users: tuple[str, ...] = ()) -> None:
         binary, why = nats_server_binary()
         if binary is None:
             raise RuntimeError(why)
@@ -295,6 +296,7 @@ class NatsCluster:
         self.netns = netns
         self.dir = Path(tempfile.mkdtemp(prefix="cc-nats-", dir="/tmp"))
         self.auth: TlsAuth | None = make_tls_auth(str(self.dir / "pki"), tls_tool) if tls_auth else None
+        self.nkey_users = nkey_users  # public NKeys of the only users let in (no TLS, the global account)
         self.nodes: list[NatsNode] = []
         self._make_nodes()
 
@@ -347,6 +349,9 @@ class NatsCluster:
                 "}",
                 "system_account: SYS",
             ]
+        if self.nkey_users:
+            users = ", ".join(f"{{ nkey: {k} }}" for k in self.nkey_users)
+            lines.append(f"authorization {{ users: [ {users} ] }}")
         return "\n".join(line for line in lines if line) + "\n"
 
     # -- lifecycle -----------------------------------------------------------------------------

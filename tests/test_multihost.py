@@ -10,11 +10,13 @@ as docs/multihost.md says.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -475,6 +477,31 @@ def test_hosts_talk_over_tls_with_a_password_and_a_host_without_credentials_is_r
     # A password given on the command line is not even a setting: only the file is.
     p = start_refused(*base, "--nats-password", "secret", "--runtime-dir", f"/tmp/cc-refused-{free_port()}")
     assert p.returncode != 0 and "--nats-password" in p.stderr
+
+
+def test_hosts_with_an_nkey_seed_file_talk_and_a_host_without_one_is_refused(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host], tmp_path: Path) -> None:
+    nkeys = pytest.importorskip("nkeys", reason="nats_nkey_seed_file needs the nkeys package")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "host.nk"
+    seed_file.write_bytes(seed + b"\n")
+    seed_file.chmod(0o600)
+    nats = make_nats(1, nkey_users=(public,))
+    signed = ("--nats-nkey-seed-file", str(seed_file))
+    a, b = make_host(nats, "a", extra=signed), make_host(nats, "b", extra=signed)
+    ann, bob = a.client(), b.client()
+    ann.say("signed with an nkey")
+    bob.wait_line(rf"{re.escape(ann.nick)}: signed with an nkey")
+    base = ("--nats-servers", nats.urls[0], "--port", str(free_port()), "--host", "127.0.0.1", "--node-name", "c",
+            "--nats-replicas", "1")
+    p = start_refused(*base, "--runtime-dir", str(tmp_path / "refused"))
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "authorization violation" in p.stderr and nats.urls[0] in p.stderr, p.stderr
+    other = tmp_path / "other.nk"  # a valid seed the server does not know
+    other.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER) + b"\n")
+    p = start_refused(*base, "--nats-nkey-seed-file", str(other), "--runtime-dir", str(tmp_path / "refused2"))
+    assert p.returncode == 1 and "authorization violation" in p.stderr, p.stderr
 
 
 # -- status --------------------------------------------------------------------------------------
