@@ -207,3 +207,43 @@ def test_workers_are_capped_per_cpu_unless_allowed() -> None:
         f"--workers: workers {cap + 1} is more than {cap}, the cap of {config.worker_cap_text()}; choose fewer, "
         f"or set allow_many_workers = true (--allow-many-workers) to run up to {config.MAX_WORKERS}")
     assert config.load(None, {"workers": str(cap + 1), "allow_many_workers": True}).workers == cap + 1
+
+
+# -- several hosts -------------------------------------------------------------------------------
+
+
+def test_nats_servers_are_split_at_commas_and_node_name_defaults_to_the_host_name(tmp_path: Path) -> None:
+    pytest.importorskip("nats", reason="nats_servers needs nats-py")
+    cfg = config.load(None, {"nats_servers": " nats://n1:4222 ,tls://n2:4222,, "})
+    assert config.nats_urls(cfg.nats_servers) == ("nats://n1:4222", "tls://n2:4222")
+    assert cfg.node_name == config.default_node_name().split(".")[0] and cfg.node_name
+    named = config.load(write(tmp_path, "nats_servers = 'nats://n1:4222'\nnode_name = 'web-1'\n"))
+    assert named.node_name == "web-1"
+    assert config.load(None).node_name == ""  # one host: no node name needed
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"nats_servers": "http://n1:4222"}, "which is not of the form nats://HOST:PORT or tls://HOST:PORT"),
+        ({"nats_servers": "nats://"}, "which is not of the form"),
+        ({"nats_servers": "nats://n1:4222", "node_name": "web.1"}, "may only hold A-Z a-z 0-9 _ and -"),
+        ({"nats_servers": "nats://n1:4222", "nats_user": "chat"},
+         "nats_user is set but nats_password_file is not"),
+        ({"nats_servers": "nats://n1:4222", "nats_key_file": "__FILE__"},
+         "nats_key_file is set but nats_cert_file is not"),
+        ({"nats_servers": "nats://n1:4222", "history_db": "__DIR__/h.db"},
+         "with nats_servers the history comes from the stream"),
+        ({"nats_servers": "nats://n1:4222", "nats_replicas": "2"}, "must be 1, 3 or 5"),
+    ],
+)
+def test_multi_host_settings_that_do_not_fit_together_are_refused(tmp_path: Path, values: dict[str, str],
+                                                                  fragment: str) -> None:
+    pytest.importorskip("nats", reason="nats_servers needs nats-py")
+    key = tmp_path / "key.pem"
+    key.write_text("not checked here\n")
+    key.chmod(0o600)
+    given = {k: v.replace("__FILE__", str(key)).replace("__DIR__", str(tmp_path)) for k, v in values.items()}
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, given)
+    assert fragment in str(err.value)

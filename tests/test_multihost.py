@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -449,6 +451,51 @@ def test_the_nats_node_a_host_is_connected_to_restarted_loses_nothing(
     assert_one_order(views)
 
 
+@pytest.mark.timeout(240)
+def test_an_upgrade_of_one_host_keeps_its_users_and_the_chat_across_hosts(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    from test_upgrade import upgraded
+
+    nats = make_nats(1)
+    a, b = make_host(nats, "a"), make_host(nats, "b")
+    clients = [a.client(), a.client(), b.client(), b.client()]
+    ann = clients[0]
+    ann.say("/join #dev")
+    ann.wait_line(r"\*\*\* You joined #dev; 1 user here: \S+")
+    ann.say("/join #lobby")  # a member of #dev, talking in the lobby again
+    for c in clients[1:]:
+        c.say("/who")
+        c.wait_line(r"\*\*\* 4 users online: .*")
+    old = set(a.worker_pids())
+    n = 30
+    upgrading = threading.Event()
+
+    def talk(c: Client) -> None:
+        for i in range(n):
+            if i == 5 and c is ann:
+                upgrading.set()
+            c.say(f"m {c.nick} {i}")
+            time.sleep(0.05)  # pacing: the lines are spread over the upgrade
+
+    threads = [threading.Thread(target=talk, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    upgrading.wait(30)
+    out = upgraded(a)
+    for t in threads:
+        t.join()
+    assert "upgraded" in out and re.search(r"\b2 clients kept", out), out
+    assert not (set(a.worker_pids()) & old), "the upgrade replaced every worker of host a"
+    views = wait_all_lines(clients, n * len(clients), n, timeout=90)
+    for c in clients:
+        assert len(views[c.nick]) == n * (len(clients) - 1), c.nick
+        assert not c.closed
+    assert_one_order(views)
+    # The rooms of the upgraded host's users are still known everywhere.
+    clients[2].say("/who #dev")
+    clients[2].wait_line(rf"\*\*\* 1 user in #dev: {re.escape(ann.nick)}")
+
+
 # -- TLS and authentication ----------------------------------------------------------------------
 
 def test_hosts_talk_over_tls_with_a_password_and_a_host_without_credentials_is_refused(
@@ -508,8 +555,6 @@ def test_hosts_with_an_nkey_seed_file_talk_and_a_host_without_one_is_refused(
 
 def test_status_shows_the_nats_link_the_stream_sequence_and_each_hosts_lag(
         make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
-    import subprocess
-
     nats = make_nats(1)
     a, b = make_host(nats, "a"), make_host(nats, "b")
     ann, bob = a.client(), b.client()
@@ -547,6 +592,55 @@ def test_status_shows_the_nats_link_the_stream_sequence_and_each_hosts_lag(
     assert re.search(r"NATS: connected to nats://127\.0\.0\.1:\d+, stream CHATCLUSTER_main at \d+", text), text
     assert re.search(r"host a \(this one\): applied \d+, lag \d+", text), text
     assert re.search(r"host b: applied \d+, lag \d+", text), text
+
+
+def test_metrics_show_the_nats_link_the_stream_and_each_hosts_lag(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    from test_metrics import Scrape, fetch
+
+    nats = make_nats(1)
+    mport = free_port()
+    a = make_host(nats, "a", extra=("--metrics-listen", f"127.0.0.1:{mport}"))
+    b = make_host(nats, "b")
+    ann, bob = a.client(), b.client()
+    ann.say("measured")
+    bob.wait_line(rf"{re.escape(ann.nick)}: measured")
+
+    def scraped(cond: Callable[[Scrape], bool], what: str) -> Scrape:
+        def ok() -> Scrape | None:
+            try:
+                status, text = fetch(mport)
+            except OSError:
+                return None
+            s = Scrape(text) if status == 200 else None
+            return s if s is not None and cond(s) else None
+        got = wait_for(ok, 15, what)
+        assert isinstance(got, Scrape)
+        return got
+
+    s = scraped(lambda s: s.sum("chatcluster_hosts_up") == 2, "both hosts up on /metrics")
+    assert s.sum("chatcluster_nats_connection_state", state="connected") == 1
+    assert s.sum("chatcluster_nats_connection_state") == 1  # one state at a time
+    applied = {ls["host"]: v for n, ls, v in s.samples if n == "chatcluster_stream_applied_sequence"}
+    assert set(applied) == {"a", "b"} and min(applied.values()) > 0
+    assert s.sum("chatcluster_stream_last_sequence") >= max(applied.values())
+    assert s.types["chatcluster_stream_publish_retries"] == "counter"
+    # NATS gone: the state moves, the held line waits in the outbox.
+    nats.nodes[0].kill()
+    ann.wait_line(r"\*\*\* Notice: the link to the other servers is down; .*", timeout=15)
+    ann.say("held")
+    s = scraped(lambda s: s.sum("chatcluster_nats_connection_state", state="connected") == 0
+                and s.sum("chatcluster_stream_outbox_batches") > 0, "the link down and a batch held on /metrics")
+    assert s.sum("chatcluster_nats_connection_state") == 1
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=s.text, text=True, capture_output=True,
+                               timeout=30)
+        assert check.returncode == 0 and not check.stdout.strip(), check
+    nats.nodes[0].start()
+    nats.wait_ready()
+    bob.wait_line(rf"{re.escape(ann.nick)}: held", timeout=30)
+    scraped(lambda s: s.sum("chatcluster_nats_connection_state", state="connected") == 1
+            and s.sum("chatcluster_stream_outbox_batches") == 0, "the link back and nothing held")
 
 
 # -- hosts with addresses of their own -----------------------------------------------------------
