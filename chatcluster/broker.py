@@ -38,7 +38,7 @@ from .chat import format_line
 from .directory import ALL, BROKER, Decided, Directory
 from .history import History
 from .settings import read_live_config
-from .wire import FLAG_ROSTER, HEADER, UNREADABLE_PAYLOAD, decode, encode, peek, topic
+from .wire import FLAG_ROSTER, HEADER, UNREADABLE_PAYLOAD, Head, decode, encode, peek, topic
 
 log = logging.getLogger("chatcluster.broker")
 
@@ -201,15 +201,21 @@ class Broker:
 
     # -- receiving --------------------------------------------------------------------------------
 
-    def receive(self, payload: bytes, now: float) -> None:
+    def head_of(self, payload: bytes, now: float) -> Head | None:
+        """A worker's batch header, or None: unreadable (counted, logged) or from a worker that died."""
         try:
             head = peek(payload)
         except UNREADABLE_PAYLOAD as exc:
             self.complain(now, "dropped an unreadable bus message: %s", exc)
+            return None
+        # A dead worker's last batches: its clients are gone already.
+        return None if head.publisher in self.dead else head
+
+    def receive(self, payload: bytes, now: float) -> None:
+        head = self.head_of(payload, now)
+        if head is None:
             return
         publisher = head.publisher
-        if publisher in self.dead:
-            return  # sent by a worker just before it died; its clients are gone already
         if head.pseq == 0:
             self.admitted.add(publisher)
             self.known.add(publisher)

@@ -116,14 +116,10 @@ class StreamBroker(Broker):
 
     def receive(self, payload: bytes, now: float) -> None:
         """A batch from one of this host's workers: it goes to the stream, to be decided when it comes back."""
-        try:
-            head = peek(payload)
-        except UNREADABLE_PAYLOAD as exc:
-            self.complain(now, "dropped an unreadable bus message: %s", exc)
+        head = self.head_of(payload, now)
+        if head is None:
             return
         publisher = head.publisher
-        if publisher in self.dead:
-            return  # sent by a worker just before it died
         if not self.is_local(publisher):
             self.foreign += 1
             self.complain(now, "dropped a batch of %s, which is no worker of this host (%s)", publisher, self.node)

@@ -22,12 +22,15 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from conftest import _stop_with_parent, free_port, wait_for
 from netns_support import Netns
@@ -448,3 +451,23 @@ class NatsCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+
+def clusters_for(request: Any, default_size: int) -> Iterator[Callable[..., NatsCluster]]:
+    """The body of a `make_nats` fixture: started clusters, all stopped at teardown (their logs shown on failure)."""
+    made: list[NatsCluster] = []
+
+    def make(size: int = default_size, **kw: Any) -> NatsCluster:
+        c = NatsCluster(size, **kw)
+        made.append(c)
+        try:
+            return c.start()
+        except BaseException:
+            c.stop()
+            raise
+
+    yield make
+    rep = getattr(request.node, "rep_call", None)
+    for c in made:
+        if rep is not None and rep.failed:
+            sys.stderr.write(f"\n--- NATS logs ---\n{c.logs()}\n")
+        c.stop()

@@ -28,7 +28,7 @@ pytest.importorskip("nats", reason="nats-py is not installed (pip install 'chatc
 
 from conftest import REPO, Client, free_port, start_refused, wait_for  # noqa: E402
 from multihost_support import Host, assert_one_order, chat_lines  # noqa: E402
-from nats_support import NatsCluster, nats_server_binary  # noqa: E402
+from nats_support import NatsCluster, clusters_for, nats_server_binary  # noqa: E402
 
 _binary, _why = nats_server_binary()
 pytestmark = [pytest.mark.skipif(_binary is None, reason=_why), pytest.mark.slow, pytest.mark.timeout(240)]
@@ -38,23 +38,7 @@ STREAM = "CHATCLUSTER_main"
 
 @pytest.fixture
 def make_nats(request: pytest.FixtureRequest) -> Iterator[Callable[..., NatsCluster]]:
-    made: list[NatsCluster] = []
-
-    def make(size: int = 3, **kw: Any) -> NatsCluster:
-        c = NatsCluster(size, **kw)
-        made.append(c)
-        try:
-            return c.start()
-        except BaseException:
-            c.stop()
-            raise
-
-    yield make
-    rep = getattr(request.node, "rep_call", None)
-    for c in made:
-        if rep is not None and rep.failed:
-            sys.stderr.write(f"\n--- NATS logs ---\n{c.logs()}\n")
-        c.stop()
+    yield from clusters_for(request, 3)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("nats", reason="nats-py is not installed (pip install 'chatcluster[nats]')")
 
 from conftest import _stop_with_parent  # noqa: E402
-from nats_support import NatsCluster, nats_server_binary  # noqa: E402
+from nats_support import NatsCluster, clusters_for, nats_server_binary  # noqa: E402
 from netns_support import Netns, TestLan, netns_available  # noqa: E402
 
 from chatcluster import hosts as H  # noqa: E402
@@ -36,23 +36,7 @@ STREAM = "CHATCLUSTER_main"
 
 @pytest.fixture
 def make_nats(request: pytest.FixtureRequest) -> Iterator[Callable[..., NatsCluster]]:
-    made: list[NatsCluster] = []
-
-    def make(size: int = 1, **kw: Any) -> NatsCluster:
-        c = NatsCluster(size, **kw)
-        made.append(c)
-        try:
-            return c.start()
-        except BaseException:
-            c.stop()
-            raise
-
-    yield make
-    for c in made:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            sys.stderr.write(f"\n--- NATS logs ---\n{c.logs()}\n")
-        c.stop()
+    yield from clusters_for(request, 1)
 
 
 def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
