@@ -465,7 +465,13 @@ def test_200_clients_chatting_through_two_upgrades_lose_nothing(make_cluster: Ma
         wait_for(lambda: room.error is not None or all(
             sum(1 for x in ls if LINE.fullmatch(x)) >= n for ls, n in zip(room.lines, expected, strict=True)),
             timeout=120, what="every chat line at every client")
-        time.sleep(0.5)  # anything duplicated would arrive now; the checks below would see it
+        # A last line, after everything: one order, so anything duplicated arrives before it.
+        last = len(room.sent) + 1_000_000
+        room.sent.append((0, last, time.monotonic()))
+        room.socks[0].send(f"m 0 {last}\r\n".encode())
+        wait_for(lambda: room.error is not None or all(
+            any(x.endswith(f": m 0 {last}") for x in room.lines[i]) for i in range(1, CHATTERS + 1)),
+            timeout=60, what="the last line at every other client")
     finally:
         room.stop = loop.stop = True
         for t in threads:
