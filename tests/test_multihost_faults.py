@@ -65,6 +65,7 @@ def _stopped_and_resumed(a: Host, b: Host, stop: Callable[[], None], resume: Cal
     try:
         bob.wait_line(r"\*\*\* Ann left \(connection lost\)", timeout=20)
         bob.say("while a was away")
+        ann.say("typed while stopped")  # held by the stopped process (its socket buffers, its outbox)
         time.sleep(max(0.0, pause - 5))  # the fault itself: the host stays stopped this long
     finally:
         resume()
@@ -87,6 +88,12 @@ def _stopped_and_resumed(a: Host, b: Host, stop: Callable[[], None], resume: Cal
         c.drain_for_quiet()
     assert bob.lines.count("*** Ann joined") == 1, bob.lines
     assert bob.lines.count("Ann: hello after") == 1, bob.lines
+    # What Ann typed while her host was stopped arrives once, after she is back, or she is told it did not.
+    held = bob.lines.count("Ann: typed while stopped")
+    told = any("could not be delivered" in x for x in ann.lines)
+    assert (held, told) in ((1, False), (0, True)), (bob.lines, ann.lines)
+    if held:
+        assert bob.lines.index("*** Ann joined") < bob.lines.index("Ann: typed while stopped"), bob.lines
     assert ann.lines.count("Bob: hello back") == 1, ann.lines
     assert not any("Bob left" in x for x in ann.lines), ann.lines
 
