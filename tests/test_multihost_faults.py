@@ -226,3 +226,32 @@ def test_nats_settings_edited_before_reload_and_upgrade_need_a_restart_and_nothi
         assert a.proc is not None and a.proc.poll() is None
     finally:
         a.stop()
+
+
+def test_a_name_taken_while_its_host_is_stopped_is_not_given_back_twice(
+        make_nats: Callable[..., NatsCluster], make_host: Callable[..., Host]) -> None:
+    nats = make_nats(1)
+    a, b = make_host(nats, "a"), make_host(nats, "b")
+    ann, bob = a.client(), b.client()
+    ann.say("/nick Ann")
+    bob.wait_line(r"\*\*\* \S+ is now known as Ann")
+    assert a.proc is not None
+    group = a.proc.pid
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        bob.wait_line(r"\*\*\* Ann left \(connection lost\)", timeout=20)
+        bob.say("/nick Ann")  # the name is free once its host's lease ran out
+        bob.wait_line(r"\*\*\* You are now known as Ann", timeout=10)
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    # Back, the stopped host's user cannot keep the name: a fresh one, and a notice saying so.
+    m = bob.wait_line(r"\*\*\* (\S+) joined", timeout=30)
+    fresh = m.group(1)
+    assert fresh != "Ann"
+    ann.wait_line(r"\*\*\* .*Ann.*", timeout=20)
+    for c in (ann, bob):
+        c.say("/who")
+    for c in (ann, bob):
+        c.wait_line(rf"\*\*\* 2 users online: ({re.escape(fresh)}, Ann|Ann, {re.escape(fresh)})")
+    ann.say("who am I")
+    bob.wait_line(rf"{re.escape(fresh)}: who am I", timeout=20)
