@@ -553,8 +553,9 @@ class Bridge:
                     log.debug("publish attempt failed (%s); retrying", _explain(e))
                     self._expire_waiting()
                     if self.state == CONNECTED and time.monotonic() - started > s.stall_after:
-                        why = (f"the stream refuses its messages: {self._refused}" if self._refused
-                               else "has the stream lost its majority?")
+                        why = await self._stall_reason()
+                        if self._closing or incarnation != self.incarnation:
+                            break
                         self._set_state(STALLED, f"NATS has acknowledged nothing for {s.stall_after:.0f} s "
                                                  f"({why})")
                     await asyncio.sleep(delay)
@@ -572,6 +573,23 @@ class Bridge:
                 self.stats.last_acked_seq = max(self.stats.last_acked_seq, ack.seq)
                 self.stats.longest_ack_wait = max(self.stats.longest_ack_wait, time.monotonic() - started)
                 break
+
+    async def _stall_reason(self) -> str:
+        """Why nothing is acknowledged, as far as NATS can say: the stream's refusal, or the stream gone."""
+        if self._refused:
+            return f"the stream refuses its messages: {self._refused}"
+        assert self.js is not None
+        try:
+            await self.js.stream_info(self.s.stream)
+        except nats.js.errors.NotFoundError:
+            # Deleted under the running hosts (`nats stream rm`): no election brings it back, and a
+            # stream made afresh would number from 1 again, behind what every host has read.
+            log.error("the stream %s does not exist any more (deleted from NATS while the hosts ran); stop "
+                      "every host, then start them again: the first one creates it anew", self.s.stream)
+            return f"the stream {self.s.stream} was deleted; restart every host"
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass
+        return "has the stream lost its majority?"
 
     def _pack(self) -> _Pending:
         """The next message: the head of the outbox, with the batches waiting behind it packed in.

@@ -362,6 +362,31 @@ def test_a_stream_changed_under_a_running_host_to_refuse_its_messages_is_said_wi
 
 
 @pytest.mark.slow
+def test_a_stream_deleted_under_a_running_host_is_said_as_such_not_as_a_lost_majority(
+        make_nats: Callable[..., NatsCluster], caplog: pytest.LogCaptureFixture) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> list[str]:
+        details: list[str] = []
+        a = await NB.Bridge(settings(c, "a", stall_after=2.0), on_state=lambda st, d: details.append(d)).start()
+        r = Reader(a)
+        a.submit(b"a:before")
+        await r.until(lambda: len(r.batches()) == 1, 10, "the first batch")
+        assert a.js is not None
+        await a.js.delete_stream(STREAM)
+        a.submit(b"a:after")
+        await r.until(lambda: a.state == NB.STALLED, 20, "the stalled state")
+        r.stop()
+        await a.close()
+        return details
+
+    with caplog.at_level("ERROR", logger="chatcluster.natsbridge"):
+        details = run(scenario(), 60)
+    assert any(f"the stream {STREAM} was deleted; restart every host" in d for d in details), details
+    assert any(f"the stream {STREAM} does not exist any more" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
 def test_lost_connection_is_told_once_and_held_batches_arrive_after(make_nats: Callable[..., NatsCluster]) -> None:
     c = make_nats(1)
 
