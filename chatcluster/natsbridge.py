@@ -61,8 +61,37 @@ CONNECTING, CONNECTED, DISCONNECTED, CLOSED = "connecting", "connected", "discon
 STALLED = "stalled"  # connected, but the stream has not acknowledged anything for stall_after seconds
 
 
+JS_NOT_ENABLED_FOR_ACCOUNT = 10039  # JetStream's error code: the account has no JetStream
+
+
 class NatsError(Exception):
     """A one-line, user-facing problem with NATS: the message names the cause and the fix."""
+
+
+def stream_unfit(have: api.StreamConfig) -> list[str]:
+    """What in an existing stream's settings (made by someone else) breaks the shared chat, each said plainly.
+
+    Every host must read every message, in order, for as long as the history lasts:
+    a stream that deletes messages once read (work queue, interest), keeps only the
+    newest per host, refuses new messages when full, caps message sizes below what a
+    host packs, does not acknowledge, or is sealed, would stall or silently diverge.
+    """
+    out: list[str] = []
+    retention = getattr(have.retention, "value", have.retention)
+    if retention not in (None, "limits"):
+        out.append(f"retention {retention} (must be limits)")
+    discard = getattr(have.discard, "value", have.discard)
+    if discard not in (None, "old"):
+        out.append(f"discard {discard} (must be old)")
+    if have.max_msgs_per_subject not in (None, -1, 0):
+        out.append(f"max_msgs_per_subject {have.max_msgs_per_subject} (must be unlimited)")
+    if have.max_msg_size not in (None, -1, 0):
+        out.append(f"max_msg_size {have.max_msg_size} (must be unlimited)")
+    if have.no_ack:
+        out.append("no_ack (publishes must be acknowledged)")
+    if have.sealed:
+        out.append("sealed (it takes no new messages)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -150,10 +179,25 @@ def _explain(err: BaseException | None) -> str:
         return "connection refused"
     if isinstance(err, ssl.SSLError | ssl.CertificateError):
         return f"TLS failed ({getattr(err, 'reason', None) or err})"
+    if isinstance(err, nats.js.errors.APIError):
+        # nats-py's str() of these is a repr with unbalanced quotes; the server's own words say it.
+        if err.description and err.description != "None":
+            return f"{err.description} (NATS error {err.err_code})" if err.err_code else str(err.description)
+        if isinstance(err, nats.js.errors.ServiceUnavailableError):
+            return "nothing answers the JetStream API"
     text = str(err).strip().strip("'\"") or type(err).__name__
     if "authorization violation" in text.lower():
         return "credentials refused (authorization violation)"
     return text
+
+
+def _refusal(err: BaseException) -> str:
+    """The stream's own reason when it refused a publish (a 4xx, or a limit it enforces), else ""."""
+    if not isinstance(err, nats.js.errors.APIError) or not err.err_code:
+        return ""  # timeouts, no responders, 503 without a code: an election or a reconnect, not a refusal
+    if err.err_code == 10008:  # "JetStream system temporarily unavailable": an election
+        return ""
+    return _explain(err)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +290,7 @@ class Bridge:
         self.hello: Callable[[], bytes] = lambda: b""  # what this host says in its hello (each incarnation)
         self.applied: dict[str, int] = {}  # node -> the stream sequence it had applied, as it last said
         self.pack_max = 256 << 10  # bytes packed into one message; lowered to half the server's max_payload
+        self._refused = ""  # the stream's reason for refusing the message in flight, once told
 
     # -- connection --------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -328,6 +373,10 @@ class Bridge:
                 pass
             except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError,
                     nats.errors.NoRespondersError) as e:
+                if getattr(e, "err_code", None) == JS_NOT_ENABLED_FOR_ACCOUNT:  # waiting cannot change this
+                    raise NatsError(f"JetStream is not enabled for this host's NATS account ({_explain(e)}); "
+                                    "enable it for the account in the NATS server configuration "
+                                    "(`jetstream: enabled` in the account's block)") from None
                 if time.monotonic() > deadline:
                     raise NatsError(f"JetStream does not answer ({_explain(e)}); is JetStream enabled on the "
                                     "NATS servers and a meta leader elected?") from None
@@ -355,6 +404,11 @@ class Bridge:
             raise NatsError(f"stream {s.stream} exists with {have.num_replicas} replicas and subjects "
                             f"{have.subjects}, this host wants {s.replicas} and {[s.subjects]}; make the hosts' "
                             "settings agree (or delete the stream)")
+        unfit = stream_unfit(have)
+        if unfit:
+            raise NatsError(f"stream {s.stream} exists with settings chatcluster cannot work with: "
+                            f"{', '.join(unfit)}; delete it (`nats stream rm {s.stream}`, the first host "
+                            "that starts creates it again) or correct it")
         return info
 
     async def start(self) -> Bridge:
@@ -489,17 +543,28 @@ class Bridge:
                 except (TimeoutError, nats.errors.Error, OSError) as e:
                     # Timeouts, no responders (an election), a reconnect in progress, 503s: the same id again.
                     self.stats.publish_retries += 1
+                    refused = _refusal(e)
+                    if refused and refused != self._refused:
+                        # The stream itself says no (its settings were changed under the hosts): no election
+                        # ends that, so the operator must hear the server's reason, once per reason.
+                        log.error("the stream %s refuses this host's messages: %s; check its settings "
+                                  "(`nats stream info %s`); retrying", s.stream, refused, s.stream)
+                    self._refused = refused or self._refused
                     log.debug("publish attempt failed (%s); retrying", _explain(e))
                     self._expire_waiting()
                     if self.state == CONNECTED and time.monotonic() - started > s.stall_after:
+                        why = await self._stall_reason()
+                        if self._closing or incarnation != self.incarnation:
+                            break
                         self._set_state(STALLED, f"NATS has acknowledged nothing for {s.stall_after:.0f} s "
-                                                 "(has the stream lost its majority?)")
+                                                 f"({why})")
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.25)
                     continue
                 if incarnation != self.incarnation:  # handed back while in flight: the outbox is new
                     break
                 self.number = number
+                self._refused = ""
                 self._pop()
                 if self.state == STALLED:
                     self._set_state(CONNECTED, "NATS acknowledges again")
@@ -508,6 +573,23 @@ class Bridge:
                 self.stats.last_acked_seq = max(self.stats.last_acked_seq, ack.seq)
                 self.stats.longest_ack_wait = max(self.stats.longest_ack_wait, time.monotonic() - started)
                 break
+
+    async def _stall_reason(self) -> str:
+        """Why nothing is acknowledged, as far as NATS can say: the stream's refusal, or the stream gone."""
+        if self._refused:
+            return f"the stream refuses its messages: {self._refused}"
+        assert self.js is not None
+        try:
+            await self.js.stream_info(self.s.stream)
+        except nats.js.errors.NotFoundError:
+            # Deleted under the running hosts (`nats stream rm`): no election brings it back, and a
+            # stream made afresh would number from 1 again, behind what every host has read.
+            log.error("the stream %s does not exist any more (deleted from NATS while the hosts ran); stop "
+                      "every host, then start them again: the first one creates it anew", self.s.stream)
+            return f"the stream {self.s.stream} was deleted; restart every host"
+        except (TimeoutError, nats.errors.Error, OSError):
+            pass
+        return "has the stream lost its majority?"
 
     def _pack(self) -> _Pending:
         """The next message: the head of the outbox, with the batches waiting behind it packed in.

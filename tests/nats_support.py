@@ -286,7 +286,7 @@ class NatsCluster:
 
     def __init__(self, size: int = 3, *, tls_auth: bool = False, sync_always: bool = False,
                  cluster_name: str = "cc-test", netns: list[Netns] | None = None, tls_tool: str = "auto",
-                 nkey_users: tuple[str, ...] = ()) -> None:
+                 nkey_users: tuple[str, ...] = (), jetstream: bool = True, extra: str = "") -> None:
         binary, why = nats_server_binary()
         if binary is None:
             raise RuntimeError(why)
@@ -300,6 +300,8 @@ class NatsCluster:
         self.dir = Path(tempfile.mkdtemp(prefix="cc-nats-", dir="/tmp"))
         self.auth: TlsAuth | None = make_tls_auth(str(self.dir / "pki"), tls_tool) if tls_auth else None
         self.nkey_users = nkey_users  # public NKeys of the only users let in (no TLS, the global account)
+        self.jetstream = jetstream  # False: a NATS without JetStream, as an operator may have left it
+        self.extra = extra  # more configuration lines, as given (accounts a test needs)
         self.nodes: list[NatsNode] = []
         self._make_nodes()
 
@@ -321,13 +323,16 @@ class NatsCluster:
             f"server_name: {node.name}",
             f"listen: {node.host}:{node.client_port}",
             f"http: {node.host}:{node.monitor_port}",
-            "jetstream {",
-            f"  store_dir: {json.dumps(str(node.store))}",
-            "  max_memory_store: 64MB",
-            "  max_file_store: 8GB",  # a reservation limit: streams reserve their max_bytes
-            "  sync_interval: always" if self.sync_always else "",
-            "}",
         ]
+        if self.jetstream:
+            lines += [
+                "jetstream {",
+                f"  store_dir: {json.dumps(str(node.store))}",
+                "  max_memory_store: 64MB",
+                "  max_file_store: 8GB",  # a reservation limit: streams reserve their max_bytes
+                "  sync_interval: always" if self.sync_always else "",
+                "}",
+            ]
         if self.size > 1:
             routes = ", ".join(f"nats-route://{n.host}:{n.cluster_port}" for n in self.nodes if n is not node)
             lines += ["cluster {", f"  name: {self.cluster_name}", f"  listen: {node.host}:{node.cluster_port}",
@@ -355,6 +360,8 @@ class NatsCluster:
         if self.nkey_users:
             users = ", ".join(f"{{ nkey: {k} }}" for k in self.nkey_users)
             lines.append(f"authorization {{ users: [ {users} ] }}")
+        if self.extra:
+            lines.append(self.extra)
         return "\n".join(line for line in lines if line) + "\n"
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -389,7 +396,8 @@ class NatsCluster:
                 if not n.alive():
                     raise AssertionError(f"nats-server {n.name} exited with {n.proc.returncode}:\n"  # type: ignore
                                          f"{n.read_log()[-3000:]}")
-            return bool(check) and all(n.healthy() for n in check) and self.meta_leader() is not None
+            return (bool(check) and all(n.healthy() for n in check)
+                    and (not self.jetstream or self.meta_leader() is not None))
         wait_for(ready, timeout, "JetStream ready on every NATS node")
 
     def meta_leader(self) -> str | None:

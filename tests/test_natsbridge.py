@@ -282,6 +282,111 @@ def test_bad_settings_are_one_line_errors() -> None:
 
 
 @pytest.mark.slow
+def test_nats_without_jetstream_is_one_clean_line(make_nats: Callable[..., NatsCluster]) -> None:
+    c = make_nats(1, jetstream=False)
+    with pytest.raises(NB.NatsError) as e:
+        run(NB.Bridge(settings(c, "a")).start(), 40)
+    text = str(e.value)
+    assert "JetStream does not answer (nothing answers the JetStream API)" in text, text
+    assert "is JetStream enabled on the NATS servers" in text and "None" not in text, text
+
+
+def test_an_account_without_jetstream_is_refused_without_waiting(
+        make_nats: Callable[..., NatsCluster], tmp_path: Path) -> None:
+    # JetStream on the server, but not for the account the host logs in to: no wait can change that,
+    # so it is said at once (well within the 15 s given to a cluster still electing its leader).
+    c = make_nats(1, extra="accounts { A { users: [ { user: u, password: p } ] } }")
+    (tmp_path / "pw").write_text("p")
+    with pytest.raises(NB.NatsError) as e:
+        run(NB.Bridge(settings(c, "a", user="u", password_file=str(tmp_path / "pw"))).start(), 10)
+    text = str(e.value)
+    assert "JetStream is not enabled for this host's NATS account" in text, text
+    assert "JetStream not enabled for account (NATS error 10039)" in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("made, said", [
+    ({"max_msg_size": 64}, "max_msg_size 64 (must be unlimited)"),
+    ({"retention": "workqueue"}, "retention workqueue (must be limits)"),
+    ({"max_msgs_per_subject": 1}, "max_msgs_per_subject 1 (must be unlimited)"),
+    ({"discard": "new", "max_msgs": 1000}, "discard new (must be old)"),
+])
+def test_a_stream_made_by_someone_else_with_unfit_settings_is_one_line_naming_them(
+        make_nats: Callable[..., NatsCluster], made: dict[str, Any], said: str) -> None:
+    c = make_nats(1)
+    s = settings(c, "a")
+
+    async def scenario() -> None:
+        other = NB.Bridge(s)
+        await other.connect()
+        assert other.js is not None
+        await other.js.add_stream(NB.api.StreamConfig(name=s.stream, subjects=[s.subjects], **made))
+        await other.close(say_bye=False)
+        await NB.Bridge(s).start()
+
+    with pytest.raises(NB.NatsError) as e:
+        run(scenario(), 30)
+    text = str(e.value)
+    assert said in text and f"nats stream rm {s.stream}" in text and "\n" not in text, text
+
+
+@pytest.mark.slow
+def test_a_stream_changed_under_a_running_host_to_refuse_its_messages_is_said_with_the_servers_reason(
+        make_nats: Callable[..., NatsCluster], caplog: pytest.LogCaptureFixture) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> None:
+        details: list[str] = []
+        a = await NB.Bridge(settings(c, "a", stall_after=2.0), on_state=lambda st, d: details.append(d)).start()
+        r = Reader(a)
+        a.submit(b"a:before")
+        await r.until(lambda: len(r.batches()) == 1, 10, "the first batch")
+        assert a.js is not None
+        info = await a.js.stream_info(STREAM)
+        info.config.max_msg_size = 64
+        await a.js.update_stream(info.config)
+        a.submit(b"a:" + b"x" * 200)
+        await r.until(lambda: a.state == NB.STALLED, 20, "the stalled state")
+        info.config.max_msg_size = -1
+        await a.js.update_stream(info.config)
+        await r.until(lambda: len(r.batches()) == 2, 20, "the held batch once the stream takes it")
+        r.stop()
+        await a.close()
+        assert any("the stream refuses its messages: message size exceeds maximum allowed" in d
+                   for d in details), details
+
+    with caplog.at_level("ERROR", logger="chatcluster.natsbridge"):
+        run(scenario(), 60)
+    refusals = [r.getMessage() for r in caplog.records if "refuses this host's messages" in r.getMessage()]
+    assert len(refusals) == 1, refusals  # once, not once per retry
+    assert "message size exceeds maximum allowed (NATS error 10054)" in refusals[0], refusals
+
+
+@pytest.mark.slow
+def test_a_stream_deleted_under_a_running_host_is_said_as_such_not_as_a_lost_majority(
+        make_nats: Callable[..., NatsCluster], caplog: pytest.LogCaptureFixture) -> None:
+    c = make_nats(1)
+
+    async def scenario() -> list[str]:
+        details: list[str] = []
+        a = await NB.Bridge(settings(c, "a", stall_after=2.0), on_state=lambda st, d: details.append(d)).start()
+        r = Reader(a)
+        a.submit(b"a:before")
+        await r.until(lambda: len(r.batches()) == 1, 10, "the first batch")
+        assert a.js is not None
+        await a.js.delete_stream(STREAM)
+        a.submit(b"a:after")
+        await r.until(lambda: a.state == NB.STALLED, 20, "the stalled state")
+        r.stop()
+        await a.close()
+        return details
+
+    with caplog.at_level("ERROR", logger="chatcluster.natsbridge"):
+        details = run(scenario(), 60)
+    assert any(f"the stream {STREAM} was deleted; restart every host" in d for d in details), details
+    assert any(f"the stream {STREAM} does not exist any more" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
 def test_lost_connection_is_told_once_and_held_batches_arrive_after(make_nats: Callable[..., NatsCluster]) -> None:
     c = make_nats(1)
 
