@@ -340,6 +340,17 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
     return make_cluster(4)
 
 
+# A test that starts a whole cluster, NATS or hosts takes seconds: it counts as slow, marked or not,
+# so that `-m 'not slow'` leaves the quick tests (pure code, single processes).
+CLUSTER_FIXTURES = frozenset({"make_cluster", "cluster", "make_nats", "make_host"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
