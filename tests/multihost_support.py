@@ -21,11 +21,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import WAIT, Client, Cluster, line_matching
+from conftest import Client, Cluster
 from nats_support import NatsCluster
 from netns_support import Netns
 
@@ -63,10 +63,10 @@ class Host(Cluster):
         if self.netns is None:
             return super().client(welcome, **kw)
         c = RelayClient(self.netns, self.address, self.port)
-        self.clients.append(c)  # type: ignore[arg-type]
+        self.clients.append(c)
         if welcome:
             c.welcome()
-        return c  # type: ignore[return-value]
+        return c
 
     def timed_client(self) -> TimedClient:
         c = TimedClient(self.port, self.address)
@@ -109,6 +109,23 @@ class Host(Cluster):
         self.proc.wait(10)
 
 
+def hosts_for(request: Any) -> Iterator[Callable[..., Host]]:
+    """The body of a `make_host` fixture: hosts made (and started), all stopped at teardown (logs shown on failure)."""
+    made: list[Host] = []
+
+    def make(nats: NatsCluster, node: str, start: bool = True, **kw: Any) -> Host:
+        h = Host(nats, node, **kw)
+        made.append(h)
+        return h.start() if start else h
+
+    yield make
+    rep = getattr(request.node, "rep_call", None)
+    for h in made:
+        if rep is not None and rep.failed:
+            sys.stderr.write(f"\n--- host {h.node} (port {h.port}) ---\n{h.read_log()[-8000:]}\n")
+        h.stop()
+
+
 class TimedClient(Client):
     """A Client that notes when each line arrived (time.monotonic()), for measuring stalls."""
 
@@ -129,8 +146,11 @@ class TimedClient(Client):
         return max((b - a for a, b in zip(ts, ts[1:], strict=False)), default=0.0)
 
 
-class RelayClient:
-    """A chat client whose connection is made from inside a network namespace, by tests/relay_client.py."""
+class RelayClient(Client):
+    """A chat client whose connection is made from inside a network namespace, by tests/relay_client.py.
+
+    The relay passes lines both ways (without CRLF); waiting, matching and the welcome are Client's.
+    """
 
     at_start = False
     greeted = False
@@ -138,19 +158,20 @@ class RelayClient:
     def __init__(self, netns: Netns, host: str, port: int) -> None:
         self.proc = netns.popen([sys.executable, RELAY, host, str(port)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.buf = b""
         self.lines: list[str] = []
         self.closed = False
         self.nick = ""
         self.q: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._read_relay, daemon=True).start()
 
-    def _pump(self) -> None:
+    def _read_relay(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             self.q.put(raw.decode("utf-8", "replace").rstrip("\n"))
         self.q.put(None)
 
-    def _take(self, timeout: float) -> None:
+    def _pump(self, timeout: float) -> None:
         try:
             item = self.q.get(timeout=timeout)
         except queue.Empty:
@@ -173,36 +194,13 @@ class RelayClient:
                 self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
 
-    def say(self, text: str) -> None:
-        self.send(text + "\r\n")
-
-    def wait(self, cond: Callable[[list[str]], object], timeout: float = WAIT, what: str = "") -> object:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = cond(self.lines)
-            if value:
-                return value
-            left = deadline - time.monotonic()
-            if left <= 0 or self.closed:
-                raise AssertionError(f"relay client {self.nick or '?'}: {what or 'condition'} not met "
-                                     f"(closed={self.closed}); last lines: {self.lines[-8:]}")
-            self._take(min(left, 0.2))
-
-    def wait_line(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
-        return self.wait(line_matching(pattern), timeout, f"a line matching {pattern!r}")  # type: ignore[return-value]
-
-    def welcome(self) -> str:
-        m = self.wait_line(r"\*\*\* Welcome to chatcluster! Your nickname is (\S+)\. Type /help for commands\.")
-        self.nick = m.group(1)
-        return self.nick
-
-    def drain_for_quiet(self) -> None:
-        self._take(0.01)
-
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+    def server_side(self) -> tuple[str, int]:
+        raise NotImplementedError("the relay's socket lives in another process")
 
 
 def chat_lines(lines: Iterable[str], pattern: str = r"\S+: m \S+ \d+") -> list[str]:

@@ -27,7 +27,7 @@ import pytest
 pytest.importorskip("nats", reason="nats-py is not installed (pip install 'chatcluster[nats]')")
 
 from conftest import REPO, Client, free_port, start_refused, wait_for  # noqa: E402
-from multihost_support import Host, assert_one_order, chat_lines  # noqa: E402
+from multihost_support import Host, assert_one_order, chat_lines, hosts_for  # noqa: E402
 from nats_support import NatsCluster, clusters_for, nats_server_binary  # noqa: E402
 
 _binary, _why = nats_server_binary()
@@ -43,19 +43,7 @@ def make_nats(request: pytest.FixtureRequest) -> Iterator[Callable[..., NatsClus
 
 @pytest.fixture
 def make_host(request: pytest.FixtureRequest) -> Iterator[Callable[..., Host]]:
-    made: list[Host] = []
-
-    def make(nats: NatsCluster, node: str, start: bool = True, **kw: Any) -> Host:
-        h = Host(nats, node, **kw)
-        made.append(h)
-        return h.start() if start else h
-
-    yield make
-    rep = getattr(request.node, "rep_call", None)
-    for h in made:
-        if rep is not None and rep.failed:
-            sys.stderr.write(f"\n--- host {h.node} (port {h.port}) ---\n{h.read_log()[-8000:]}\n")
-        h.stop()
+    yield from hosts_for(request)
 
 
 def say_lines(clients: list[Client], tag: str, n: int) -> None:
