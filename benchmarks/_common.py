@@ -139,6 +139,18 @@ def _stop_all_at_exit() -> None:
 atexit.register(_stop_all_at_exit)
 
 
+def cpu_times_of(procs: Iterable[psutil.Process]) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds so far of each process still there, by PID."""
+    out: dict[int, tuple[float, float]] = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        out[p.pid] = (t.user, t.system)
+    return out
+
+
 class Server:
     """One server under test, started as a subprocess of this benchmark.
 
@@ -373,14 +385,7 @@ class Server:
 
     def cpu_times(self) -> dict[int, tuple[float, float]]:
         """(user, system) CPU seconds so far, by PID."""
-        out: dict[int, tuple[float, float]] = {}
-        for p in self.processes():
-            try:
-                t = p.cpu_times()
-            except psutil.Error:
-                continue
-            out[p.pid] = (t.user, t.system)
-        return out
+        return cpu_times_of(self.processes())
 
     def memory(self) -> dict[str, int]:
         """RSS in bytes: of all the server's processes, and of its workers alone."""

@@ -34,6 +34,7 @@ Needs nats-py and a nats-server of at least 2.11 (bash scripts/test.sh installs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -42,6 +43,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +104,7 @@ class Hosts:
         out: dict[int, tuple[float, float]] = {}
         for s in self.servers:
             out.update(s.cpu_times())
-        for p in self.nats_procs():
-            try:
-                t = p.cpu_times()
-            except psutil.Error:
-                continue
-            out[p.pid] = (t.user, t.system)
+        out.update(_common.cpu_times_of(self.nats_procs()))
         return out
 
     def cpu_by_role(self, before: dict[int, float], after: dict[int, float]) -> dict[str, float]:
@@ -153,12 +150,23 @@ def plans_for(hosts: Hosts, receivers: int, senders: int, lines_per_sender: int,
 
 # -- latency -------------------------------------------------------------------------------------
 
-def latency_run(label: str, nats_size: int, args: argparse.Namespace) -> dict[str, Any]:
-    before = machine_state()
+@contextlib.contextmanager
+def hosts_up(label: str, nats_size: int) -> Iterator[Hosts]:
+    """2 hosts of 1 worker on a NATS cluster of `nats_size` nodes, or (0) one host of 2 workers; stopped after."""
     nats = NatsCluster(nats_size).start() if nats_size else None
     hosts = Hosts(nats, 2 if nats else 1, 1 if nats else 2, label)
     try:
         hosts.start()
+        yield hosts
+    finally:
+        hosts.stop()
+        if nats is not None:
+            nats.stop()
+
+
+def latency_run(label: str, nats_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    before = machine_state()
+    with hosts_up(label, nats_size) as hosts:
         lines_per_sender = max(1, round(args.rate / args.senders * args.duration))
         plans = plans_for(hosts, args.clients - args.senders, args.senders, lines_per_sender, args.rate,
                           processes=2, hot_receivers=args.hot_receivers // len(hosts.servers),
@@ -168,33 +176,18 @@ def latency_run(label: str, nats_size: int, args: argparse.Namespace) -> dict[st
               f"for {args.duration:g} s ...", flush=True)
         out = loadgen.run_load(plans, server=hosts, connect_timeout=90.0, run_timeout=args.duration + 60.0,  # type: ignore[arg-type]
                                label=label, verbose=True)
-    finally:
-        hosts.stop()
-        if nats is not None:
-            nats.stop()
-    out["label"] = label
-    out["machine_before"] = before
-    return out
+    return {**out, "label": label, "machine_before": before}
 
 
 def fanout_run(label: str, nats_size: int, args: argparse.Namespace) -> dict[str, Any]:
     before = machine_state()
-    nats = NatsCluster(nats_size).start() if nats_size else None
-    hosts = Hosts(nats, 2 if nats else 1, 1 if nats else 2, f"fanout-{label}")
-    try:
-        hosts.start()
+    with hosts_up(f"fanout-{label}", nats_size) as hosts:
         plans = plans_for(hosts, args.receivers, 4, args.lines, 0.0, processes=2, sample_every=10,
                           line_bytes=60, hot_receivers=0, deadline_s=300)
         print(f"fan-out, {label}: 4 senders x {args.lines:,} lines to {args.receivers} receivers ...", flush=True)
         out = loadgen.run_load(plans, server=hosts, connect_timeout=60.0, run_timeout=180.0,  # type: ignore[arg-type]
                                label=label, verbose=True)
-    finally:
-        hosts.stop()
-        if nats is not None:
-            nats.stop()
-    out["label"] = label
-    out["machine_before"] = before
-    return out
+    return {**out, "label": label, "machine_before": before}
 
 
 # -- failover ------------------------------------------------------------------------------------

@@ -39,6 +39,14 @@ def make_nats(request: pytest.FixtureRequest) -> Iterator[Callable[..., NatsClus
     yield from clusters_for(request, 1)
 
 
+async def acknowledged(br: NB.Bridge, timeout: float = 30.0) -> None:
+    """Until the stream has acknowledged every batch `br` was given (none waiting or in flight)."""
+    deadline = time.monotonic() + timeout
+    while br.pending:
+        assert time.monotonic() < deadline, f"{br.pending} batches not acknowledged in {timeout:.0f} s"
+        await asyncio.sleep(0.01)
+
+
 def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
     async def bounded() -> Any:
         return await asyncio.wait_for(coro, timeout)
@@ -155,8 +163,7 @@ def test_a_gap_in_the_stream_is_reported(make_nats: Callable[..., NatsCluster]) 
         a = await NB.Bridge(settings(c, "a")).start()
         for i in range(5):  # one message each: batches waiting together would be packed into one
             a.submit(f"a:{i}".encode())
-            while a.pending:
-                await asyncio.sleep(0.01)
+            await acknowledged(a)
         assert a.js is not None
         last = a.stats.last_acked_seq
         await a.js.delete_msg(STREAM, last - 2)  # as retention or an operator would
@@ -235,8 +242,7 @@ def test_a_killed_and_restarted_node_catches_up(make_nats: Callable[..., NatsClu
         follower.kill()
         for i in range(50):
             a.submit(f"a:{i}".encode())
-        while a.pending:
-            await asyncio.sleep(0.01)
+        await acknowledged(a)
         c.restart(follower)
         # Now lose the other two in turn: the restarted node must have caught up to serve the stream.
         other = next(n for n in c.nodes if n is not leader and n is not follower)
@@ -799,8 +805,7 @@ def test_scan_reads_a_range_back_without_the_host_book(make_nats: Callable[..., 
         a = await NB.Bridge(settings(c, "a")).start()
         for i in range(5):
             a.submit(f"a:{i}".encode())
-            while a.pending:
-                await asyncio.sleep(0.01)
+            await acknowledged(a)
         last = a.stats.last_acked_seq
         got = [b async for b in a.scan(last - 3, last - 1)]
         assert [b.data for b in got] == [b"a:1", b"a:2", b"a:3"]
