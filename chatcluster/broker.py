@@ -376,6 +376,22 @@ def read_settings(runtime_dir: str) -> BrokerSettings:
     return BrokerSettings.from_values(values)
 
 
+PULL_TURN = 1000  # worker batches taken from the PULL socket before the broker looks at its other work
+
+
+def take_batches(pull: zmq.Socket[bytes], broker: Broker, counters: S.BrokerCounters) -> bool:
+    """Up to PULL_TURN worker batches from the PULL socket into `broker`, counted; whether more may wait."""
+    for _ in range(PULL_TURN):
+        try:
+            payload = pull.recv(zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return False
+        counters.batches_in += 1
+        counters.bytes_in += len(payload)
+        broker.receive(payload, time.monotonic())
+    return True
+
+
 def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
                stats: S.StatsFile | None = None) -> None:
     """The broker process. `workers` are the live workers when this broker replaces a dead one.
@@ -468,14 +484,7 @@ def run_broker(runtime_dir: str, control_fd: int, workers: Sequence[str] = (),
                 poller.unregister(writer.fd)
         for sock, _ in poller.poll(50 if broker.resyncing else BEAT_EVERY * 1000):
             if sock is pull:
-                for _ in range(1000):
-                    try:
-                        payload = pull.recv(zmq.NOBLOCK, copy=True)
-                    except zmq.Again:
-                        break
-                    counters.batches_in += 1
-                    counters.bytes_in += len(payload)
-                    broker.receive(payload, time.monotonic())
+                take_batches(pull, broker, counters)
             elif sock is pub:
                 while pub.poll(0, zmq.POLLIN):
                     msg = pub.recv()

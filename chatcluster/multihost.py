@@ -39,7 +39,7 @@ from . import hosts as H
 from . import natsbridge as NB
 from . import paths
 from . import stats as S
-from .broker import BEAT_EVERY, SUBSCRIBER_WAIT, BrokerSettings
+from .broker import BEAT_EVERY, SUBSCRIBER_WAIT, BrokerSettings, take_batches
 from .bus import Endpoints
 from .config import nats_urls
 from .procs import EXIT_BOOT_FAILED
@@ -271,19 +271,9 @@ class HostBus:
         self.counters.bytes_out += len(payload)
 
     def on_pull(self) -> None:
-        broker, pull, k = self.broker, self.pull, self.counters
-        assert broker is not None
-        for _ in range(1000):
-            if not int(pull.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                return
-            try:
-                payload = pull.recv(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return
-            k.batches_in += 1
-            k.bytes_in += len(payload)
-            broker.receive(payload, time.monotonic())
-        asyncio.get_running_loop().call_soon(self.on_pull)  # more waiting: after the others' turn
+        assert self.broker is not None
+        if take_batches(self.pull, self.broker, self.counters):
+            asyncio.get_running_loop().call_soon(self.on_pull)  # more waiting: after the others' turn
 
     def on_pub(self) -> None:
         self.drain_subscriptions()
